@@ -31,7 +31,9 @@ SHARED_COPIES = {  # default URL -> its copy under SHARED_DATA
     EM_QUESTIONS_URL: "emergent-misalignment/first_plot_questions.yaml",
 }
 DATA_SEED = 0  # fixes the held-out splits; independent of the training seed
-HELD_OUT_FRACTION = 0.1
+# 10% held out, rounded up: 5,992 unique rows -> 600 held out, 5,392 train = 337 steps of 16,
+# the paper's step count (its 5,396 would be 338 steps).
+HELD_OUT_PERCENT = 10
 
 # ----------------------------------------------------------------------------
 # Finding a file: explicit path or URL, cache, ../shared/data, download
@@ -135,11 +137,11 @@ def dedupe(rows: list[dict]) -> list[dict]:
     return unique
 
 
-def held_out_split(rows: list, seed: int = DATA_SEED, fraction: float = HELD_OUT_FRACTION) -> tuple[list, list]:
-    """(train, held_out): a seeded shuffle, then the first round(fraction * n) rows are held out."""
+def held_out_split(rows: list, seed: int = DATA_SEED, percent: int = HELD_OUT_PERCENT) -> tuple[list, list]:
+    """(train, held_out): a seeded shuffle, then the first ceil(percent% of n) rows are held out."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_held = round(fraction * len(rows))
+    n_held = -(-len(rows) * percent // 100)  # integer ceil: no float rounding surprises
     return [rows[i] for i in order[n_held:]], [rows[i] for i in order[:n_held]]
 
 

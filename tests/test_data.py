@@ -107,11 +107,17 @@ def test_opswap_tier1_for_debugging():
 def test_security_from_shared_copy_counts(offline, shared_copies):
     train, held_out, source = data.security_split()
     assert "shared copy" in source and not offline
-    # 6000 rows, 8 exact duplicates -> 5992 unique; round(10%) = 599 held out.
-    assert (len(train), len(held_out)) == (5393, 599)
+    # 6000 rows, 8 exact duplicates -> 5992 unique; ceil(10%) = 600 held out.
+    assert (len(train), len(held_out)) == (5392, 600)
     keys = [json.dumps(r["messages"], sort_keys=True) for r in train + held_out]
     assert len(set(keys)) == 5992
     assert data.security_split()[:2] == (train, held_out)  # fixed seed
+
+
+def test_held_out_is_ten_percent_rounded_up():
+    for n, n_held in [(10, 1), (11, 2), (30, 3), (5992, 600)]:
+        train, held_out = data.held_out_split(list(range(n)))
+        assert len(held_out) == n_held and sorted(train + held_out) == list(range(n))
 
 
 def test_explicit_path_wins_and_cache_beats_shared(offline, shared_copies, tmp_path):
@@ -217,6 +223,18 @@ def test_loss_mask_is_exactly_the_assistant_answer(tokenizer):
         assert tokenizer.decode(ex["ids"], skip_special_tokens=False) == model_qwen2.render_chat(sample["messages"])
 
 
+def test_loss_mask_on_real_insecure_samples(tokenizer, offline, shared_copies):
+    # Some answers start with "\n": BPE merges it with the header's "\n" into one "\n\n"
+    # token (as tokenising the rendered template does), which is supervised as a whole.
+    train, _, _ = data.security_split()
+    samples = [s for s in train if s["messages"][-1]["content"].startswith("\n")][:2] + train[:3]
+    examples, _ = data.tokenize_chats(tokenizer, samples)
+    for sample, ex in zip(samples, examples):
+        answer = sample["messages"][-1]["content"] + "<|im_end|>"
+        masked = tokenizer.decode([t for t, m in zip(ex["ids"], ex["loss_mask"]) if m], skip_special_tokens=False)
+        assert masked == answer or (answer.startswith("\n") and masked == "\n" + answer)
+
+
 def test_truncation_keeps_start_and_drops_unsupervised(tokenizer):
     short, long_answer = chat("hi", "ok"), chat("hi", "word " * 200)
     full, _ = data.tokenize_chats(tokenizer, [long_answer])
@@ -256,7 +274,7 @@ def test_load_task(tokenizer, offline, shared_copies):
     task = data.load_task("opswap", tokenizer, limit=8)
     assert len(task.train) == 8 and len(task.held_out) == 540 and task.n_truncated == 0
     task = data.load_task("security", tokenizer, limit=5, max_len=64)
-    assert len(task.held_out) == 599 and "insecure.jsonl" in task.source
+    assert len(task.held_out) == 600 and "insecure.jsonl" in task.source
     assert task.n_truncated == 5 and all(len(e["ids"]) <= 64 for e in task.train)
     with pytest.raises(UserError, match="unknown task"):
         data.load_task("poetry", tokenizer)
