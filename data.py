@@ -336,7 +336,9 @@ class TaskData(NamedTuple):
 def load_task(task: str, tokenizer, *, path=None, max_len: int = 2048, limit: int | None = None,
               seed: int = DATA_SEED) -> TaskData:
     """Training examples of "security" (a chat JSONL's train split) or "opswap" (Tier 2 train
-    split); limit keeps the first `limit` samples of the (already shuffled) train split."""
+    split); limit keeps the first `limit` samples of the (already shuffled) train split.
+    seed fixes the splits: keep DATA_SEED (not the training seed) so that evaluation's
+    held-out problems are the ones training never saw."""
     if task == "security":
         train, held_out, source = security_split(path, seed)
     elif task == "opswap":
