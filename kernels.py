@@ -1,0 +1,565 @@
+"""Kernels for PhaseGuard-KL: the monitor's top-k JS (Eq. 2) and the regulariser KL (Eq. 1).
+
+Layout per op, as in Liger-Kernel: a Triton kernel, an autograd Function where a
+gradient is needed, and a plain-PyTorch reference. The public function runs the Triton
+path on CUDA tensors (or under TRITON_INTERPRET=1, where Triton runs on the CPU) and the
+reference elsewhere. All arithmetic is fp32 whatever the input dtype: the kernels upcast
+every load before touching it (the interpreter also gets bf16 arithmetic wrong).
+
+    reference_topk / topk_js        monitor, Eq. 2: truncated JS over the reference's top-k
+    kl_div                          Eq. 1 on materialised logits: per-token KL(policy || ref)
+    fused_linear_ce_kl              Eq. 1 from hidden states: CE + lambda * KL, [N, V] never whole
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # optional: macOS / Windows users run the references
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+# triton.jit chooses interpreted or compiled kernels when it decorates them (import time).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+IGNORE_INDEX = -100
+LN2 = math.log(2.0)
+BLOCK_V = 4096  # vocabulary columns per Triton step; 152,064 = 37 full blocks + a tail
+JS_VARIANTS = ("renorm", "rest")
+
+
+def use_triton(t: Tensor) -> bool:
+    """Triton on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; else the reference."""
+    if not HAS_TRITON:
+        return False
+    return t.is_cuda or (_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _require(ok: bool, message: str) -> None:
+    """Bad input -> one-line ValueError that starts with the argument's name."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _require_finite_rows(bad_rows: Tensor, name: str) -> None:
+    if bool(bad_rows.any()):
+        row = int(bad_rows.nonzero()[0, 0])
+        raise ValueError(f"{name}: non-finite value (inf or nan) in row {row}")
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels. One program per row; rows are streamed in BLOCK_V columns with an online
+# softmax (running max m and running sum s = sum exp(z - m)), so no [N, V] fp32 copy exists.
+# --------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _count_nonfinite(z, in_row):
+        # NaN fails every comparison; +-inf has |z| == inf. Lanes past the row end are ignored.
+        return tl.sum((in_row & ((z != z) | (tl.abs(z) == float("inf")))).to(tl.int32))
+
+    @triton.jit
+    def _js_bin_terms(P, logP, Q, logQ):
+        # P log(P/M) + Q log(Q/M), M = (P + Q)/2, with 0 log 0 = 0 (empty bins, padding lanes).
+        logM = tl.log(0.5 * (P + Q))
+        return tl.where(P > 0, P * (logP - logM), 0.0) + tl.where(Q > 0, Q * (logQ - logM), 0.0)
+
+    @triton.jit
+    def _topk_js_kernel(logits_ptr, row_stride, ids_ptr, ref_logprobs_ptr, js_ptr, nonfinite_ptr,
+                        V, K, REST_BIN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * row_stride
+        # One pass over the row for its full-vocabulary log-sum-exp.
+        m = float("-inf")
+        s = 0.0
+        n_bad = 0
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            in_row = cols < V
+            z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+            n_bad += _count_nonfinite(z, in_row)
+            m_new = tl.maximum(m, tl.max(z, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        # Gather the k logits at the reference's top-k ids: log p_i = z_i - lse (full vocabulary).
+        offs = tl.arange(0, BLOCK_K)
+        in_k = offs < K
+        ids = tl.load(ids_ptr + row * K + offs, mask=in_k, other=0)
+        logp = tl.where(in_k, tl.load(row_ptr + ids, mask=in_k, other=0.0).to(tl.float32) - lse, float("-inf"))
+        logq = tl.load(ref_logprobs_ptr + row * K + offs, mask=in_k, other=float("-inf")).to(tl.float32)
+        if REST_BIN:
+            # (b) the k bins keep their full-vocabulary mass; one more bin holds the rest.
+            P = tl.exp(logp)
+            Q = tl.exp(logq)
+            P_rest = tl.maximum(1.0 - tl.sum(P, 0), 0.0)
+            Q_rest = tl.maximum(1.0 - tl.sum(Q, 0), 0.0)
+            total = tl.sum(_js_bin_terms(P, logp, Q, logq), 0)
+            total += _js_bin_terms(P_rest, tl.log(P_rest), Q_rest, tl.log(Q_rest))
+        else:
+            # (a) both restricted to the k ids and renormalised: log P = log p - logsumexp_S(log p).
+            mp = tl.max(logp, 0)
+            logP = logp - (mp + tl.log(tl.sum(tl.exp(logp - mp), 0)))
+            mq = tl.max(logq, 0)
+            logQ = logq - (mq + tl.log(tl.sum(tl.exp(logq - mq), 0)))
+            total = tl.sum(_js_bin_terms(tl.exp(logP), logP, tl.exp(logQ), logQ), 0)
+        # JS is in [0, ln 2]; clamp the fp32 rounding at both ends.
+        tl.store(js_ptr + row, tl.minimum(tl.maximum(0.5 * total, 0.0), 0.6931471805599453))
+        tl.store(nonfinite_ptr + row, n_bad)
+
+    @triton.jit
+    def _kl_fwd_kernel(p_ptr, q_ptr, p_stride, q_stride, row_mask_ptr, kl_ptr, lse_p_ptr, lse_q_ptr,
+                       nonfinite_ptr, V, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+        # KL(p || q) = sum_i p_i (z_i - w_i) - lse(z) + lse(w), with z policy and w reference logits.
+        # The first term is t / s_p, t = sum_i exp(z_i - m_p)(z_i - w_i) kept on the same running max
+        # as s_p: the whole forward is ONE pass over both rows.
+        row = tl.program_id(0).to(tl.int64)
+        active = 1
+        if HAS_MASK:
+            active = tl.load(row_mask_ptr + row).to(tl.int32)
+        m_p = float("-inf")
+        s_p = 0.0
+        t = 0.0
+        m_q = float("-inf")
+        s_q = 0.0
+        bad_p = 0
+        bad_q = 0
+        for start in range(0, V * active, BLOCK):  # masked rows: zero iterations, never read
+            cols = start + tl.arange(0, BLOCK)
+            in_row = cols < V
+            z = tl.load(p_ptr + row * p_stride + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+            w = tl.load(q_ptr + row * q_stride + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+            bad_p += _count_nonfinite(z, in_row)
+            bad_q += _count_nonfinite(w, in_row)
+            m_p_new = tl.maximum(m_p, tl.max(z, 0))
+            rescale = tl.exp(m_p - m_p_new)
+            e = tl.exp(z - m_p_new)
+            s_p = s_p * rescale + tl.sum(e, 0)
+            t = t * rescale + tl.sum(tl.where(in_row, e * (z - w), 0.0), 0)
+            m_p = m_p_new
+            m_q_new = tl.maximum(m_q, tl.max(w, 0))
+            s_q = s_q * tl.exp(m_q - m_q_new) + tl.sum(tl.exp(w - m_q_new), 0)
+            m_q = m_q_new
+        is_active = active != 0
+        lse_p = tl.where(is_active, m_p + tl.log(s_p), 0.0)
+        lse_q = tl.where(is_active, m_q + tl.log(s_q), 0.0)
+        tl.store(kl_ptr + row, tl.where(is_active, t / s_p - lse_p + lse_q, 0.0))
+        tl.store(lse_p_ptr + row, lse_p)
+        tl.store(lse_q_ptr + row, lse_q)
+        tl.store(nonfinite_ptr + row, bad_p + 2 * bad_q)
+
+    @triton.jit
+    def _kl_bwd_kernel(p_ptr, q_ptr, p_stride, q_stride, grad_ptr, grad_stride, grad_kl_ptr, row_mask_ptr,
+                       kl_ptr, lse_p_ptr, lse_q_ptr, V, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+        # dKL/dz_i = p_i (log p_i - log q_i - KL): the second and last pass over the logits.
+        row = tl.program_id(0).to(tl.int64)
+        active = 1
+        if HAS_MASK:
+            active = tl.load(row_mask_ptr + row).to(tl.int32)
+        scale = tl.load(grad_kl_ptr + row)
+        kl = tl.load(kl_ptr + row)
+        lse_p = tl.load(lse_p_ptr + row)
+        lse_q = tl.load(lse_q_ptr + row)
+        grad_row = grad_ptr + row * grad_stride
+        for start in range(0, V * active, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            in_row = cols < V
+            logp = tl.load(p_ptr + row * p_stride + cols, mask=in_row, other=0.0).to(tl.float32) - lse_p
+            logq = tl.load(q_ptr + row * q_stride + cols, mask=in_row, other=0.0).to(tl.float32) - lse_q
+            grad = scale * tl.exp(logp) * (logp - logq - kl)
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+        for start in range(0, V * (1 - active), BLOCK):  # masked rows: write zeros, read nothing
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(grad_row + cols, tl.zeros((BLOCK,), grad_ptr.dtype.element_ty), mask=cols < V)
+
+    @triton.jit
+    def _ce_kl_chunk_kernel(zp_ptr, zq_ptr, stride, labels_ptr, kl_rows_ptr, ce_ptr, kl_ptr, V,
+                            ce_weight, kl_weight, HAS_REF: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        # One token chunk of fused_linear_ce_kl: fp32 logits in, per-row CE and KL out, and (if a
+        # gradient is needed) d loss / d logits written over the policy logits in place:
+        #   ce_weight (p - onehot(label)) + kl_weight p (log p - log q - KL).
+        row = tl.program_id(0).to(tl.int64)
+        zp_row = zp_ptr + row * stride
+        zq_row = zq_ptr + row * stride
+        label = tl.load(labels_ptr + row)
+        has_label = label != -100
+        kl_on = 0
+        if HAS_REF:
+            kl_on = tl.load(kl_rows_ptr + row).to(tl.int32)
+        active = (has_label | (kl_on != 0)).to(tl.int32)
+        m_p = float("-inf")
+        s_p = 0.0
+        t = 0.0
+        m_q = float("-inf")
+        s_q = 0.0
+        for start in range(0, V * active, BLOCK):  # pass 1: online softmax of both rows
+            cols = start + tl.arange(0, BLOCK)
+            in_row = cols < V
+            z = tl.load(zp_row + cols, mask=in_row, other=float("-inf"))
+            m_p_new = tl.maximum(m_p, tl.max(z, 0))
+            rescale = tl.exp(m_p - m_p_new)
+            e = tl.exp(z - m_p_new)
+            s_p = s_p * rescale + tl.sum(e, 0)
+            m_p = m_p_new
+            if HAS_REF:
+                w = tl.load(zq_row + cols, mask=in_row, other=float("-inf"))
+                t = t * rescale + tl.sum(tl.where(in_row, e * (z - w), 0.0), 0)
+                m_q_new = tl.maximum(m_q, tl.max(w, 0))
+                s_q = s_q * tl.exp(m_q - m_q_new) + tl.sum(tl.exp(w - m_q_new), 0)
+                m_q = m_q_new
+        lse_p = m_p + tl.log(s_p)
+        lse_q = m_q + tl.log(s_q)
+        safe_label = tl.where(has_label, label, 0)
+        ce = tl.where(has_label, lse_p - tl.load(zp_row + safe_label, mask=has_label, other=0.0), 0.0)
+        kl = tl.where(kl_on != 0, t / s_p - lse_p + lse_q, 0.0)
+        tl.store(ce_ptr + row, ce)
+        tl.store(kl_ptr + row, kl)
+        if COMPUTE_GRAD:
+            ce_scale = tl.where(has_label, ce_weight, 0.0)
+            kl_scale = tl.where(kl_on != 0, kl_weight, 0.0)
+            for start in range(0, V * active, BLOCK):  # pass 2: gradient, in place
+                cols = start + tl.arange(0, BLOCK)
+                in_row = cols < V
+                logp = tl.load(zp_row + cols, mask=in_row, other=0.0) - lse_p
+                p = tl.exp(logp)
+                grad = ce_scale * (p - tl.where(cols == label, 1.0, 0.0))
+                if HAS_REF:
+                    logq = tl.load(zq_row + cols, mask=in_row, other=0.0) - lse_q
+                    grad += kl_scale * p * (logp - logq - kl)
+                tl.store(zp_row + cols, grad, mask=in_row)
+            for start in range(0, V * (1 - active), BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                tl.store(zp_row + cols, tl.zeros((BLOCK,), tl.float32), mask=cols < V)
+
+
+# --------------------------------------------------------------------------------------
+# 1. Monitor (Eq. 2): truncated JS between current and reference next-token distributions.
+# --------------------------------------------------------------------------------------
+def reference_topk(ref_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The reference's top-k ids [N, k] int64 and their full-vocabulary log-probs [N, k] float32.
+
+    Computed once before training (the reference never changes) and passed to topk_js."""
+    _require(ref_logits.dim() == 2, f"ref_logits: expected [N, V], got shape {tuple(ref_logits.shape)}")
+    _require(isinstance(k, int) and 1 <= k <= ref_logits.shape[1],
+             f"k: must be in [1, V={ref_logits.shape[1]}], got {k}")
+    _require_finite_rows(~torch.isfinite(ref_logits).all(dim=1), "ref_logits")
+    logprobs, ids = torch.log_softmax(ref_logits.float(), dim=-1).topk(k, dim=-1)
+    return ids, logprobs
+
+
+def _js_from_logprobs(logp: Tensor, logq: Tensor, variant: str) -> Tensor:
+    """JS over the k bins (plus a rest bin for 'rest') from log p, log q on the top-k set; float64."""
+    logp, logq = logp.double(), logq.double()
+    if variant == "renorm":
+        logp = logp - logp.logsumexp(-1, keepdim=True)
+        logq = logq - logq.logsumexp(-1, keepdim=True)
+    else:  # the rest of the vocabulary as one more bin
+        rest_p = (1 - logp.exp().sum(-1, keepdim=True)).clamp_min(0)
+        rest_q = (1 - logq.exp().sum(-1, keepdim=True)).clamp_min(0)
+        logp = torch.cat([logp, rest_p.log()], -1)
+        logq = torch.cat([logq, rest_q.log()], -1)
+    P, Q = logp.exp(), logq.exp()
+    logM = torch.log(0.5 * (P + Q))
+    terms = torch.where(P > 0, P * (logp - logM), 0) + torch.where(Q > 0, Q * (logq - logM), 0)
+    return (0.5 * terms.sum(-1)).clamp(0, LN2)
+
+
+def topk_js_reference(logits: Tensor, ref_ids: Tensor, ref_logprobs: Tensor, variant: str = "renorm") -> Tensor:
+    """Plain-PyTorch topk_js (same contract, no validation beyond the public function's)."""
+    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+    logp = logits.gather(1, ref_ids) - logits.logsumexp(-1, keepdim=True)
+    return _js_from_logprobs(logp, ref_logprobs, variant).float()
+
+
+def topk_js(logits: Tensor, ref_ids: Tensor, ref_logprobs: Tensor, variant: str = "renorm") -> Tensor:
+    """Eq. 2's JS_k per row, natural log, in [0, ln 2]; no gradient.
+
+    logits [N, V]: current model at the first decode position; ref_ids / ref_logprobs [N, k]
+    from reference_topk. variant "renorm" (default, the paper's literal reading): both
+    distributions restricted to the reference's top-k ids and renormalised; "rest": the same
+    k bins with their full-vocabulary mass plus one rest-of-vocabulary bin (a lower bound of
+    the full JS)."""
+    _require(variant in JS_VARIANTS, f"variant: must be one of {JS_VARIANTS}, got {variant!r}")
+    _require(logits.dim() == 2 and logits.is_floating_point(),
+             f"logits: expected a floating [N, V] tensor, got {logits.dtype} {tuple(logits.shape)}")
+    N, V = logits.shape
+    _require(ref_ids.dim() == 2 and ref_ids.shape[0] == N,
+             f"ref_ids: expected [N={N}, k], got shape {tuple(ref_ids.shape)}")
+    _require(ref_ids.dtype == torch.int64, f"ref_ids: expected int64, got {ref_ids.dtype}")
+    k = ref_ids.shape[1]
+    _require(1 <= k <= V, f"ref_ids: k must be in [1, V={V}], got k={k}")
+    _require(ref_logprobs.shape == ref_ids.shape,
+             f"ref_logprobs: expected shape {tuple(ref_ids.shape)}, got {tuple(ref_logprobs.shape)}")
+    _require(ref_logprobs.is_floating_point(), f"ref_logprobs: expected a float tensor, got {ref_logprobs.dtype}")
+    _require(ref_ids.device == logits.device == ref_logprobs.device,
+             f"ref_ids: device {ref_ids.device} / ref_logprobs {ref_logprobs.device} != logits {logits.device}")
+    _require(bool(((ref_ids >= 0) & (ref_ids < V)).all()), f"ref_ids: ids must be in [0, {V})")
+    _require(bool((ref_ids.sort(-1).values.diff(dim=-1) != 0).all()), "ref_ids: duplicate ids within a row")
+    _require_finite_rows(~torch.isfinite(ref_logprobs).all(dim=1), "ref_logprobs")
+    if not use_triton(logits):
+        _require_finite_rows(~torch.isfinite(logits).all(dim=1), "logits")
+        return topk_js_reference(logits, ref_ids, ref_logprobs, variant)
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    js = torch.empty(N, dtype=torch.float32, device=logits.device)
+    nonfinite = torch.empty(N, dtype=torch.int32, device=logits.device)
+    _topk_js_kernel[(N,)](logits, logits.stride(0), ref_ids.contiguous(), ref_logprobs.float().contiguous(),
+                          js, nonfinite, V, k, REST_BIN=variant == "rest", BLOCK=min(BLOCK_V, triton.next_power_of_2(V)),
+                          BLOCK_K=triton.next_power_of_2(k))
+    _require_finite_rows(nonfinite != 0, "logits")
+    return js
+
+
+# --------------------------------------------------------------------------------------
+# 2. Regulariser on materialised logits (Eq. 1): per-token KL(pi_policy || pi_ref).
+# --------------------------------------------------------------------------------------
+def kl_div_reference(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Plain-PyTorch kl_div: fp32 (float64 for float64 input) log-softmax of the rows in mask."""
+    N = policy_logits.shape[0]
+    dtype = torch.float64 if policy_logits.dtype == torch.float64 else torch.float32
+    rows = torch.arange(N, device=policy_logits.device) if mask is None else mask.nonzero().squeeze(1)
+    logp = torch.log_softmax(policy_logits[rows].to(dtype), dim=-1)
+    logq = torch.log_softmax(ref_logits.detach()[rows].to(dtype), dim=-1)
+    kl_rows = (logp.exp() * (logp - logq)).sum(-1)
+    return torch.zeros(N, dtype=dtype, device=policy_logits.device).index_put((rows,), kl_rows).float()
+
+
+class _KLDivFunction(torch.autograd.Function):
+    """Forward: one pass, saves (lse_p, lse_q, KL) per row. Backward: one pass writing the gradient."""
+
+    @staticmethod
+    def forward(ctx, policy_logits, ref_logits, row_mask):
+        N, V = policy_logits.shape
+        dev = policy_logits.device
+        kl = torch.empty(N, dtype=torch.float32, device=dev)
+        lse_p, lse_q = torch.empty_like(kl), torch.empty_like(kl)
+        nonfinite = torch.empty(N, dtype=torch.int32, device=dev)
+        has_mask = row_mask is not None
+        mask_arg = row_mask if has_mask else kl  # never read when HAS_MASK is False
+        block = min(BLOCK_V, triton.next_power_of_2(V))
+        _kl_fwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), mask_arg,
+                             kl, lse_p, lse_q, nonfinite, V, HAS_MASK=has_mask, BLOCK=block)
+        _require_finite_rows(nonfinite % 2 != 0, "policy_logits")
+        _require_finite_rows(nonfinite >= 2, "ref_logits")
+        ctx.save_for_backward(policy_logits, ref_logits, mask_arg, kl, lse_p, lse_q)
+        ctx.has_mask, ctx.block = has_mask, block
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        policy_logits, ref_logits, mask_arg, kl, lse_p, lse_q = ctx.saved_tensors
+        N, V = policy_logits.shape
+        grad = torch.empty_like(policy_logits)  # input dtype: no [N, V] fp32 buffer
+        _kl_bwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), grad,
+                             grad.stride(0), grad_kl.float().contiguous(), mask_arg, kl, lse_p, lse_q, V,
+                             HAS_MASK=ctx.has_mask, BLOCK=ctx.block)
+        return grad, None, None
+
+
+def kl_div(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-token KL(softmax(policy) || softmax(ref)) over the full vocabulary, float32 [N].
+
+    The gradient goes to policy_logits only; rows with mask False give 0, are never read,
+    and get a zero gradient. Accumulates in fp32 on bf16 input without an fp32 copy."""
+    _require(policy_logits.dim() == 2 and policy_logits.is_floating_point(),
+             f"policy_logits: expected a floating [N, V] tensor, got {policy_logits.dtype} {tuple(policy_logits.shape)}")
+    _require(ref_logits.shape == policy_logits.shape,
+             f"ref_logits: expected shape {tuple(policy_logits.shape)}, got {tuple(ref_logits.shape)}")
+    _require(ref_logits.dtype == policy_logits.dtype,
+             f"ref_logits: expected dtype {policy_logits.dtype} like policy_logits, got {ref_logits.dtype}")
+    _require(ref_logits.device == policy_logits.device,
+             f"ref_logits: expected device {policy_logits.device}, got {ref_logits.device}")
+    if mask is not None:
+        _require(mask.shape == policy_logits.shape[:1] and mask.dtype == torch.bool,
+                 f"mask: expected bool [{policy_logits.shape[0]}], got {mask.dtype} {tuple(mask.shape)}")
+    if not use_triton(policy_logits):
+        for name, t in (("policy_logits", policy_logits), ("ref_logits", ref_logits)):
+            bad = ~torch.isfinite(t).all(dim=1)
+            _require_finite_rows(bad if mask is None else bad & mask, name)
+        return kl_div_reference(policy_logits, ref_logits, mask)
+    p = policy_logits if policy_logits.stride(-1) == 1 else policy_logits.contiguous()
+    q = ref_logits.detach()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return _KLDivFunction.apply(p, q, None if mask is None else mask.to(torch.int8))
+
+
+# --------------------------------------------------------------------------------------
+# 3. Fused lm_head + CE + KL (Eq. 1) in token chunks: per chunk, fp32 logits = h W^T, the
+#    loss and d loss / d logits in one kernel, d loss / d h = grad_logits W. The gradient is
+#    made in the forward (Liger's design), so backward only scales it by grad_output.
+# --------------------------------------------------------------------------------------
+class FusedLoss(NamedTuple):
+    loss: Tensor    # ce_weight * sum CE + kl_weight * sum KL, differentiable w.r.t. policy_hidden
+    ce_sum: float   # sum of CE over supervised tokens (detached)
+    kl_sum: float   # sum of KL over KL tokens (detached)
+    n_ce: int
+    n_kl: int
+
+
+# Working set per token and vocabulary entry: Triton = fp32 policy logits (turned into the
+# gradient in place) + fp32 reference logits + the gradient's low-precision copy for the GEMM;
+# PyTorch = the two fp32 logits + p + one temporary.
+BYTES_PER_LOGIT = {"triton": 10, "torch": 16}
+_warned_mm = False
+
+
+def chunk_tokens_for_budget(vocab_size: int, memory_budget_bytes: int, path: str = "triton") -> int:
+    """How many tokens' [V] logits fit the budget (at least 1)."""
+    return max(1, memory_budget_bytes // (vocab_size * BYTES_PER_LOGIT[path]))
+
+
+def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 result and fp32 accumulation. bf16-rounded logits before the fp32 cast
+    are a known source of several-percent gradient error, so low-precision GEMMs write fp32."""
+    global _warned_mm
+    if a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # older torch: no out_dtype
+            if not _warned_mm:
+                warnings.warn("torch.mm(out_dtype=float32) unavailable: upcasting operands (slower, more memory)")
+                _warned_mm = True
+    return a.float() @ b.float()
+
+
+def _ce_kl_chunk_torch(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad):
+    """PyTorch version of _ce_kl_chunk_kernel, in place on the chunk's fp32 logits."""
+    has_label = labels != IGNORE_INDEX
+    safe_labels = labels.clamp_min(0).unsqueeze(1)
+    logp = zp.sub_(zp.logsumexp(-1, keepdim=True))
+    ce = torch.where(has_label, -logp.gather(1, safe_labels).squeeze(1), 0)
+    p = logp.exp()
+    kl = torch.zeros_like(ce)
+    if zq is not None:
+        log_ratio = zq.sub_(zq.logsumexp(-1, keepdim=True)).neg_().add_(logp)  # log p - log q
+        kl = torch.where(kl_rows, (p.unsqueeze(1) @ log_ratio.unsqueeze(2)).reshape(-1), 0)
+    if not need_grad:
+        return ce, kl, None
+    ce_scale = (has_label * ce_weight).to(p.dtype).unsqueeze(1)
+    if zq is None:
+        grad = p.mul_(ce_scale)
+    else:
+        kl_scale = (kl_rows * kl_weight).to(p.dtype).unsqueeze(1)
+        grad = log_ratio.sub_(kl.unsqueeze(1)).mul_(kl_scale).add_(ce_scale).mul_(p)
+    return ce, kl, grad.scatter_add_(1, safe_labels, -ce_scale)
+
+
+def _ce_kl_chunk_triton(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad):
+    C, V = zp.shape
+    ce = torch.empty(C, dtype=torch.float32, device=zp.device)
+    kl = torch.empty_like(ce)
+    has_ref = zq is not None
+    _ce_kl_chunk_kernel[(C,)](zp, zq if has_ref else zp, zp.stride(0), labels,
+                              kl_rows.to(torch.int8) if has_ref else labels, ce, kl, V, float(ce_weight),
+                              float(kl_weight), HAS_REF=has_ref, COMPUTE_GRAD=need_grad,
+                              BLOCK=min(BLOCK_V, triton.next_power_of_2(V)))
+    return ce, kl, zp if need_grad else None
+
+
+class _FusedLinearCEKLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, policy_hidden, ref_hidden, weight, labels, kl_mask, ce_weight, kl_weight, chunk_tokens,
+                need_grad, path):
+        N = policy_hidden.shape[0]
+        chunk_fn = _ce_kl_chunk_triton if path == "triton" else _ce_kl_chunk_torch
+        with_kl = ref_hidden is not None
+        active = (labels != IGNORE_INDEX) | kl_mask if with_kl else labels != IGNORE_INDEX
+        rows = active.nonzero().squeeze(1)  # tokens with neither CE nor KL cost no GEMM at all
+        ce_rows = torch.zeros(N, dtype=torch.float32, device=policy_hidden.device)
+        kl_rows = torch.zeros_like(ce_rows)
+        grad_hidden = torch.zeros_like(policy_hidden) if need_grad else None
+        for idx in rows.split(chunk_tokens):
+            zp = _matmul_fp32(policy_hidden.index_select(0, idx), weight.t())
+            zq = _matmul_fp32(ref_hidden.index_select(0, idx), weight.t()) if with_kl else None
+            ce, kl, grad_logits = chunk_fn(zp, zq, labels.index_select(0, idx),
+                                           kl_mask.index_select(0, idx) if with_kl else None,
+                                           ce_weight, kl_weight, need_grad)
+            ce_rows.index_copy_(0, idx, ce.float())
+            kl_rows.index_copy_(0, idx, kl.float())
+            if need_grad:
+                if weight.dtype not in (torch.float32, torch.float64):
+                    grad_logits = grad_logits.to(weight.dtype)  # a bf16 x bf16 GEMM, fp32 accumulation
+                grad_hidden.index_copy_(0, idx, _matmul_fp32(grad_logits, weight).to(grad_hidden.dtype))
+            del zp, zq, grad_logits
+        _require_finite_rows(~torch.isfinite(ce_rows) | ~torch.isfinite(kl_rows),
+                             "lm_head_weight (non-finite logits)")
+        ctx.save_for_backward(grad_hidden)
+        ce_sum, kl_sum = ce_rows.sum(), kl_rows.sum()
+        ctx.mark_non_differentiable(ce_sum, kl_sum)
+        return ce_weight * ce_sum + kl_weight * kl_sum, ce_sum, kl_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce_sum, _grad_kl_sum):
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype),) + (None,) * 9
+
+
+def _fused_linear_ce_kl(path, policy_hidden, ref_hidden, lm_head_weight, labels, kl_mask, ce_weight, kl_weight,
+                        chunk_tokens, memory_budget_bytes) -> FusedLoss:
+    _require(policy_hidden.dim() == 2 and policy_hidden.is_floating_point(),
+             f"policy_hidden: expected a floating [N, H] tensor, got {policy_hidden.dtype} {tuple(policy_hidden.shape)}")
+    N, H = policy_hidden.shape
+    _require(lm_head_weight.dim() == 2 and lm_head_weight.shape[1] == H,
+             f"lm_head_weight: expected [V, H={H}], got shape {tuple(lm_head_weight.shape)}")
+    _require(lm_head_weight.dtype == policy_hidden.dtype,
+             f"lm_head_weight: expected dtype {policy_hidden.dtype} like policy_hidden, got {lm_head_weight.dtype}")
+    V = lm_head_weight.shape[0]
+    _require(labels.shape == (N,) and not labels.is_floating_point() and not labels.is_complex(),
+             f"labels: expected integer [{N}], got {labels.dtype} {tuple(labels.shape)}")
+    bad_label = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
+    if bool(bad_label.any()):
+        raise ValueError(f"labels: must be in [0, {V}) or {IGNORE_INDEX}, got {int(labels[bad_label][0])}")
+    with_kl = ref_hidden is not None and kl_weight != 0
+    if with_kl:
+        _require(ref_hidden.shape == policy_hidden.shape,
+                 f"ref_hidden: expected shape {tuple(policy_hidden.shape)}, got {tuple(ref_hidden.shape)}")
+        _require(ref_hidden.dtype == policy_hidden.dtype,
+                 f"ref_hidden: expected dtype {policy_hidden.dtype} like policy_hidden, got {ref_hidden.dtype}")
+        if kl_mask is None:  # default: KL on the supervised tokens (DESIGN.md, step 5)
+            kl_mask = labels != IGNORE_INDEX
+        _require(kl_mask.shape == (N,) and kl_mask.dtype == torch.bool,
+                 f"kl_mask: expected bool [{N}], got {kl_mask.dtype} {tuple(kl_mask.shape)}")
+        _require_finite_rows(~torch.isfinite(ref_hidden).all(dim=1), "ref_hidden")
+    _require_finite_rows(~torch.isfinite(policy_hidden).all(dim=1), "policy_hidden")
+    if chunk_tokens is None:
+        _require(memory_budget_bytes > 0, f"memory_budget_bytes: must be positive, got {memory_budget_bytes}")
+        chunk_tokens = chunk_tokens_for_budget(V, memory_budget_bytes, path)
+    _require(isinstance(chunk_tokens, int) and chunk_tokens > 0, f"chunk_tokens: must be a positive int, got {chunk_tokens}")
+    need_grad = torch.is_grad_enabled() and policy_hidden.requires_grad
+    loss, ce_sum, kl_sum = _FusedLinearCEKLFunction.apply(
+        policy_hidden, ref_hidden.detach() if with_kl else None, lm_head_weight.detach(), labels.long(),
+        kl_mask if with_kl else None, float(ce_weight), float(kl_weight) if with_kl else 0.0, chunk_tokens,
+        need_grad, path)
+    n_kl = int(kl_mask.sum()) if with_kl else 0
+    return FusedLoss(loss, float(ce_sum.detach()), float(kl_sum.detach()), int((labels != IGNORE_INDEX).sum()), n_kl)
+
+
+def fused_linear_ce_kl_reference(policy_hidden, ref_hidden, lm_head_weight, labels, kl_mask, ce_weight, kl_weight,
+                                 chunk_tokens=None, memory_budget_bytes=1 << 30) -> FusedLoss:
+    """Plain-PyTorch fused_linear_ce_kl: the same token chunking, so the CPU gets the memory saving."""
+    return _fused_linear_ce_kl("torch", policy_hidden, ref_hidden, lm_head_weight, labels, kl_mask, ce_weight,
+                               kl_weight, chunk_tokens, memory_budget_bytes)
+
+
+def fused_linear_ce_kl(policy_hidden: Tensor, ref_hidden: Tensor | None, lm_head_weight: Tensor, labels: Tensor,
+                       kl_mask: Tensor | None, ce_weight: float, kl_weight: float, chunk_tokens: int | None = None,
+                       memory_budget_bytes: int = 1 << 30) -> FusedLoss:
+    """Eq. 1 from final hidden states: ce_weight * sum_{labels != -100} CE + kl_weight * sum_{kl_mask} KL.
+
+    labels are already shifted (labels[i] is the target of row i). ref_hidden None or
+    kl_weight == 0: CE only; kl_mask None: KL on the supervised tokens. lm_head_weight is
+    frozen; the gradient goes to policy_hidden only. Tokens are processed chunk_tokens at a
+    time (default: as many as memory_budget_bytes of logits allows), so [N, V] never exists."""
+    path = "triton" if use_triton(policy_hidden) else "torch"
+    return _fused_linear_ce_kl(path, policy_hidden, ref_hidden, lm_head_weight, labels, kl_mask, ce_weight,
+                               kl_weight, chunk_tokens, memory_budget_bytes)
