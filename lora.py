@@ -25,11 +25,16 @@ PEFT_PREFIX = "base_model.model."
 WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 
 
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """rs-LoRA's alpha / sqrt(r) keeps the update's size steady as r grows; classic LoRA: alpha / r."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 class LoRALinear(nn.Module):
     """y = x W^T + b + B(A(dropout(x))) * scale, with W and b frozen.
 
-    scale = alpha / sqrt(r) (rs-LoRA: the update's size does not shrink as r grows) or
-    alpha / r (classic LoRA). B starts at zero, so a fresh adapter changes nothing.
+    scale = lora_scale(alpha, r, use_rslora). A is kaiming-uniform (a = sqrt(5)) and B
+    zero, as in PEFT, so a fresh adapter changes nothing.
     `disabled` skips the adapter (the base model, exactly); `merged` means B A * scale
     has been added into W and the adapter path must not run again.
     """
@@ -41,7 +46,7 @@ class LoRALinear(nn.Module):
         # The same Parameter objects as the wrapped layer: no copy, tying preserved.
         self.weight, self.bias = base.weight, base.bias
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scale = lora_scale(alpha, r, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Adapter dtype defaults to the base weight's; fp32 adapters on a bf16 base keep
         # small updates from being rounded away.
@@ -105,47 +110,44 @@ def disabled(model: nn.Module):
     """Within this block the model computes the base model pi_theta0 exactly: each adapter
     is skipped by a flag, nothing is copied. Nested blocks and exceptions restore each
     layer's previous state. A merged layer is unmerged for the block and merged again on
-    exit (the base is then exact only to rounding, as unmerge is)."""
+    exit (the base is then exact only to rounding, as unmerge is). Run the reference under
+    torch.no_grad(): a backward after the block (activation checkpointing recomputes the
+    forward then) would see the adapters switched back on."""
     layers = list(lora_layers(model).values())
     saved = [(layer.disabled, layer.merged) for layer in layers]
     try:
         for layer in layers:
-            if layer.merged:
-                _unmerge_layer(layer)
+            _set_merged(layer, False)
             layer.disabled = True
         yield model
     finally:
         for layer, (was_disabled, was_merged) in zip(layers, saved):
             layer.disabled = was_disabled
-            if was_merged and not layer.merged:
-                _merge_layer(layer)
+            _set_merged(layer, was_merged)
 
 
 @torch.no_grad()
-def _merge_layer(layer: LoRALinear):
-    layer.weight.add_(layer.delta_weight())
-    layer.merged = True
-
-
-@torch.no_grad()
-def _unmerge_layer(layer: LoRALinear):
-    layer.weight.sub_(layer.delta_weight())
-    layer.merged = False
+def _set_merged(layer: LoRALinear, merged: bool):
+    """Add (merge) or subtract (unmerge) B A * scale in the base weight, in place."""
+    if layer.merged != merged:
+        layer.weight.add_(layer.delta_weight(), alpha=1 if merged else -1)
+        layer.merged = merged
 
 
 def merge(model: nn.Module):
     """Add B A * scale into each base weight for fast sampling (no adapter matmuls).
-    Merging twice is a no-op; disabled layers are merged too."""
-    for layer in lora_layers(model).values():
-        if not layer.merged:
-            _merge_layer(layer)
+    Merging twice is a no-op. Not allowed inside `disabled`: the reference would change."""
+    layers = lora_layers(model).values()
+    if any(layer.disabled for layer in layers):
+        raise RuntimeError("merge() inside lora.disabled(model): the base weights must stay the reference")
+    for layer in layers:
+        _set_merged(layer, True)
 
 
 def unmerge(model: nn.Module):
     """Subtract what `merge` added: the base weights come back up to rounding in their dtype."""
     for layer in lora_layers(model).values():
-        if layer.merged:
-            _unmerge_layer(layer)
+        _set_merged(layer, False)
 
 
 # ----------------------------------------------------------------------------
@@ -203,8 +205,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     config = peft_config(model, base_model_name)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    # Write beside, then rename: a run killed mid-save never leaves a truncated file.
+    save_file(tensors, str(directory / f"{WEIGHTS_FILE}.tmp"), metadata={"format": "pt"})
+    (directory / f"{CONFIG_FILE}.tmp").write_text(json.dumps(config, indent=2) + "\n")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        os.replace(directory / f"{name}.tmp", directory / name)
     return directory
 
 
@@ -237,32 +242,33 @@ def read_adapter_config(directory: Path) -> dict:
     return {**config, "target_modules": targets}
 
 
+def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (only the safetensors format is read)")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # truncated or corrupt file
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"{path}: cannot read safetensors ({type(err).__name__}: {first_line})") from None
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a PEFT LoRA adapter directory. A model without adapters gets them injected from
-    adapter_config.json; a model with adapters (resuming a run) must match its rank."""
-    from safetensors import safe_open
+    adapter_config.json (left in place if the tensors then fail to match); a model with
+    adapters (resuming a run) must have the file's rank, and takes the file's alpha."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory}: not a directory (expected a PEFT adapter directory)")
     config = read_adapter_config(directory)
+    tensors = read_adapter_weights(directory / WEIGHTS_FILE)
     rank, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora", False))
     layers = lora_layers(model)
     if not layers:
         inject(model, rank, alpha, config.get("lora_dropout") or 0.0, config["target_modules"], rslora, dtype)
-    else:
-        model_rank = next(iter(layers.values())).r
-        if model_rank != rank:
-            raise UserError(f"{directory / CONFIG_FILE}: adapter rank r={rank}, the model's adapters have r={model_rank}")
-        for layer in layers.values():  # the file decides the scale it was trained with
-            layer.alpha, layer.use_rslora = alpha, rslora
-            layer.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise UserError(f"{weights}: no such file (only the safetensors format is read)")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:  # truncated or corrupt file
-        raise UserError(f"{weights}: cannot read safetensors ({type(err).__name__}: {err})") from None
-    load_adapter_state_dict(model, tensors, source=str(weights))
+    elif (model_rank := next(iter(layers.values())).r) != rank:
+        raise UserError(f"{directory / CONFIG_FILE}: adapter rank r={rank}, the model's adapters have r={model_rank}")
+    load_adapter_state_dict(model, tensors, source=str(directory / WEIGHTS_FILE))
+    for layer in lora_layers(model).values():  # the scale the adapter was trained with
+        layer.alpha, layer.use_rslora, layer.scale = alpha, rslora, lora_scale(alpha, rank, rslora)
     return model

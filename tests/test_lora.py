@@ -1,8 +1,10 @@
 """lora.py: rs-LoRA injection, the `disabled` reference switch, merge, and PEFT parity."""
 import json
 
+import peft  # test extras: the external references for parity, never used by lora.py
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import lora
@@ -15,7 +17,6 @@ R, ALPHA = 4, 8
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A random tiny transformers Qwen2 with biases and norm weights moved off 0 and 1."""
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -69,15 +70,13 @@ def test_fresh_adapter_changes_nothing_and_is_rslora(hf_dir, ids):
 
 
 def test_our_adapter_loads_in_peft(hf_dir, ids, tmp_path):
-    peft = pytest.importorskip("peft")
-    import transformers
     model = adapted_model(hf_dir)
     with torch.no_grad():
         ours = model(ids)
     lora.save_adapter(model, tmp_path, base_model_name=str(hf_dir))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"], config["use_rslora"]) == \
-        ("LORA", "CAUSAL_LM", R, ALPHA, True)
+    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"], config["use_rslora"],
+            config["lora_dropout"], config["base_model_name_or_path"]) == ("LORA", "CAUSAL_LM", R, ALPHA, True, 0.0, str(hf_dir))
     assert sorted(config["target_modules"]) == sorted(lora.QWEN2_TARGETS)
     assert "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight" in load_file(tmp_path / "adapter_model.safetensors")
     hf = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir)
@@ -87,8 +86,6 @@ def test_our_adapter_loads_in_peft(hf_dir, ids, tmp_path):
 
 @pytest.mark.parametrize("use_rslora", [True, False])
 def test_peft_adapter_loads_here(hf_dir, ids, tmp_path, use_rslora):
-    peft = pytest.importorskip("peft")
-    import transformers
     hf = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir)
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, use_rslora=use_rslora, target_modules=list(lora.QWEN2_TARGETS),
                              task_type="CAUSAL_LM", init_lora_weights=False)  # False: B is random, not zero
@@ -136,6 +133,8 @@ def test_merge_unmerge_and_disabled_while_merged(hf_dir, ids):
         torch.testing.assert_close(model(ids), adapted, atol=1e-5, rtol=0)
         with lora.disabled(model):
             torch.testing.assert_close(model(ids), base_logits, atol=1e-5, rtol=0)
+            with pytest.raises(RuntimeError, match="disabled"):
+                lora.merge(model)
         torch.testing.assert_close(model(ids), adapted, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="unmerge"):
         model.train()(ids)
@@ -231,6 +230,11 @@ def test_bad_input_is_one_clear_line(hf_dir, tmp_path):
     with pytest.raises(UserError) as err:
         lora.load_adapter(model_qwen2.load_model(hf_dir), saved)
     assert_one_line(err, "unexpected", "lm_head")
+
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError) as err:
+        lora.load_adapter(model_qwen2.load_model(hf_dir), saved)
+    assert_one_line(err, str(weights), "cannot read")
 
     config = json.loads((saved / "adapter_config.json").read_text())
     (saved / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
