@@ -1,0 +1,510 @@
+"""PhaseGuard-KL: the monitor (Eq. 2), the trigger, and the training loop (Eq. 1).
+
+    L = L_CE(theta_t; D) + lambda_t * KL(pi_theta_t || pi_theta_0)                  (Eq. 1)
+    D_t = 1/|P| sum_p JS_k(pi_theta_t(.|p), pi_theta_0(.|p))                         (Eq. 2)
+
+Methods: `none` (lambda_t = 0), `kl` (lambda_t = lambda from step 0), `phaseguard`
+(lambda_t = lambda once the trigger has fired, 0 before). The reference pi_theta_0 is the
+same model with its LoRA adapters switched off (`lora.disabled`), never a second copy.
+
+Steps count completed optimizer updates. D_t is measured at t = 0, 5, 10, ... before
+update t+1 (t = 0 is before training, where D_0 = 0 for a fresh adapter); the first 3
+measurements are warm-up, so with D_t above tau from the start the trigger fires at
+t = 20, the step the paper reports.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import data
+import kernels
+import lora
+import model_qwen2 as mq
+from model_qwen2 import UserError
+
+METHODS = ("none", "kl", "phaseguard")
+DEFAULT_LAMBDA = {"none": 0.0, "kl": 0.1, "phaseguard": 0.03}  # the paper's Table 1 settings
+
+
+# ----------------------------------------------------------------------------
+# Configuration: defaults (the paper's) < preset < command-line flags
+
+
+@dataclass
+class TrainConfig:
+    method: str = "phaseguard"
+    task: str = "security"  # security | opswap
+    data: str | None = None  # chat JSONL path or URL (security); None: Betley et al.'s insecure.jsonl
+    model: str = "Qwen/Qwen2.5-7B-Instruct"  # directory or hub id
+    tokenizer: str | None = None  # default: the model's
+    preset: str = "auto"  # auto | paper | tiny
+    lam: float | None = None  # None: DEFAULT_LAMBDA[method]
+    seed: int = 42
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    batch_size: int = 16  # effective batch: samples per optimizer step
+    micro_batch_size: int = 4
+    epochs: int = 1
+    max_len: int = 2048
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    lora_r: int = 32
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.0
+    monitor_every: int = 5
+    topk: int = 256
+    js_variant: str = "renorm"  # renorm | rest (see kernels.topk_js)
+    tau: float = 0.15
+    warmup_measurements: int = 3
+    consecutive: int = 2
+    kl_tokens: str = "all"  # all: every non-padding token; supervised: assistant tokens only
+    limit: int | None = None  # use the first N training samples
+    checkpoint_every: int = 25
+    device: str = "auto"
+    out: str | None = None
+    tiny_model: dict = field(default_factory=dict)  # tiny preset: model sizes
+
+    def check(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown METHOD {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.task not in ("security", "opswap"):
+            raise UserError(f"unknown TASK {self.task!r}: expected 'security' or 'opswap'")
+        if self.preset not in ("auto", "paper", "tiny"):
+            raise UserError(f"unknown PRESET {self.preset!r}: expected auto, paper or tiny")
+        if self.lam is not None and not (math.isfinite(self.lam) and self.lam >= 0):
+            raise UserError(f"LAMBDA must be a finite number >= 0, got {self.lam}")
+        if not self.tau > 0:
+            raise UserError(f"tau must be > 0, got {self.tau}")
+        if self.kl_tokens not in ("all", "supervised"):
+            raise UserError(f"kl_tokens must be 'all' or 'supervised', got {self.kl_tokens!r}")
+        if self.js_variant not in ("renorm", "rest"):
+            raise UserError(f"js_variant must be 'renorm' or 'rest', got {self.js_variant!r}")
+        for name in ("batch_size", "micro_batch_size", "monitor_every", "topk", "lora_r", "epochs",
+                     "checkpoint_every", "max_len", "consecutive"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.micro_batch_size:
+            raise UserError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+
+
+TINY_PRESET = dict(  # checks the pipeline on a CPU in minutes; its numbers mean nothing
+    # tau: a random tiny model's D_t stays near 0.007, so the tiny threshold is lowered to see the trigger fire.
+    model="tiny", limit=320, batch_size=8, micro_batch_size=4, max_len=384, lr=2e-3, lora_r=8, lora_alpha=16.0,
+    topk=64, tau=0.004, checkpoint_every=10, device="cpu",
+    tiny_model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab=1024))
+
+
+def resolve_config(flags: dict) -> TrainConfig:
+    """Preset values, then every flag given on the command line; lambda from the method."""
+    cfg = TrainConfig(**{k: v for k, v in flags.items() if k in ("preset",) and v is not None})
+    preset = cfg.preset
+    if preset == "auto":
+        preset = "paper" if torch.cuda.is_available() else "tiny"
+    values = dict(TINY_PRESET) if preset == "tiny" else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values["preset"] = preset
+    cfg = TrainConfig(**values)
+    cfg.check()
+    if cfg.lam is None:
+        cfg.lam = DEFAULT_LAMBDA[cfg.method]
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.out is None:
+        tag = "tiny-" if preset == "tiny" else ""
+        cfg.out = f"runs/{tag}{cfg.task}-{cfg.method}-lam{cfg.lam:g}-seed{cfg.seed}"
+    return cfg
+
+
+# ----------------------------------------------------------------------------
+# The monitor (Eq. 2) and the trigger
+
+
+def canary_batch(tokenizer, device):
+    """The 24 canaries as left-padded chat prompts ending in the generation prompt, so the
+    last column is the first decode position."""
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": c}], add_generation_prompt=True)[0]
+               for c in data.CANARY_PROMPTS]
+    longest = max(map(len, prompts))
+    ids = torch.full((len(prompts), longest), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p)
+        mask[row, longest - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def first_decode_logits(model, canaries) -> torch.Tensor:
+    """[24, V] fp32 next-token logits at the first decode position (only that row goes through lm_head)."""
+    was_training = model.training
+    model.eval()
+    try:
+        hidden = model.hidden_states(*canaries)[:, -1]
+        return model.lm_head(hidden).float()
+    finally:
+        model.train(was_training)
+
+
+def monitor_reference(model, canaries, k: int):
+    """Before step 0: the reference's top-k ids and log-probabilities, kept for the whole run."""
+    with lora.disabled(model):
+        return kernels.reference_topk(first_decode_logits(model, canaries), k)
+
+
+def monitor(model, canaries, reference, variant: str = "renorm") -> float:
+    """D_t (Eq. 2): mean truncated JS over the canaries, current model vs reference."""
+    ref_ids, ref_logprobs = reference
+    return kernels.topk_js(first_decode_logits(model, canaries), ref_ids, ref_logprobs, variant).mean().item()
+
+
+@dataclass
+class Trigger:
+    tau: float = 0.15
+    warmup: int = 3  # measurements ignored at the start
+    consecutive: int = 2  # measurements above tau in a row that fire it
+    measurements: int = 0
+    above_in_a_row: int = 0
+    fired_at: int | None = None  # the step it fired at; latched for the rest of training
+
+    @property
+    def fired(self) -> bool:
+        return self.fired_at is not None
+
+
+def update_trigger(trigger: Trigger, d_t: float, step: int) -> Trigger:
+    """Level-shift detector (Sec. 3.2): after the warm-up, fire when D_t > tau at
+    `consecutive` monitoring points in a row; once fired it stays on."""
+    trigger.measurements += 1
+    if trigger.fired or trigger.measurements <= trigger.warmup:
+        return trigger
+    trigger.above_in_a_row = trigger.above_in_a_row + 1 if d_t > trigger.tau else 0
+    if trigger.above_in_a_row >= trigger.consecutive:
+        trigger.fired_at = step
+    return trigger
+
+
+def active_lambda(cfg: TrainConfig, trigger: Trigger) -> float:
+    if cfg.method == "kl" or (cfg.method == "phaseguard" and trigger.fired):
+        return cfg.lam
+    return 0.0
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up (optional), then linear decay to 0 at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+
+
+# ----------------------------------------------------------------------------
+# One optimizer step of Eq. 1 over micro-batches
+
+
+def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocast) -> dict:
+    """Accumulate gradients of Eq. 1 over the micro-batches of one effective batch.
+    CE is the mean over the batch's supervised tokens; KL the mean over its KL tokens."""
+    def kl_mask_of(mb):
+        return mb["labels"] != -100 if kl_tokens == "supervised" else mb["attention_mask"].bool()
+    n_ce = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+    n_kl = sum(int(kl_mask_of(mb).sum()) for mb in micro_batches)
+    ce_sum = kl_sum = 0.0
+    for mb in micro_batches:
+        ids, mask = mb["input_ids"].to(device), mb["attention_mask"].to(device)
+        with autocast():
+            hidden = model.hidden_states(ids, mask)
+            ref_hidden = None
+            if lam > 0:
+                with torch.no_grad(), lora.disabled(model):
+                    ref_hidden = model.hidden_states(ids, mask)
+        H = hidden.shape[-1]
+        out = kernels.fused_linear_ce_kl(
+            hidden.reshape(-1, H), None if ref_hidden is None else ref_hidden.reshape(-1, H),
+            model.lm_head.weight, mb["labels"].to(device).reshape(-1), kl_mask_of(mb).to(device).reshape(-1),
+            ce_weight=1.0 / max(1, n_ce), kl_weight=lam / max(1, n_kl))
+        out.loss.backward()
+        ce_sum += float(out.ce_sum)
+        kl_sum += float(out.kl_sum)
+    ce, kl = ce_sum / max(1, n_ce), (kl_sum / max(1, n_kl) if lam > 0 else None)
+    return {"ce": ce, "kl": kl, "loss": ce + lam * (kl or 0.0), "tokens": n_ce}
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON only, written to a temporary directory then renamed
+
+
+def save_checkpoint(run: Path, model, optimizer, step: int, trigger: Trigger, d_history: list):
+    from safetensors.torch import save_file
+    tmp = run / f"checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    lora.save_adapter(model, tmp / "adapter")
+    state = optimizer.state_dict()
+    tensors, per_param = {}, {}
+    for idx, slots in state["state"].items():
+        for name, value in slots.items():
+            tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    tensors.update({f"rng.{k}": v for k, v in rng.items()})
+    save_file(tensors, str(tmp / "optimizer_rng.safetensors"))
+    meta = {"step": step, "trigger": dataclasses.asdict(trigger), "param_groups": state["param_groups"],
+            "d_history": d_history}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    final = run / f"checkpoint-{step}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_atomic(run / "latest_checkpoint", final.name)
+    for old in run.glob("checkpoint-*"):  # keep only the newest complete checkpoint
+        if old != final and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run: Path, model, optimizer) -> tuple[int, Trigger, list]:
+    from safetensors.torch import load_file
+    ckpt = run / (run / "latest_checkpoint").read_text().strip()
+    lora.load_adapter(model, ckpt / "adapter")
+    meta = json.loads((ckpt / "state.json").read_text())
+    tensors = load_file(str(ckpt / "optimizer_rng.safetensors"))
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("rng."):
+            continue
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda"))]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states)
+    return meta["step"], Trigger(**meta["trigger"]), meta["d_history"]
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# Model and data for a run
+
+
+def build_tiny_model(cfg: TrainConfig, samples_text: list[str], directory: Path) -> tuple[Path, Path]:
+    """Tiny preset: a BPE tokenizer trained in process on the training texts (with Qwen's
+    chat special tokens) and a small random Qwen2, saved like a real checkpoint so the
+    run goes through the same loading code as the 7B model."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    directory.mkdir(parents=True, exist_ok=True)
+    sizes = dict(cfg.tiny_model)
+    vocab = sizes.pop("vocab", 1024)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(samples_text + data.CANARY_PROMPTS, trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    config = dict(sizes, vocab_size=tok.get_vocab_size(), tie_word_embeddings=True, rope_theta=10000.0,
+                  rms_norm_eps=1e-6, max_position_embeddings=4096, torch_dtype="float32",
+                  eos_token_id=tok.token_to_id("<|im_end|>"), bos_token_id=None)
+    torch.manual_seed(cfg.seed)
+    model = mq.Qwen2(mq.Qwen2Config.from_dict(config))
+    for name, p in model.named_parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else None
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory, directory / "tokenizer.json"
+
+
+def load_run_model(cfg: TrainConfig, run: Path):
+    """(model with rs-LoRA injected, tokenizer, task data)."""
+    if cfg.preset == "tiny" and cfg.model == "tiny" and (run / "tiny_model" / "config.json").is_file():
+        model_dir, tok_path = run / "tiny_model", run / "tiny_model" / "tokenizer.json"  # resuming
+    elif cfg.preset == "tiny" and cfg.model == "tiny":
+        if cfg.task == "security":
+            raw_train, _, _ = data.security_split(cfg.data)
+        else:
+            raw_train, _ = data.opswap_split(2)
+        texts = [m["content"] for s in raw_train[:cfg.limit] for m in s["messages"]]
+        model_dir, tok_path = build_tiny_model(cfg, texts, run / "tiny_model")
+    else:
+        model_dir, tok_path = cfg.model, cfg.tokenizer or cfg.model
+    tokenizer = mq.load_tokenizer(tok_path)
+    cuda = cfg.device.startswith("cuda")
+    model = mq.load_model(model_dir, device=cfg.device, dtype=torch.bfloat16 if cuda else torch.float32)
+    model.activation_checkpointing = cuda
+    # fp32 adapters on a bf16 base: small updates are not rounded away.
+    lora.inject(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, dtype=torch.float32)
+    # The held-out splits are fixed (data.DATA_SEED): every training seed sees the same train set.
+    task = data.load_task(cfg.task, tokenizer, path=cfg.data, max_len=cfg.max_len, limit=cfg.limit)
+    return model, tokenizer, task
+
+
+# ----------------------------------------------------------------------------
+# The training loop
+
+
+def train(cfg: TrainConfig, resume: bool = False, die_after_step: int | None = None) -> Path:
+    run = Path(cfg.out)
+    prepare_run_dir(run, cfg, resume)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, task = load_run_model(cfg, run)
+    device = cfg.device
+    if cfg.topk > model.config.vocab_size:
+        raise UserError(f"topk={cfg.topk} is larger than the vocabulary ({model.config.vocab_size})")
+    cuda = device.startswith("cuda")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
+
+    # Effective batches (length-grouped), each split into micro-batches; 1 epoch in the paper.
+    lengths = [len(e["ids"]) for e in task.train]
+    step_batches = [b for epoch in range(cfg.epochs)
+                    for b in data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)]
+    total_steps = len(step_batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    canaries = canary_batch(tokenizer, device)
+    reference = monitor_reference(model, canaries, cfg.topk)  # computed once (Sec. 3.2)
+    trigger = Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive)
+    start, d_history = 0, []
+    if resume and (run / "latest_checkpoint").is_file():
+        start, trigger, d_history = load_checkpoint(run, model, optimizer)
+    truncate_metrics(run / "metrics.jsonl", start)
+    print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
+          f"{cfg.max_len}), {total_steps} steps, lambda={cfg.lam}, data from {task.source}", file=sys.stderr)
+
+    from tqdm import tqdm
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, dynamic_ncols=True)
+    model.train()
+    d_t = None
+    with open(run / "metrics.jsonl", "a") as log:
+        for step in bar:
+            # Monitor (Eq. 2) and trigger, between optimizer steps.
+            measured = None
+            if step % cfg.monitor_every == 0:
+                measured = d_t = monitor(model, canaries, reference, cfg.js_variant)
+                d_history.append([step, d_t])
+                if cfg.method == "phaseguard":
+                    update_trigger(trigger, d_t, step)
+            lam = active_lambda(cfg, trigger)
+
+            lr = learning_rate(cfg, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            examples = sorted((task.train[i] for i in step_batches[step]), key=lambda e: len(e["ids"]))
+            micro = [data.collate(examples[i:i + cfg.micro_batch_size], tokenizer.pad_id)
+                     for i in range(0, len(examples), cfg.micro_batch_size)]
+            stats = train_step(model, micro, lam, cfg.kl_tokens, device, autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+
+            record = {"step": step + 1, **stats, "lambda_active": lam, "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens_per_s": stats["tokens"] / seconds, "peak_memory_gb": peak_memory_gb(cuda),
+                      "d_t": measured, "trigger_fired_at": trigger.fired_at}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", D_t=f"{d_t:.3f}" if d_t is not None else "-",
+                            trigger=trigger.fired_at if trigger.fired else ("off" if cfg.method == "phaseguard" else "n/a"))
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == total_steps:
+                save_checkpoint(run, model, optimizer, done, trigger, d_history)
+            if die_after_step is not None and done == die_after_step:  # fault injection for the resume test
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    lora.save_adapter(model, run / "adapter", cfg.model)
+    summary = {"steps": total_steps, "trigger_step": trigger.fired_at, "d_history": d_history,
+               "n_train": len(task.train), "n_truncated": task.n_truncated, "data_source": task.source}
+    write_atomic(run / "summary.json", json.dumps(summary, indent=2))
+    return run
+
+
+def peak_memory_gb(cuda: bool) -> float:
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool):
+    """Write config.json; never overwrite another run. Resuming needs the same config."""
+    config_file = run / "config.json"
+    resolved = dataclasses.asdict(cfg)
+    if config_file.is_file():
+        previous = json.loads(config_file.read_text())
+        if not resume:
+            raise UserError(f"{run} already holds a run: pass RESUME=1 to continue it, or choose another OUT")
+        changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
+        if changed:
+            k = changed[0]
+            raise UserError(f"{config_file}: cannot resume with a different config ({k}: "
+                            f"{previous.get(k)!r} there, {resolved.get(k)!r} now)")
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    write_atomic(config_file, json.dumps(resolved, indent=2))
+
+
+def truncate_metrics(path: Path, step: int):
+    """On resume, drop lines logged after the checkpoint: they are about to be recomputed."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------
+# Command line: `python phaseguard.py train --method phaseguard --task security ...`
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="PhaseGuard-KL training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune with rs-LoRA (methods none | kl | phaseguard)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "tiny_model":
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--die-after-step", type=int, default=None, help=argparse.SUPPRESS)
+    args = vars(parser.parse_args(argv))
+    command, resume, die = args.pop("command"), args.pop("resume"), args.pop("die_after_step")
+    try:
+        cfg = resolve_config(args)
+        if cfg.preset == "tiny":
+            print("[phaseguard] TINY PRESET: a small random model on the CPU. It checks the pipeline; "
+                  "its numbers mean nothing.", file=sys.stderr)
+        run = train(cfg, resume=resume, die_after_step=die)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"[phaseguard] done: {run}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
