@@ -24,6 +24,15 @@ DATA   ?=
 RESUME ?=
 TRAIN_ARGS ?=
 
+# make eval / sweep / report: the paper's evaluation, lambda sweep and tables.
+RUN    ?=
+JUDGE  ?=
+SAMPLES ?=
+EVAL_ARGS ?=
+SWEEP_ARGS ?=
+RUNS   ?= runs
+REPORT ?= report.md
+
 .PHONY: install test train eval sweep report bench clean
 
 install: $(VENV)/.installed
@@ -43,6 +52,16 @@ train: install
 	@$(PY) phaseguard.py train --method $(METHOD) --task $(TASK) --seed $(SEED) --preset $(PRESET) \
 	  $(if $(LAMBDA),--lam $(LAMBDA)) $(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT)) \
 	  $(if $(DATA),--data $(DATA)) $(if $(filter 1 yes true,$(RESUME)),--resume) $(TRAIN_ARGS)
+
+eval: install
+	@test -n "$(RUN)" || { echo "error: make eval needs RUN=<run directory>" >&2; exit 2; }
+	@$(PY) evaluate.py eval --run $(RUN) $(if $(JUDGE),--judge $(JUDGE)) $(if $(SAMPLES),--samples $(SAMPLES)) $(EVAL_ARGS)
+
+sweep: install
+	@$(PY) evaluate.py sweep --preset $(PRESET) $(SWEEP_ARGS)
+
+report: install
+	@$(PY) evaluate.py report --runs-dir $(RUNS) --out $(REPORT)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
