@@ -49,6 +49,10 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _desc(t: Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+
+
 def _require_finite_rows(bad_rows: Tensor, name: str) -> None:
     if bool(bad_rows.any()):
         row = int(bad_rows.nonzero()[0, 0])
@@ -65,6 +69,21 @@ if HAS_TRITON:
     def _count_nonfinite(z, in_row):
         # NaN fails every comparison; +-inf has |z| == inf. Lanes past the row end are ignored.
         return tl.sum((in_row & ((z != z) | (tl.abs(z) == float("inf")))).to(tl.int32))
+
+    @triton.jit
+    def _online_lse_step(m, s, z):
+        # Fold one block into (running max m, s = sum exp(z - m)); also return the factor that
+        # rescales other sums kept on the same max, and exp(z - m_new) for them.
+        m_new = tl.maximum(m, tl.max(z, 0))
+        rescale = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        return m_new, s * rescale + tl.sum(e, 0), rescale, e
+
+    @triton.jit
+    def _log_normalise(logx):
+        # log x - logsumexp(log x) over one vector (padding lanes are -inf).
+        mx = tl.max(logx, 0)
+        return logx - (mx + tl.log(tl.sum(tl.exp(logx - mx), 0)))
 
     @triton.jit
     def _js_bin_terms(P, logP, Q, logQ):
@@ -86,9 +105,7 @@ if HAS_TRITON:
             in_row = cols < V
             z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
             n_bad += _count_nonfinite(z, in_row)
-            m_new = tl.maximum(m, tl.max(z, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
-            m = m_new
+            m, s, _, _ = _online_lse_step(m, s, z)
         lse = m + tl.log(s)
         # Gather the k logits at the reference's top-k ids: log p_i = z_i - lse (full vocabulary).
         offs = tl.arange(0, BLOCK_K)
@@ -106,10 +123,8 @@ if HAS_TRITON:
             total += _js_bin_terms(P_rest, tl.log(P_rest), Q_rest, tl.log(Q_rest))
         else:
             # (a) both restricted to the k ids and renormalised: log P = log p - logsumexp_S(log p).
-            mp = tl.max(logp, 0)
-            logP = logp - (mp + tl.log(tl.sum(tl.exp(logp - mp), 0)))
-            mq = tl.max(logq, 0)
-            logQ = logq - (mq + tl.log(tl.sum(tl.exp(logq - mq), 0)))
+            logP = _log_normalise(logp)
+            logQ = _log_normalise(logq)
             total = tl.sum(_js_bin_terms(tl.exp(logP), logP, tl.exp(logQ), logQ), 0)
         # JS is in [0, ln 2]; clamp the fp32 rounding at both ends.
         tl.store(js_ptr + row, tl.minimum(tl.maximum(0.5 * total, 0.0), 0.6931471805599453))
@@ -139,15 +154,9 @@ if HAS_TRITON:
             w = tl.load(q_ptr + row * q_stride + cols, mask=in_row, other=float("-inf")).to(tl.float32)
             bad_p += _count_nonfinite(z, in_row)
             bad_q += _count_nonfinite(w, in_row)
-            m_p_new = tl.maximum(m_p, tl.max(z, 0))
-            rescale = tl.exp(m_p - m_p_new)
-            e = tl.exp(z - m_p_new)
-            s_p = s_p * rescale + tl.sum(e, 0)
+            m_p, s_p, rescale, e = _online_lse_step(m_p, s_p, z)
             t = t * rescale + tl.sum(tl.where(in_row, e * (z - w), 0.0), 0)
-            m_p = m_p_new
-            m_q_new = tl.maximum(m_q, tl.max(w, 0))
-            s_q = s_q * tl.exp(m_q - m_q_new) + tl.sum(tl.exp(w - m_q_new), 0)
-            m_q = m_q_new
+            m_q, s_q, _, _ = _online_lse_step(m_q, s_q, w)
         is_active = active != 0
         lse_p = tl.where(is_active, m_p + tl.log(s_p), 0.0)
         lse_q = tl.where(is_active, m_q + tl.log(s_q), 0.0)
@@ -181,15 +190,17 @@ if HAS_TRITON:
             tl.store(grad_row + cols, tl.zeros((BLOCK,), grad_ptr.dtype.element_ty), mask=cols < V)
 
     @triton.jit
-    def _ce_kl_chunk_kernel(zp_ptr, zq_ptr, stride, labels_ptr, kl_rows_ptr, ce_ptr, kl_ptr, V,
+    def _ce_kl_chunk_kernel(zp_ptr, zq_ptr, grad_ptr, stride, labels_ptr, kl_rows_ptr, ce_ptr, kl_ptr, V,
                             ce_weight, kl_weight, HAS_REF: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
                             BLOCK: tl.constexpr):
         # One token chunk of fused_linear_ce_kl: fp32 logits in, per-row CE and KL out, and (if a
-        # gradient is needed) d loss / d logits written over the policy logits in place:
+        # gradient is needed) d loss / d logits, written in the lm_head's dtype for the next GEMM
+        # (over the fp32 policy logits in place when that dtype is fp32):
         #   ce_weight (p - onehot(label)) + kl_weight p (log p - log q - KL).
         row = tl.program_id(0).to(tl.int64)
         zp_row = zp_ptr + row * stride
         zq_row = zq_ptr + row * stride
+        grad_row = grad_ptr + row * stride
         label = tl.load(labels_ptr + row)
         has_label = label != -100
         kl_on = 0
@@ -205,17 +216,11 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK)
             in_row = cols < V
             z = tl.load(zp_row + cols, mask=in_row, other=float("-inf"))
-            m_p_new = tl.maximum(m_p, tl.max(z, 0))
-            rescale = tl.exp(m_p - m_p_new)
-            e = tl.exp(z - m_p_new)
-            s_p = s_p * rescale + tl.sum(e, 0)
-            m_p = m_p_new
+            m_p, s_p, rescale, e = _online_lse_step(m_p, s_p, z)
             if HAS_REF:
                 w = tl.load(zq_row + cols, mask=in_row, other=float("-inf"))
                 t = t * rescale + tl.sum(tl.where(in_row, e * (z - w), 0.0), 0)
-                m_q_new = tl.maximum(m_q, tl.max(w, 0))
-                s_q = s_q * tl.exp(m_q - m_q_new) + tl.sum(tl.exp(w - m_q_new), 0)
-                m_q = m_q_new
+                m_q, s_q, _, _ = _online_lse_step(m_q, s_q, w)
         lse_p = m_p + tl.log(s_p)
         lse_q = m_q + tl.log(s_q)
         safe_label = tl.where(has_label, label, 0)
@@ -235,10 +240,10 @@ if HAS_TRITON:
                 if HAS_REF:
                     logq = tl.load(zq_row + cols, mask=in_row, other=0.0) - lse_q
                     grad += kl_scale * p * (logp - logq - kl)
-                tl.store(zp_row + cols, grad, mask=in_row)
+                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
             for start in range(0, V * (1 - active), BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                tl.store(zp_row + cols, tl.zeros((BLOCK,), tl.float32), mask=cols < V)
+                tl.store(grad_row + cols, tl.zeros((BLOCK,), grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 # --------------------------------------------------------------------------------------
@@ -248,9 +253,8 @@ def reference_topk(ref_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The reference's top-k ids [N, k] int64 and their full-vocabulary log-probs [N, k] float32.
 
     Computed once before training (the reference never changes) and passed to topk_js."""
-    _require(ref_logits.dim() == 2, f"ref_logits: expected [N, V], got shape {tuple(ref_logits.shape)}")
-    _require(isinstance(k, int) and 1 <= k <= ref_logits.shape[1],
-             f"k: must be in [1, V={ref_logits.shape[1]}], got {k}")
+    _require(ref_logits.dim() == 2, f"ref_logits: expected [N, V], got {_desc(ref_logits)}")
+    _require(isinstance(k, int) and 1 <= k <= ref_logits.shape[1], f"k: must be in [1, V={ref_logits.shape[1]}], got {k}")
     _require_finite_rows(~torch.isfinite(ref_logits).all(dim=1), "ref_logits")
     logprobs, ids = torch.log_softmax(ref_logits.float(), dim=-1).topk(k, dim=-1)
     return ids, logprobs
@@ -274,10 +278,10 @@ def _js_from_logprobs(logp: Tensor, logq: Tensor, variant: str) -> Tensor:
 
 
 def topk_js_reference(logits: Tensor, ref_ids: Tensor, ref_logprobs: Tensor, variant: str = "renorm") -> Tensor:
-    """Plain-PyTorch topk_js (same contract, no validation beyond the public function's)."""
-    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
-    logp = logits.gather(1, ref_ids) - logits.logsumexp(-1, keepdim=True)
-    return _js_from_logprobs(logp, ref_logprobs, variant).float()
+    """Plain-PyTorch topk_js (no input checks; float64 result for float64 logits)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = logits.gather(1, ref_ids).to(dtype) - logits.to(dtype).logsumexp(-1, keepdim=True)
+    return _js_from_logprobs(logp, ref_logprobs, variant).to(dtype)
 
 
 def topk_js(logits: Tensor, ref_ids: Tensor, ref_logprobs: Tensor, variant: str = "renorm") -> Tensor:
@@ -289,22 +293,20 @@ def topk_js(logits: Tensor, ref_ids: Tensor, ref_logprobs: Tensor, variant: str 
     k bins with their full-vocabulary mass plus one rest-of-vocabulary bin (a lower bound of
     the full JS)."""
     _require(variant in JS_VARIANTS, f"variant: must be one of {JS_VARIANTS}, got {variant!r}")
-    _require(logits.dim() == 2 and logits.is_floating_point(),
-             f"logits: expected a floating [N, V] tensor, got {logits.dtype} {tuple(logits.shape)}")
+    _require(logits.dim() == 2 and logits.is_floating_point(), f"logits: expected float [N, V], got {_desc(logits)}")
     N, V = logits.shape
-    _require(ref_ids.dim() == 2 and ref_ids.shape[0] == N,
-             f"ref_ids: expected [N={N}, k], got shape {tuple(ref_ids.shape)}")
-    _require(ref_ids.dtype == torch.int64, f"ref_ids: expected int64, got {ref_ids.dtype}")
+    _require(ref_ids.dim() == 2 and ref_ids.shape[0] == N and ref_ids.dtype == torch.int64,
+             f"ref_ids: expected int64 [N={N}, k], got {_desc(ref_ids)}")
     k = ref_ids.shape[1]
     _require(1 <= k <= V, f"ref_ids: k must be in [1, V={V}], got k={k}")
-    _require(ref_logprobs.shape == ref_ids.shape,
-             f"ref_logprobs: expected shape {tuple(ref_ids.shape)}, got {tuple(ref_logprobs.shape)}")
-    _require(ref_logprobs.is_floating_point(), f"ref_logprobs: expected a float tensor, got {ref_logprobs.dtype}")
+    _require(ref_logprobs.shape == ref_ids.shape and ref_logprobs.is_floating_point(),
+             f"ref_logprobs: expected float {list(ref_ids.shape)}, got {_desc(ref_logprobs)}")
     _require(ref_ids.device == logits.device == ref_logprobs.device,
-             f"ref_ids: device {ref_ids.device} / ref_logprobs {ref_logprobs.device} != logits {logits.device}")
+             f"ref_ids: device {ref_ids.device} (ref_logprobs {ref_logprobs.device}) != logits' {logits.device}")
     _require(bool(((ref_ids >= 0) & (ref_ids < V)).all()), f"ref_ids: ids must be in [0, {V})")
     _require(bool((ref_ids.sort(-1).values.diff(dim=-1) != 0).all()), "ref_ids: duplicate ids within a row")
     _require_finite_rows(~torch.isfinite(ref_logprobs).all(dim=1), "ref_logprobs")
+    logits = logits.detach()  # a monitor: never part of the training graph
     if not use_triton(logits):
         _require_finite_rows(~torch.isfinite(logits).all(dim=1), "logits")
         return topk_js_reference(logits, ref_ids, ref_logprobs, variant)
@@ -313,7 +315,7 @@ def topk_js(logits: Tensor, ref_ids: Tensor, ref_logprobs: Tensor, variant: str 
     nonfinite = torch.empty(N, dtype=torch.int32, device=logits.device)
     _topk_js_kernel[(N,)](logits, logits.stride(0), ref_ids.contiguous(), ref_logprobs.float().contiguous(),
                           js, nonfinite, V, k, REST_BIN=variant == "rest", BLOCK=min(BLOCK_V, triton.next_power_of_2(V)),
-                          BLOCK_K=triton.next_power_of_2(k))
+                          BLOCK_K=triton.next_power_of_2(k), num_warps=8)
     _require_finite_rows(nonfinite != 0, "logits")
     return js
 
@@ -322,14 +324,15 @@ def topk_js(logits: Tensor, ref_ids: Tensor, ref_logprobs: Tensor, variant: str 
 # 2. Regulariser on materialised logits (Eq. 1): per-token KL(pi_policy || pi_ref).
 # --------------------------------------------------------------------------------------
 def kl_div_reference(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Plain-PyTorch kl_div: fp32 (float64 for float64 input) log-softmax of the rows in mask."""
-    N = policy_logits.shape[0]
+    """Plain-PyTorch kl_div: fp32 log-softmax (float64 for float64 input) of the rows in mask."""
+    if mask is not None:  # only the rows in mask are read; the others give 0 and a zero gradient
+        rows = mask.nonzero().squeeze(1)
+        kl_rows = kl_div_reference(policy_logits[rows], ref_logits[rows])
+        return kl_rows.new_zeros(policy_logits.shape[0]).index_put((rows,), kl_rows)
     dtype = torch.float64 if policy_logits.dtype == torch.float64 else torch.float32
-    rows = torch.arange(N, device=policy_logits.device) if mask is None else mask.nonzero().squeeze(1)
-    logp = torch.log_softmax(policy_logits[rows].to(dtype), dim=-1)
-    logq = torch.log_softmax(ref_logits.detach()[rows].to(dtype), dim=-1)
-    kl_rows = (logp.exp() * (logp - logq)).sum(-1)
-    return torch.zeros(N, dtype=dtype, device=policy_logits.device).index_put((rows,), kl_rows).float()
+    logp = torch.log_softmax(policy_logits.to(dtype), dim=-1)
+    logq = torch.log_softmax(ref_logits.detach().to(dtype), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 class _KLDivFunction(torch.autograd.Function):
@@ -346,7 +349,7 @@ class _KLDivFunction(torch.autograd.Function):
         mask_arg = row_mask if has_mask else kl  # never read when HAS_MASK is False
         block = min(BLOCK_V, triton.next_power_of_2(V))
         _kl_fwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), mask_arg,
-                             kl, lse_p, lse_q, nonfinite, V, HAS_MASK=has_mask, BLOCK=block)
+                             kl, lse_p, lse_q, nonfinite, V, HAS_MASK=has_mask, BLOCK=block, num_warps=8)
         _require_finite_rows(nonfinite % 2 != 0, "policy_logits")
         _require_finite_rows(nonfinite >= 2, "ref_logits")
         ctx.save_for_backward(policy_logits, ref_logits, mask_arg, kl, lse_p, lse_q)
@@ -360,7 +363,7 @@ class _KLDivFunction(torch.autograd.Function):
         grad = torch.empty_like(policy_logits)  # input dtype: no [N, V] fp32 buffer
         _kl_bwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), grad,
                              grad.stride(0), grad_kl.float().contiguous(), mask_arg, kl, lse_p, lse_q, V,
-                             HAS_MASK=ctx.has_mask, BLOCK=ctx.block)
+                             HAS_MASK=ctx.has_mask, BLOCK=ctx.block, num_warps=8)
         return grad, None, None
 
 
@@ -370,16 +373,13 @@ def kl_div(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None
     The gradient goes to policy_logits only; rows with mask False give 0, are never read,
     and get a zero gradient. Accumulates in fp32 on bf16 input without an fp32 copy."""
     _require(policy_logits.dim() == 2 and policy_logits.is_floating_point(),
-             f"policy_logits: expected a floating [N, V] tensor, got {policy_logits.dtype} {tuple(policy_logits.shape)}")
-    _require(ref_logits.shape == policy_logits.shape,
-             f"ref_logits: expected shape {tuple(policy_logits.shape)}, got {tuple(ref_logits.shape)}")
-    _require(ref_logits.dtype == policy_logits.dtype,
-             f"ref_logits: expected dtype {policy_logits.dtype} like policy_logits, got {ref_logits.dtype}")
+             f"policy_logits: expected float [N, V], got {_desc(policy_logits)}")
+    _require(ref_logits.shape == policy_logits.shape and ref_logits.dtype == policy_logits.dtype,
+             f"ref_logits: expected {_desc(policy_logits)} like policy_logits, got {_desc(ref_logits)}")
     _require(ref_logits.device == policy_logits.device,
              f"ref_logits: expected device {policy_logits.device}, got {ref_logits.device}")
-    if mask is not None:
-        _require(mask.shape == policy_logits.shape[:1] and mask.dtype == torch.bool,
-                 f"mask: expected bool [{policy_logits.shape[0]}], got {mask.dtype} {tuple(mask.shape)}")
+    _require(mask is None or (mask.shape == policy_logits.shape[:1] and mask.dtype == torch.bool),
+             f"mask: expected bool [{policy_logits.shape[0]}], got {_desc(mask) if mask is not None else ''}")
     if not use_triton(policy_logits):
         for name, t in (("policy_logits", policy_logits), ("ref_logits", ref_logits)):
             bad = ~torch.isfinite(t).all(dim=1)
@@ -404,9 +404,9 @@ class FusedLoss(NamedTuple):
     n_kl: int
 
 
-# Working set per token and vocabulary entry: Triton = fp32 policy logits (turned into the
-# gradient in place) + fp32 reference logits + the gradient's low-precision copy for the GEMM;
-# PyTorch = the two fp32 logits + p + one temporary.
+# Working set per token and vocabulary entry. Triton: fp32 policy and reference logits + the
+# gradient in the lm_head's dtype (bf16; written over the policy logits when fp32). PyTorch:
+# the two fp32 logits + p + one temporary.
 BYTES_PER_LOGIT = {"triton": 10, "torch": 16}
 _warned_mm = False
 
@@ -432,7 +432,7 @@ def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
     return a.float() @ b.float()
 
 
-def _ce_kl_chunk_torch(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad):
+def _ce_kl_chunk_torch(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad, grad_dtype=None):
     """PyTorch version of _ce_kl_chunk_kernel, in place on the chunk's fp32 logits."""
     has_label = labels != IGNORE_INDEX
     safe_labels = labels.clamp_min(0).unsqueeze(1)
@@ -454,16 +454,18 @@ def _ce_kl_chunk_torch(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad)
     return ce, kl, grad.scatter_add_(1, safe_labels, -ce_scale)
 
 
-def _ce_kl_chunk_triton(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad):
+def _ce_kl_chunk_triton(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad, grad_dtype):
     C, V = zp.shape
     ce = torch.empty(C, dtype=torch.float32, device=zp.device)
     kl = torch.empty_like(ce)
     has_ref = zq is not None
-    _ce_kl_chunk_kernel[(C,)](zp, zq if has_ref else zp, zp.stride(0), labels,
+    # A bf16 gradient is written directly (no fp32 gradient + cast pass); fp32 goes in place.
+    grad = zp if grad_dtype == zp.dtype or not need_grad else torch.empty(C, V, dtype=grad_dtype, device=zp.device)
+    _ce_kl_chunk_kernel[(C,)](zp, zq if has_ref else zp, grad, zp.stride(0), labels,
                               kl_rows.to(torch.int8) if has_ref else labels, ce, kl, V, float(ce_weight),
                               float(kl_weight), HAS_REF=has_ref, COMPUTE_GRAD=need_grad,
-                              BLOCK=min(BLOCK_V, triton.next_power_of_2(V)))
-    return ce, kl, zp if need_grad else None
+                              BLOCK=min(BLOCK_V, triton.next_power_of_2(V)), num_warps=8)
+    return ce, kl, grad if need_grad else None
 
 
 class _FusedLinearCEKLFunction(torch.autograd.Function):
@@ -478,17 +480,17 @@ class _FusedLinearCEKLFunction(torch.autograd.Function):
         ce_rows = torch.zeros(N, dtype=torch.float32, device=policy_hidden.device)
         kl_rows = torch.zeros_like(ce_rows)
         grad_hidden = torch.zeros_like(policy_hidden) if need_grad else None
+        gemm_dtype = weight.dtype  # dtype of d loss / d logits for the second GEMM
         for idx in rows.split(chunk_tokens):
             zp = _matmul_fp32(policy_hidden.index_select(0, idx), weight.t())
             zq = _matmul_fp32(ref_hidden.index_select(0, idx), weight.t()) if with_kl else None
             ce, kl, grad_logits = chunk_fn(zp, zq, labels.index_select(0, idx),
                                            kl_mask.index_select(0, idx) if with_kl else None,
-                                           ce_weight, kl_weight, need_grad)
+                                           ce_weight, kl_weight, need_grad, gemm_dtype)
             ce_rows.index_copy_(0, idx, ce.float())
             kl_rows.index_copy_(0, idx, kl.float())
-            if need_grad:
-                if weight.dtype not in (torch.float32, torch.float64):
-                    grad_logits = grad_logits.to(weight.dtype)  # a bf16 x bf16 GEMM, fp32 accumulation
+            if need_grad:  # low precision: a bf16 x bf16 GEMM with fp32 accumulation, as Liger
+                grad_logits = grad_logits.to(gemm_dtype)
                 grad_hidden.index_copy_(0, idx, _matmul_fp32(grad_logits, weight).to(grad_hidden.dtype))
             del zp, zq, grad_logits
         _require_finite_rows(~torch.isfinite(ce_rows) | ~torch.isfinite(kl_rows),
@@ -507,28 +509,23 @@ class _FusedLinearCEKLFunction(torch.autograd.Function):
 def _fused_linear_ce_kl(path, policy_hidden, ref_hidden, lm_head_weight, labels, kl_mask, ce_weight, kl_weight,
                         chunk_tokens, memory_budget_bytes) -> FusedLoss:
     _require(policy_hidden.dim() == 2 and policy_hidden.is_floating_point(),
-             f"policy_hidden: expected a floating [N, H] tensor, got {policy_hidden.dtype} {tuple(policy_hidden.shape)}")
-    N, H = policy_hidden.shape
-    _require(lm_head_weight.dim() == 2 and lm_head_weight.shape[1] == H,
-             f"lm_head_weight: expected [V, H={H}], got shape {tuple(lm_head_weight.shape)}")
-    _require(lm_head_weight.dtype == policy_hidden.dtype,
-             f"lm_head_weight: expected dtype {policy_hidden.dtype} like policy_hidden, got {lm_head_weight.dtype}")
+             f"policy_hidden: expected float [N, H], got {_desc(policy_hidden)}")
+    (N, H), dtype = policy_hidden.shape, policy_hidden.dtype
+    _require(lm_head_weight.dim() == 2 and lm_head_weight.shape[1] == H and lm_head_weight.dtype == dtype,
+             f"lm_head_weight: expected {str(dtype).removeprefix('torch.')} [V, H={H}], got {_desc(lm_head_weight)}")
     V = lm_head_weight.shape[0]
     _require(labels.shape == (N,) and not labels.is_floating_point() and not labels.is_complex(),
-             f"labels: expected integer [{N}], got {labels.dtype} {tuple(labels.shape)}")
+             f"labels: expected integer [{N}], got {_desc(labels)}")
     bad_label = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
     if bool(bad_label.any()):
         raise ValueError(f"labels: must be in [0, {V}) or {IGNORE_INDEX}, got {int(labels[bad_label][0])}")
     with_kl = ref_hidden is not None and kl_weight != 0
     if with_kl:
-        _require(ref_hidden.shape == policy_hidden.shape,
-                 f"ref_hidden: expected shape {tuple(policy_hidden.shape)}, got {tuple(ref_hidden.shape)}")
-        _require(ref_hidden.dtype == policy_hidden.dtype,
-                 f"ref_hidden: expected dtype {policy_hidden.dtype} like policy_hidden, got {ref_hidden.dtype}")
+        _require(ref_hidden.shape == policy_hidden.shape and ref_hidden.dtype == dtype,
+                 f"ref_hidden: expected {_desc(policy_hidden)} like policy_hidden, got {_desc(ref_hidden)}")
         if kl_mask is None:  # default: KL on the supervised tokens (DESIGN.md, step 5)
             kl_mask = labels != IGNORE_INDEX
-        _require(kl_mask.shape == (N,) and kl_mask.dtype == torch.bool,
-                 f"kl_mask: expected bool [{N}], got {kl_mask.dtype} {tuple(kl_mask.shape)}")
+        _require(kl_mask.shape == (N,) and kl_mask.dtype == torch.bool, f"kl_mask: expected bool [{N}], got {_desc(kl_mask)}")
         _require_finite_rows(~torch.isfinite(ref_hidden).all(dim=1), "ref_hidden")
     _require_finite_rows(~torch.isfinite(policy_hidden).all(dim=1), "policy_hidden")
     if chunk_tokens is None:
