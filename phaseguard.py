@@ -239,7 +239,8 @@ def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocas
         ce_sum += float(out.ce_sum)
         kl_sum += float(out.kl_sum)
     ce, kl = ce_sum / max(1, n_ce), (kl_sum / max(1, n_kl) if lam > 0 else None)
-    return {"ce": ce, "kl": kl, "loss": ce + lam * (kl or 0.0), "tokens": n_ce}
+    tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+    return {"ce": ce, "kl": kl, "loss": ce + lam * (kl or 0.0), "tokens": tokens, "supervised_tokens": n_ce}
 
 
 # ----------------------------------------------------------------------------
@@ -425,7 +426,8 @@ def train(cfg: TrainConfig, resume: bool = False, die_after_step: int | None = N
 
             record = {"step": step + 1, **stats, "lambda_active": lam, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens_per_s": stats["tokens"] / seconds, "peak_memory_gb": peak_memory_gb(cuda),
-                      "d_t": measured, "trigger_fired_at": trigger.fired_at}
+                      "d_t": measured, "d_t_step": step if measured is not None else None,
+                      "trigger_fired_at": trigger.fired_at}
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{stats['loss']:.3f}", D_t=f"{d_t:.3f}" if d_t is not None else "-",
