@@ -37,8 +37,9 @@ JS_VARIANTS = ("renorm", "rest")
 
 
 def use_triton(t: Tensor) -> bool:
-    """Triton on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; else the reference."""
-    if not HAS_TRITON:
+    """Triton on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; else the reference
+    (also for empty tensors, which need no kernel)."""
+    if not HAS_TRITON or t.numel() == 0:
         return False
     return t.is_cuda or (_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -432,8 +433,9 @@ def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
     return a.float() @ b.float()
 
 
-def _ce_kl_chunk_torch(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad, grad_dtype=None):
-    """PyTorch version of _ce_kl_chunk_kernel, in place on the chunk's fp32 logits."""
+def _ce_kl_chunk_torch(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad, _grad_dtype=None):
+    """PyTorch version of _ce_kl_chunk_kernel, in place on the chunk's fp32 logits (fp32 gradient;
+    the caller casts it for the GEMM)."""
     has_label = labels != IGNORE_INDEX
     safe_labels = labels.clamp_min(0).unsqueeze(1)
     logp = zp.sub_(zp.logsumexp(-1, keepdim=True))
@@ -468,31 +470,41 @@ def _ce_kl_chunk_triton(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad
     return ce, kl, grad if need_grad else None
 
 
+def _fused_chunks(policy_hidden, ref_hidden, weight, labels, kl_mask, ce_weight, kl_weight, chunk_tokens,
+                  need_grad, path):
+    """Per-row CE and KL and (if need_grad) d loss / d policy_hidden, chunk_tokens tokens at a time."""
+    N = policy_hidden.shape[0]
+    chunk_fn = _ce_kl_chunk_triton if path == "triton" else _ce_kl_chunk_torch
+    with_kl = ref_hidden is not None
+    active = (labels != IGNORE_INDEX) | kl_mask if with_kl else labels != IGNORE_INDEX
+    rows = active.nonzero().squeeze(1)  # tokens with neither CE nor KL cost no GEMM at all
+    ce_rows = torch.zeros(N, dtype=torch.float32, device=policy_hidden.device)
+    kl_rows = torch.zeros_like(ce_rows)
+    grad_hidden = torch.zeros_like(policy_hidden) if need_grad else None
+    gemm_dtype = weight.dtype  # dtype of d loss / d logits for the second GEMM
+    for idx in rows.split(chunk_tokens):
+        zp = _matmul_fp32(policy_hidden.index_select(0, idx), weight.t())
+        zq = _matmul_fp32(ref_hidden.index_select(0, idx), weight.t()) if with_kl else None
+        ce, kl, grad_logits = chunk_fn(zp, zq, labels.index_select(0, idx),
+                                       kl_mask.index_select(0, idx) if with_kl else None,
+                                       ce_weight, kl_weight, need_grad, gemm_dtype)
+        ce_rows.index_copy_(0, idx, ce.float())
+        kl_rows.index_copy_(0, idx, kl.float())
+        if need_grad:  # low precision: a bf16 x bf16 GEMM with fp32 accumulation, as Liger
+            grad_logits = grad_logits.to(gemm_dtype)
+            grad_hidden.index_copy_(0, idx, _matmul_fp32(grad_logits, weight).to(grad_hidden.dtype))
+        del zp, zq, grad_logits
+    return ce_rows, kl_rows, grad_hidden
+
+
 class _FusedLinearCEKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, policy_hidden, ref_hidden, weight, labels, kl_mask, ce_weight, kl_weight, chunk_tokens,
                 need_grad, path):
-        N = policy_hidden.shape[0]
-        chunk_fn = _ce_kl_chunk_triton if path == "triton" else _ce_kl_chunk_torch
-        with_kl = ref_hidden is not None
-        active = (labels != IGNORE_INDEX) | kl_mask if with_kl else labels != IGNORE_INDEX
-        rows = active.nonzero().squeeze(1)  # tokens with neither CE nor KL cost no GEMM at all
-        ce_rows = torch.zeros(N, dtype=torch.float32, device=policy_hidden.device)
-        kl_rows = torch.zeros_like(ce_rows)
-        grad_hidden = torch.zeros_like(policy_hidden) if need_grad else None
-        gemm_dtype = weight.dtype  # dtype of d loss / d logits for the second GEMM
-        for idx in rows.split(chunk_tokens):
-            zp = _matmul_fp32(policy_hidden.index_select(0, idx), weight.t())
-            zq = _matmul_fp32(ref_hidden.index_select(0, idx), weight.t()) if with_kl else None
-            ce, kl, grad_logits = chunk_fn(zp, zq, labels.index_select(0, idx),
-                                           kl_mask.index_select(0, idx) if with_kl else None,
-                                           ce_weight, kl_weight, need_grad, gemm_dtype)
-            ce_rows.index_copy_(0, idx, ce.float())
-            kl_rows.index_copy_(0, idx, kl.float())
-            if need_grad:  # low precision: a bf16 x bf16 GEMM with fp32 accumulation, as Liger
-                grad_logits = grad_logits.to(gemm_dtype)
-                grad_hidden.index_copy_(0, idx, _matmul_fp32(grad_logits, weight).to(grad_hidden.dtype))
-            del zp, zq, grad_logits
+        # Autocast would turn the fp32-output GEMMs back into bf16 ones: the dtypes here are chosen.
+        with torch.autocast(policy_hidden.device.type, enabled=False):
+            ce_rows, kl_rows, grad_hidden = _fused_chunks(policy_hidden, ref_hidden, weight, labels, kl_mask,
+                                                          ce_weight, kl_weight, chunk_tokens, need_grad, path)
         _require_finite_rows(~torch.isfinite(ce_rows) | ~torch.isfinite(kl_rows),
                              "lm_head_weight (non-finite logits)")
         ctx.save_for_backward(grad_hidden)
@@ -516,6 +528,8 @@ def _fused_linear_ce_kl(path, policy_hidden, ref_hidden, lm_head_weight, labels,
     V = lm_head_weight.shape[0]
     _require(labels.shape == (N,) and not labels.is_floating_point() and not labels.is_complex(),
              f"labels: expected integer [{N}], got {_desc(labels)}")
+    _require(labels.device == policy_hidden.device == lm_head_weight.device,
+             f"labels: device {labels.device} (lm_head_weight {lm_head_weight.device}) != policy_hidden's {policy_hidden.device}")
     bad_label = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
     if bool(bad_label.any()):
         raise ValueError(f"labels: must be in [0, {V}) or {IGNORE_INDEX}, got {int(labels[bad_label][0])}")

@@ -262,6 +262,15 @@ def test_fused_forward_only_and_budget_chunking(path):
     assert K.chunk_tokens_for_budget(152_064, 1 << 30, "triton") == 706
 
 
+def test_fused_ignores_autocast(path):
+    # Under autocast the GEMMs would silently become bf16-output ones; the op pins its own dtypes.
+    hidden, ref_hidden, weight, labels, kl_mask = _fused_inputs(12, 32, 3000, torch.float32, 16)
+    plain = K.fused_linear_ce_kl(hidden, ref_hidden, weight, labels, kl_mask, 1.0, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = K.fused_linear_ce_kl(hidden, ref_hidden, weight, labels, kl_mask, 1.0, 1.0)
+    assert cast.loss.dtype == torch.float32 and cast.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+
+
 # ------------------------------------------------------------------ bad input -> one-line ValueError
 def _bad_calls():
     cur, ref = _pair(2, 50, torch.float32, 13)
