@@ -32,6 +32,8 @@ EVAL_ARGS ?=
 SWEEP_ARGS ?=
 RUNS   ?= runs
 REPORT ?= report.md
+# make bench: kernels and one training step (CUDA: the paper's shapes; CPU: reduced, labelled CPU).
+BENCH_ARGS ?=
 
 .PHONY: install test train eval sweep report bench clean
 
@@ -62,6 +64,9 @@ sweep: install
 
 report: install
 	@$(PY) evaluate.py report --runs-dir $(RUNS) --out $(REPORT)
+
+bench: install
+	@$(PY) bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -461,6 +461,132 @@ def cpu_main(args) -> None:
     print(f"written: {write_results('cpu', out, markdown)}.{{json,md}}")
 
 
+# ------------------------------------------------------------------ one training step (issue: make bench, step)
+TRAIN_SHAPES = {  # Qwen2.5-7B layer shapes, a few layers (the same on both sides); tiny ones on a CPU
+    "cuda": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                 vocab_size=152064, num_hidden_layers=2, seq=512, micro=4, r=32, alpha=64.0),
+    "cpu": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=4096, num_hidden_layers=2, seq=128, micro=4, r=8, alpha=16.0),
+}
+
+
+def train_step_bench(device: str, reps: int) -> tuple[dict, list[str]]:
+    """Tokens/s and peak memory of one micro-batch step (forward, backward, AdamW) for methods
+    `none` and `kl`, ours against transformers + PEFT on the same random weights, and the
+    monitor's cost as a fraction of training time (it runs once per 5 optimizer steps of 4
+    micro-batches). With only a few layers the lm_head and the loss weigh more than in the
+    28-layer model: the ratios are indicative, not the full model's."""
+    import os
+    import transformers
+    import peft
+    import lora
+    import phaseguard as pg
+    import model_qwen2 as mq
+    os.environ.setdefault("TRITON_INTERPRET", "0")
+    shape = dict(TRAIN_SHAPES["cuda" if device == "cuda" else "cpu"])
+    seq, micro, r, alpha = (shape.pop(k) for k in ("seq", "micro", "r", "alpha"))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen2Config(**shape, tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6)
+    hf = transformers.Qwen2ForCausalLM(hf_config).to(device=device, dtype=dtype)
+    hf.config.use_cache = False
+    # Ours shares the same base tensors (assign=True): both models see identical weights, stored once.
+    with torch.device("meta"):
+        ours = mq.Qwen2(mq.Qwen2Config.from_dict(hf_config.to_dict()))
+    ours.load_state_dict(hf.state_dict(), assign=True)
+    ours.requires_grad_(False)
+    lora.inject(ours, r, alpha, dtype=torch.float32)
+    ours.activation_checkpointing = True
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, use_rslora=True, lora_dropout=0.0,
+                                                     target_modules=list(lora.QWEN2_TARGETS), task_type="CAUSAL_LM"))
+    for p in theirs.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.enable_input_require_grads()
+    ids = torch.randint(0, shape["vocab_size"], (micro, seq), device=device)
+    mask = torch.ones_like(ids)
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else (lambda: torch.autocast("cpu", enabled=False))
+
+    def ours_step(lam):
+        opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+        def step():
+            pg.train_step(ours, [batch], lam, "all", device, autocast)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def theirs_step(lam):
+        opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+        def step():
+            with autocast():
+                logits = theirs(input_ids=ids, attention_mask=mask).logits.float()
+                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+                if lam > 0:
+                    with torch.no_grad(), theirs.disable_adapter():
+                        ref = theirs(input_ids=ids, attention_mask=mask).logits.float()
+                    logp, logq = logits.log_softmax(-1), ref.log_softmax(-1)
+                    loss = loss + lam * (logp.exp() * (logp - logq)).sum(-1).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def measure(step):
+        step()  # warm-up (allocations, autotuning)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        seconds = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        return statistics.median(seconds), peak
+
+    ours.train()
+    theirs.train()
+    rows, out = [], {"device": device, "shapes": {**shape, "seq": seq, "micro": micro, "r": r}, "reps": reps, "results": {}}
+    for method, lam in (("none", 0.0), ("kl", LAMBDA)):
+        for name, make in (("ours", ours_step), ("transformers+peft", theirs_step)):
+            sec, peak = measure(make(lam))
+            out["results"][f"{name}/{method}"] = {"seconds": sec, "tokens_per_s": micro * seq / sec, "peak_bytes": peak}
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    canaries = (torch.randint(0, shape["vocab_size"], (N_CANARIES, 48), device=device),
+                torch.ones(N_CANARIES, 48, dtype=torch.long, device=device))
+    reference = pg.monitor_reference(ours, canaries, min(K_TOP, shape["vocab_size"]))
+    with autocast():
+        monitor_s, _ = measure(lambda: pg.monitor(ours, canaries, reference))
+    step_s = out["results"]["ours/kl"]["seconds"]
+    out["monitor"] = {"seconds": monitor_s, "fraction_of_training": monitor_s / (5 * 4 * step_s + monitor_s),
+                      "target": 0.01}
+    res = out["results"]
+    fmt_mem = lambda b: "n/a (CPU)" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
+    lines = [f"## One training step, {device}: {shape['num_hidden_layers']} layers at hidden {shape['hidden_size']}, "
+             f"vocab {shape['vocab_size']}, micro-batch {micro} x {seq}, r = {r}, median of {reps}", "",
+             "| provider / method | tokens/s | peak memory |", "|---|---|---|"]
+    lines += [f"| {k} | {v['tokens_per_s']:.0f} | {fmt_mem(v['peak_bytes'])} |" for k, v in res.items()]
+    ratio = lambda m: res[f"ours/{m}"]["tokens_per_s"] / res[f"transformers+peft/{m}"]["tokens_per_s"]  # noqa: E731
+    out["ratios"] = {"ours/theirs tokens/s none": ratio("none"), "ours/theirs tokens/s kl": ratio("kl"),
+                     "kl step / none step (ours)": res["ours/kl"]["seconds"] / res["ours/none"]["seconds"]}
+    if device == "cuda":
+        out["ratios"]["ours/theirs peak memory kl"] = res["ours/kl"]["peak_bytes"] / res["transformers+peft/kl"]["peak_bytes"]
+    lines += ["", "| ratio | value | target (H100) |", "|---|---|---|"]
+    targets = {"ours/theirs tokens/s none": ">= 1.3", "ours/theirs tokens/s kl": ">= 1.3",
+               "kl step / none step (ours)": "<= 1.45", "ours/theirs peak memory kl": "<= 0.8"}
+    lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in out["ratios"].items()]
+    lines += [f"| monitor / training time (every 5 steps of 4 micro-batches) | {out['monitor']['fraction_of_training']:.4f} | <= 0.01 |"]
+    return out, lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="N for kl_div and fused (CUDA)")
@@ -468,11 +594,23 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="run the CPU benchmark even when CUDA is available")
     parser.add_argument("--cpu-tokens", type=int, default=256, help="N for the CPU timings")
     parser.add_argument("--cpu-hidden", type=int, default=128, help="H for the CPU runs (reduced from 3,584)")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel benchmark")
+    parser.add_argument("--no-train-step", action="store_true", help="skip the training-step benchmark")
+    parser.add_argument("--train-reps", type=int, default=5, help="timed repetitions of the training step")
     args = parser.parse_args()
-    if torch.cuda.is_available() and not args.cpu:
-        cuda_main(args)
-    else:
-        cpu_main(args)
+    cuda = torch.cuda.is_available() and not args.cpu
+    if not args.no_kernels:
+        cuda_main(args) if cuda else cpu_main(args)
+    if not args.no_train_step:
+        device = "cuda" if cuda else "cpu"
+        payload, lines = train_step_bench(device, args.train_reps)
+        name = torch.cuda.get_device_name() if cuda else "cpu"
+        payload.update(device_name=name, versions=versions(), date=datetime.datetime.now().isoformat(timespec="seconds"))
+        markdown = "\n".join([f"# Training step: ours vs transformers + PEFT ({name})", "",
+                              *([] if cuda else ["CPU at tiny shapes: checks the code path; not a performance claim.", ""]),
+                              *lines])
+        print(markdown)
+        print(f"written: {write_results(name + '-train-step', payload, markdown)}.{{json,md}}")
 
 
 if __name__ == "__main__":
