@@ -443,6 +443,17 @@ def bundled_qwen25_tokenizer_file() -> Path | None:
 # Generation
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) [B, longest]: left padding puts every prompt's last token in the last column."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, longest - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
 class Generation(NamedTuple):
     ids: list[list[int]]  # new tokens per prompt, without the stop token
     texts: list[str] | None  # decoded, when a tokenizer was given
@@ -476,12 +487,9 @@ def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int = 128, 
     if pad_id is None:
         pad_id = tokenizer.pad_id if tokenizer else 0
     device = model.lm_head.weight.device
-    B, longest = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, longest + max_new_tokens), dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):  # left padding: the last prompt token is at the same column
-        ids[row, longest - len(p):] = torch.tensor(p, device=device)
-        mask[row, longest - len(p):longest] = 1
+    ids, prompt_mask = left_pad(prompts, pad_id, device)
+    B, longest = ids.shape
+    mask = torch.cat([prompt_mask, torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)], dim=1)
     cache = KVCache(model.config, B, longest + max_new_tokens, device, model.lm_head.weight.dtype)
     stops = torch.tensor(list(stop_ids), device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)

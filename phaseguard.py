@@ -138,13 +138,7 @@ def canary_batch(tokenizer, device):
     last column is the first decode position."""
     prompts = [tokenizer.encode_chat([{"role": "user", "content": c}], add_generation_prompt=True)[0]
                for c in data.CANARY_PROMPTS]
-    longest = max(map(len, prompts))
-    ids = torch.full((len(prompts), longest), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p):] = torch.tensor(p)
-        mask[row, longest - len(p):] = 1
-    return ids.to(device), mask.to(device)
+    return mq.left_pad(prompts, tokenizer.pad_id, device)
 
 
 @torch.no_grad()
