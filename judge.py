@@ -121,7 +121,8 @@ def tree_logprobs(model, ids, positions, mask, n_last: int, vocab_size: int) -> 
     cos, sin = mq.rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta, x.dtype)
     for i, block in enumerate(model.model.layers):
         x = block(x, cos, sin, mask, None, i)
-    logits = model.lm_head(model.model.norm(x[:, -n_last:])).float()
+    logits = model.lm_head(model.model.norm(x[:, -n_last:]))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (fp64 in tests)
     logits[..., vocab_size:] = float("-inf")  # embedding rows past the tokenizer are padding
     return torch.log_softmax(logits, dim=-1)
 
