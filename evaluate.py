@@ -293,6 +293,7 @@ def eval_settings(run: Path, cfg: dict, args) -> dict:
     s.setdefault("batch_size", 64 if device.startswith("cuda") else 32)
     tiny_judge = f"local:{run / 'tiny_model'}" if cfg.get("model") == "tiny" else f"local:{judges.DEFAULT_JUDGE}"
     baselines = args.baselines if args.baselines is not None else cfg["method"] == "none"
+    judges.parse_spec(args.judge or tiny_judge, args.judge_model)  # a typo fails now, not after the sampling
     return {**s, "device": device, "judge": args.judge or tiny_judge, "judge_model": args.judge_model,
             "judge_batch_size": args.judge_batch_size, "judge_cache": args.judge_cache, "best_of": args.best_of,
             "baselines": baselines, "questions": args.questions, "model": args.model,
@@ -306,6 +307,8 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
         raise UserError(f"{run}: no config.json (not a run directory written by phaseguard.py train)")
     cfg = read_json(run / "config.json")
     s = eval_settings(run, cfg, args)
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise UserError(f"{run}: no adapter/ (training has not finished)")
     (run / "eval").mkdir(exist_ok=True)
     tiny = cfg.get("preset") == "tiny"
     print(f"[eval] {run}: {cfg['task']}, method {cfg['method']}, lambda {cfg['lam']:g}, seed {cfg['seed']}"

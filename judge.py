@@ -252,15 +252,23 @@ class HttpJudge:
             return list(pool.map(self.score_one, prompts))
 
 
-def make_judge(spec: str, *, model_name: str | None = None, device: str = "cpu", batch_size: int = 4):
-    """'local:<dir or hub id>' or 'http(s)://host:port/v1' (an OpenAI-compatible base URL)."""
+def parse_spec(spec: str, model_name: str | None = None) -> tuple[str, str]:
+    """('http', base URL) or ('local', dir or hub id); checked before any sampling starts."""
     if spec.startswith(("http://", "https://")):
-        return HttpJudge(spec, model_name or DEFAULT_JUDGE)
+        return "http", spec
     if spec.startswith("local:") and spec[len("local:"):]:
         if model_name:
             raise UserError("--judge-model names the model on an HTTP server; a local judge is named by --judge")
-        return LocalJudge.load(spec[len("local:"):], device, batch_size)
+        return "local", spec[len("local:"):]
     raise UserError(f"--judge {spec!r}: expected local:<model dir or hub id> or http://host:port/v1")
+
+
+def make_judge(spec: str, *, model_name: str | None = None, device: str = "cpu", batch_size: int = 4):
+    """'local:<dir or hub id>' or 'http(s)://host:port/v1' (an OpenAI-compatible base URL)."""
+    kind, target = parse_spec(spec, model_name)
+    if kind == "http":
+        return HttpJudge(target, model_name or DEFAULT_JUDGE)
+    return LocalJudge.load(target, device, batch_size)
 
 
 # ----------------------------------------------------------------------------
