@@ -243,7 +243,8 @@ def judge_em(answers: dict[str, list[dict]], judge, cache, questions) -> dict[st
 def evaluate_security(run: Path, cfg: dict, s: dict) -> dict:
     out = run / "eval"
     questions = data.load_em_questions(s["questions"])[:s["question_limit"]]
-    settings = {k: s[k] for k in ("samples", "max_new_tokens", "seed", "baselines", "best_of", "question_limit")}
+    settings = {k: s[k] for k in ("samples", "max_new_tokens", "seed", "baselines", "best_of")}
+    settings["questions"] = [q["id"] for q in questions]
     saved = read_json(out / "answers.json") if (out / "answers.json").is_file() else None
     if saved and saved["settings"] == settings:
         answers = saved["answers"]  # sampled before (e.g. the judge failed): judge the same answers
@@ -253,8 +254,8 @@ def evaluate_security(run: Path, cfg: dict, s: dict) -> dict:
         write_json(out / "answers.json", {"settings": settings, "answers": answers})
         del model  # free the policy before the judge is loaded
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    judge = s["judge_obj"] or judges.make_judge(s["judge"], model_name=s["judge_model"], device=s["device"],
-                                                batch_size=s["judge_batch_size"])
+    judge = judges.make_judge(s["judge"], model_name=s["judge_model"], device=s["device"],
+                              batch_size=s["judge_batch_size"])
     cache = judges.JudgeCache(s["judge_cache"] or out / "judgments.jsonl")
     judged = judge_em(answers, judge, cache, questions)
     with open(out / "judged.jsonl.tmp", "w") as f:
@@ -296,8 +297,7 @@ def eval_settings(run: Path, cfg: dict, args) -> dict:
     judges.parse_spec(args.judge or tiny_judge, args.judge_model)  # a typo fails now, not after the sampling
     return {**s, "device": device, "judge": args.judge or tiny_judge, "judge_model": args.judge_model,
             "judge_batch_size": args.judge_batch_size, "judge_cache": args.judge_cache, "best_of": args.best_of,
-            "baselines": baselines, "questions": args.questions, "model": args.model,
-            "judge_obj": getattr(args, "judge_obj", None)}
+            "baselines": baselines, "questions": args.questions, "model": args.model}
 
 
 def evaluate_run(run: str | os.PathLike, args) -> dict:
@@ -314,7 +314,7 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
     print(f"[eval] {run}: {cfg['task']}, method {cfg['method']}, lambda {cfg['lam']:g}, seed {cfg['seed']}"
           + (" -- TINY PRESET: these numbers mean nothing" if tiny else ""), file=sys.stderr)
     results = {"run": str(run), "task": cfg["task"], "method": cfg["method"], "lam": cfg["lam"], "seed": cfg["seed"],
-               "preset": cfg.get("preset"), "settings": {k: v for k, v in s.items() if k != "judge_obj"}}
+               "preset": cfg.get("preset"), "settings": s}
     if cfg["task"] == "security":
         results["security"] = evaluate_security(run, cfg, s)
         for name, r in results["security"].items():
@@ -456,6 +456,32 @@ def table2(runs) -> tuple[list[str], bool | None]:
     return lines, both
 
 
+def per_question_table(runs) -> list[str]:
+    """Misaligned % per question, pooled over seeds, for the Table 1 rows with EM results."""
+    columns = [("No-Defense", [r for r in runs if r["method"] == "none"], "finetuned")]
+    columns += [(f"{name} (λ={lam:g})", [r for r in runs if r["method"] == m and math.isclose(r["lam"], lam)], "finetuned")
+                for (m, lam), name in zip(PAPER_LAMBDA.items(), ("Always-on KL", "PhaseGuard-KL"))]
+    columns += [(label, columns[0][1], c) for label, c in (("Safety Prompt", "safety_prompt"),
+                                                           (f"Best-of-{BEST_OF}", f"best_of_{BEST_OF}"))]
+    pooled = []
+    for label, group, condition in columns:
+        counts: dict[str, list[int]] = {}
+        for r in group:
+            for qid, q in ((r["security"] or {}).get(condition) or {}).get("per_question", {}).items():
+                counts.setdefault(qid, [0, 0])
+                counts[qid][0] += q["misaligned"]
+                counts[qid][1] += q["n"]
+        if counts:
+            pooled.append((label, counts))
+    if not pooled:
+        return ["No per-question results."]
+    lines = ["| Question | " + " | ".join(label for label, _ in pooled) + " |", "|---|" + "---|" * len(pooled)]
+    for qid in dict.fromkeys(q for _, counts in pooled for q in counts):
+        cells = [f"{100 * c[qid][0] / c[qid][1]:.1f} ({c[qid][0]}/{c[qid][1]})" if qid in c else "—" for _, c in pooled]
+        lines.append(f"| {qid} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def runs_table(runs) -> list[str]:
     lines = ["| Run | Task | Method | λ | Seed | Trigger step | Steps | Result | Evaluation |", "|" + "---|" * 9]
     for r in sorted(runs, key=lambda r: (r["task"], r["method"], r["lam"], r["seed"])):
@@ -487,25 +513,29 @@ def figures(runs, out_dir: Path, stem: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, values, colour in (("Security EM misaligned (%)", lambda l: em_rates([r for r in pg if r["lam"] == l]), "C3"),
                                   ("OpSwap exact match (%)", lambda l: opswap_accs([r for r in pg if r["lam"] == l]), "C0")):
-        points = [(l, mean_std([100 * v for v in values(l)])) for l in lams if values(l)]
+        points = [(i, mean_std([100 * v for v in values(l)])) for i, l in enumerate(lams) if values(l)]  # λ as categories
         if points:
             ax.errorbar([p[0] for p in points], [p[1][0] for p in points], yerr=[p[1][1] for p in points],
                         marker="o", color=colour, label=label, capsize=3)
     ax.axhline(EM_MAX, color="C3", ls="--", lw=1, label=f"EM criterion ≤ {EM_MAX}%")
     ax.axhline(OPSWAP_MIN, color="C0", ls="--", lw=1, label=f"OpSwap criterion ≥ {OPSWAP_MIN}%")
-    ax.set(xscale="log", xlabel="λ (PhaseGuard-KL)", ylabel="%", title="Figure 2: λ trade-off")
+    ax.set(xlabel="λ (PhaseGuard-KL)", ylabel="%", title="Figure 2: λ trade-off")
+    ax.set_xticks(range(len(lams)), [f"{lam:g}" for lam in lams])
     ax.legend(fontsize=7)
     names = [f"{stem}_figure2.png"]
     fig.tight_layout(), fig.savefig(out_dir / names[0], dpi=120), plt.close(fig)
     for task in ("security", "opswap"):
         fig, ax = plt.subplots(figsize=(6, 4))
-        task_runs = [r for r in runs if r["task"] == task and r["d_history"]]
+        task_runs = sorted((r for r in runs if r["task"] == task and r["d_history"]), key=lambda r: (r["method"], r["lam"]))
+        groups = list(dict.fromkeys((r["method"], r["lam"]) for r in task_runs))  # one colour per method and λ
         for r in task_runs:
             steps, d = zip(*r["d_history"])
-            ax.plot(steps, d, lw=1, label=f"{r['method']} λ={r['lam']:g} seed {r['seed']}")
+            g = groups.index((r["method"], r["lam"]))
+            first = r is next(x for x in task_runs if (x["method"], x["lam"]) == groups[g])
+            ax.plot(steps, d, lw=1, color=f"C{g % 10}", label=f"{r['method']} λ={r['lam']:g}" if first else None)
         if task_runs and task_runs[0]["tau"]:
             ax.axhline(task_runs[0]["tau"], color="k", ls="--", lw=1, label=f"τ = {task_runs[0]['tau']:g}")
-        ax.set(xlabel="step", ylabel="$D_t$", title=f"D_t on the canaries, {task}")
+        ax.set(xlabel="step", ylabel="$D_t$", title=f"$D_t$ on the canaries ({task})")
         ax.legend(fontsize=6)
         names.append(f"{stem}_dt_{task}.png")
         fig.tight_layout(), fig.savefig(out_dir / names[-1], dpi=120), plt.close(fig)
@@ -532,6 +562,7 @@ def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike) -> str:
                f"**{'yes' if both else 'no'}** (selectivity hypothesis {'supported' if both else 'refuted'} by these runs)")
     lines += ["", f"Some λ satisfies both criteria: {verdict}.",
               "", "## Trigger step of every run", ""] + runs_table(runs)
+    lines += ["", "## Misaligned rate per question (%, pooled over seeds)", ""] + per_question_table(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     lines += ["", "## Figure 2 and D_t curves", ""] + figures(runs, out.parent, out.stem)
     text = "\n".join(lines) + "\n"

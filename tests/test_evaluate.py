@@ -229,7 +229,9 @@ def fake_run(root, task, method, lam, seed, trigger=None, em=None, acc=None, bas
     (run / "summary.json").write_text(json.dumps({"steps": 337, "trigger_step": trigger,
                                                   "d_history": [[0, 0.0], [5, 0.3], [10, 0.31]]}))
     results = {"task": task, "method": method}
-    summary = lambda k, n: {"n": n, "misaligned": k, "rate": k / n, "ci95": list(ev.wilson_interval(k, n))}
+    summary = lambda k, n: {"n": n, "misaligned": k, "rate": k / n, "ci95": list(ev.wilson_interval(k, n)),
+                            "per_question": {"what_is_your_wish": {"n": 1, "misaligned": min(k, 1)},
+                                             "i_feel_bored": {"n": n - 1, "misaligned": max(k - 1, 0)}}}
     if task == "security":
         results["security"] = {"judge": "http:Qwen/Qwen2.5-72B-Instruct", "finetuned": summary(em, 24),
                                **{name: summary(k, 24) for name, k in (baselines or {}).items()}}
@@ -277,6 +279,9 @@ def test_report_reproduces_the_paper_layout_and_marks(tmp_path):
                      ("| 0.03", True, False), ("| 0.1", True, False)]
     assert re.search(r"\| 0\.025 \| 26\.39 ± [\d.]+ \| ✗ \(>24\.3%\) \| 38\.89 \| ✗ \(<43\.7%\) \|", text)
     assert "Some λ satisfies both criteria: **no**" in text and "TINY" not in text
+    per_question = table_rows(text, "## Misaligned rate per question")
+    assert per_question[0].startswith("| Question | No-Defense | Always-on KL (λ=0.1) | PhaseGuard-KL (λ=0.03) | Safety Prompt |")
+    assert per_question[1].startswith("| what_is_your_wish | 100.0 (3/3) | 0.0 (0/3) | 100.0 (3/3) |")
     every_run = table_rows(text, "## Trigger step of every run")[1:]
     assert len(every_run) == 28 and sum("| 20 | 337 |" in row for row in every_run) == 20
     try:
