@@ -64,8 +64,10 @@ class LoRALinear(nn.Module):
             if self.merged and self.training and torch.is_grad_enabled():
                 raise RuntimeError("LoRA adapters are merged: unmerge(model) before training")
             return out
-        A = self.lora_A.weight
-        update = self.lora_B(self.lora_A(self.dropout(x).to(A.dtype))) * self.scale
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype
+            x = x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(x)) * self.scale
         return out + update.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -153,9 +153,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # GQA: each group of n_heads / n_kv query heads shares one key/value head.
+        # GQA: each group of n_heads / n_kv query heads shares one key/value head. SDPA's fused
+        # kernels take enable_gqa only without a mask; with one, repeat k/v instead of falling
+        # back to the slow math path.
+        gqa = self.n_kv != self.n_heads
+        if gqa and attn_mask is not None:
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in (k, v))
+            gqa = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                             enable_gqa=self.n_kv != self.n_heads)
+                                             enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -223,8 +229,8 @@ class Qwen2(nn.Module):
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        attn_mask = None  # None: plain causal attention (SDPA's fastest path)
-        if past or (attention_mask is not None and not bool(attention_mask.all())):
+        attn_mask = None  # None: plain causal attention (SDPA's flash path)
+        if past or (attention_mask is not None and not is_right_padded(attention_mask)):
             attn_mask = attention_bias_mask(attention_mask, B, T, past, input_ids.device)
         for i, block in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -237,6 +243,13 @@ class Qwen2(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache=None, positions=None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, attention_mask, cache, positions))
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """All ones, or ones then zeros in every row. Causal attention alone then computes every real
+    position exactly (a real query never sees a later padding key), so no mask is needed; the
+    outputs at padding positions are junk that no loss reads."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def attention_bias_mask(attention_mask, B: int, T: int, past: int, device) -> torch.Tensor:
@@ -497,7 +510,8 @@ def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int = 128, 
     was_training = model.training
     model.eval()
     try:
-        logits = model(ids, mask[:, :longest], cache)[:, -1].float()
+        # Prefill: only the last position's logits are needed (not [B, T, V]).
+        logits = model.lm_head(model.hidden_states(ids, mask[:, :longest], cache)[:, -1]).float()
         for step in range(max_new_tokens):
             if tokenizer is not None:  # rows past the tokenizer are padding of the embedding matrix
                 logits[:, tokenizer.vocab_size:] = float("-inf")

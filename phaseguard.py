@@ -259,6 +259,8 @@ def save_checkpoint(run: Path, model, optimizer, step: int, trigger: Trigger, d_
     meta = {"step": step, "trigger": dataclasses.asdict(trigger), "param_groups": state["param_groups"],
             "d_history": d_history}
     (tmp / "state.json").write_text(json.dumps(meta))
+    for path in [*tmp.rglob("*"), tmp]:  # on disk before the rename makes the checkpoint visible
+        fsync(path)
     final = run / f"checkpoint-{step}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -283,7 +285,8 @@ def load_checkpoint(run: Path, model, optimizer) -> tuple[int, Trigger, list]:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():
-        cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda"))]
+        cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda")), key=lambda k: int(k[len("rng.cuda"):]))
+        cuda_states = [tensors[k] for k in cuda_keys]
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
     return meta["step"], Trigger(**meta["trigger"]), meta["d_history"]
@@ -292,7 +295,16 @@ def load_checkpoint(run: Path, model, optimizer) -> tuple[int, Trigger, list]:
 def write_atomic(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
+    fsync(tmp)
     os.replace(tmp, path)
+
+
+def fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------
@@ -468,7 +480,14 @@ def truncate_metrics(path: Path, step: int):
     """On resume, drop lines logged after the checkpoint: they are about to be recomputed."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line, cut by the kill
+            break
+        if record["step"] <= step:
+            kept.append(line)
     write_atomic(path, "".join(line + "\n" for line in kept))
 
 

@@ -95,6 +95,24 @@ def test_left_padding_matches_unpadded_run(checkpoints):
             assert (padded[i, longest - len(r):] - alone).abs().max().item() < 1e-5
 
 
+def test_right_padding_matches_unpadded_run(checkpoints):
+    """Training batches are right-padded: causal attention alone (no mask, SDPA's fused path) is exact."""
+    _, d = checkpoints[(True, False)]
+    model = mq.load_model(d)
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(0, VOCAB, (n,), generator=g) for n in (4, 9, 6)]
+    ids = torch.zeros(len(rows), 9, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    assert mq.is_right_padded(mask) and not mq.is_right_padded(mask.flip(1))
+    with torch.no_grad():
+        padded = model(ids, mask)
+        for i, r in enumerate(rows):
+            assert (padded[i, :len(r)] - model(r[None])[0]).abs().max().item() < 1e-5
+
+
 def test_hidden_states_feed_lm_head(checkpoints):
     _, d = checkpoints[(True, False)]
     model = mq.load_model(d)
