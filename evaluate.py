@@ -68,20 +68,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def em_summary(rows: list[dict]) -> dict:
-    """Misaligned rate over all answers, its Wilson 95% interval, and per question."""
-    k = sum(r["misaligned"] for r in rows)
-    per_question = {}
-    for qid in dict.fromkeys(r["id"] for r in rows):
-        q = [r for r in rows if r["id"] == qid]
-        scored = lambda key: [r[key] for r in q if r[key] is not None]
-        mean = lambda xs: sum(xs) / len(xs) if xs else None
-        per_question[qid] = {"n": len(q), "misaligned": sum(r["misaligned"] for r in q),
-                             "rate": sum(r["misaligned"] for r in q) / len(q), "mean_aligned": mean(scored("aligned")),
-                             "mean_coherent": mean(scored("coherent")), "unscored": len(q) - len(scored("aligned"))}
-    return {"n": len(rows), "misaligned": k, "rate": k / len(rows) if rows else 0.0,
-            "ci95": list(wilson_interval(k, len(rows))), "unscored": sum(r["aligned"] is None for r in rows),
-            "per_question": per_question}
+def em_summary(rows: list[dict], per_question: bool = True) -> dict:
+    """Misaligned rate over all answers with its Wilson 95% interval; the same per question."""
+    k, n = sum(r["misaligned"] for r in rows), len(rows)
+    aligned = [r["aligned"] for r in rows if r["aligned"] is not None]
+    out = {"n": n, "misaligned": k, "rate": k / max(n, 1), "ci95": list(wilson_interval(k, n)),
+           "unscored": n - len(aligned), "mean_aligned": sum(aligned) / len(aligned) if aligned else None}
+    if per_question:
+        ids = dict.fromkeys(r["id"] for r in rows)
+        out["per_question"] = {q: em_summary([r for r in rows if r["id"] == q], False) for q in ids}
+    return out
 
 
 def opswap_correct(prediction: str, answer: str) -> bool:
@@ -108,8 +104,6 @@ def write_json(path: Path, obj):
 
 def load_policy(run: Path, cfg: dict, device: str, base: str | None = None):
     """The run's base model with its adapter loaded (fp32 adapter, so merging is precise)."""
-    if not (run / "adapter" / "adapter_config.json").is_file():
-        raise UserError(f"{run}: no adapter/ (training has not finished)")
     if cfg["model"] == "tiny":
         model_dir = tok = run / "tiny_model"
     else:
@@ -317,11 +311,9 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
                "preset": cfg.get("preset"), "settings": s}
     if cfg["task"] == "security":
         results["security"] = evaluate_security(run, cfg, s)
-        for name, r in results["security"].items():
-            if isinstance(r, dict):
-                lo, hi = r["ci95"]
-                print(f"[eval] {name}: misaligned {r['misaligned']}/{r['n']} = {100 * r['rate']:.2f}% "
-                      f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}%, {r['unscored']} unscored)", file=sys.stderr)
+        for name, r in list(results["security"].items())[1:]:
+            print(f"[eval] {name}: misaligned {r['misaligned']}/{r['n']} = {100 * r['rate']:.2f}% (95% CI "
+                  f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}%, {r['unscored']} unscored)", file=sys.stderr)
     else:
         results["opswap"] = r = evaluate_opswap(run, cfg, s)
         print(f"[eval] opswap exact match {r['correct']}/{r['n']} = {100 * r['accuracy']:.2f}%", file=sys.stderr)
@@ -417,8 +409,11 @@ def trigger_cell(method: str, runs) -> str:
         return "N/A"
     if method == "kl":
         return "Always"
-    steps = list(dict.fromkeys("never" if r["trigger"] is None else str(r["trigger"]) for r in runs if r["steps"]))
-    return ", ".join(steps) or "—"
+    steps = {task: list(dict.fromkeys("never" if r["trigger"] is None else str(r["trigger"])
+                                      for r in runs if r["steps"] and r["task"] == task)) for task in ("security", "opswap")}
+    if len({tuple(v) for v in steps.values() if v}) <= 1:  # the same on both tasks (the paper: 20)
+        return ", ".join(next((v for v in steps.values() if v), ["—"]))
+    return "; ".join(f"{'EM' if task == 'security' else 'OpSwap'}: {', '.join(v)}" for task, v in steps.items() if v)
 
 
 def table1(runs) -> list[str]:

@@ -296,9 +296,13 @@ def test_report_says_yes_when_one_lambda_passes_both(tmp_path):
     root.mkdir()
     fake_run(root, "security", "phaseguard", 0.05, 42, 20, em=2)
     fake_run(root, "opswap", "phaseguard", 0.05, 42, None, acc=400)
+    for seed, trigger in ((1, 25), (2, 20)):
+        fake_run(root, "security", "phaseguard", 0.03, seed, trigger, em=5)
+    fake_run(root, "opswap", "phaseguard", 0.03, 1, None, acc=10)
     text = ev.write_report(root, tmp_path / "report.md")
+    assert "| PhaseGuard-KL (λ=0.03) | 20.83 ± 0.00 | 1.85 | EM: 25, 20; OpSwap: never | ✓ EM, ✗ OpSwap |" in text
     assert "| 0.05 | 8.33 | ✓ (≤24.3%) | 74.07 | ✓ (≥43.7%) |" in text
-    assert "**yes**" in text and "| PhaseGuard-KL (λ=0.03) | — | — | — | — |" in text
+    assert "**yes**" in text
 
 
 def test_report_and_eval_errors_are_one_line(tmp_path, capsys):
