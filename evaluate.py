@@ -117,8 +117,8 @@ def load_policy(run: Path, cfg: dict, device: str, base: str | None = None):
 
 @contextlib.contextmanager
 def merged(model):
-    """Adapters merged into the weights for sampling speed; unmerged afterwards (exact in
-    fp32, one bf16 rounding of W + dW - dW on the GPU)."""
+    """Adapters merged into the weights for sampling speed, unmerged afterwards: W + dW - dW
+    leaves one rounding in the weights' dtype (~1e-7 in fp32 on the CPU, bf16 on the GPU)."""
     lora.merge(model)
     try:
         yield model
@@ -128,18 +128,18 @@ def merged(model):
 
 def generate_all(model, tokenizer, prompts: list[list[int]], *, seed: int, max_new_tokens: int, batch_size: int,
                  temperature: float = 1.0) -> list[list[int]]:
-    """Answer ids for every prompt, batched by length; temperature 1, top-p 1 (greedy at 0)."""
+    """Answer ids for every prompt, batched by length; temperature 1, top-p 1 (greedy at 0).
+    Callers merge the adapters first (`merged`)."""
     device = model.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    with merged(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            gen = mq.generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature,
-                              top_p=1.0, generator=generator, tokenizer=tokenizer)
-            for i, ids in zip(chunk, gen.ids):
-                out[i] = ids
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        gen = mq.generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature,
+                          top_p=1.0, generator=generator, tokenizer=tokenizer)
+        for i, ids in zip(chunk, gen.ids):
+            out[i] = ids
     return out
 
 
@@ -171,10 +171,16 @@ def mean_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]], ba
 
 def best_of_n(model, tokenizer, prompts: list[list[int]], n: int = BEST_OF, *, seed: int, max_new_tokens: int,
               batch_size: int) -> list[dict]:
-    """Per prompt: n answers sampled from the fine-tuned model, each scored by its mean
-    reference log-probability (adapters disabled), the highest kept (Sec. 4.1, method 5)."""
-    candidates = generate_all(model, tokenizer, [p for p in prompts for _ in range(n)], seed=seed,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+    """Per prompt: n answers sampled from the fine-tuned model (adapters on)."""
+    with merged(model):
+        candidates = generate_all(model, tokenizer, [p for p in prompts for _ in range(n)], seed=seed,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return pick_best(model, tokenizer, prompts, candidates, n)
+
+
+def pick_best(model, tokenizer, prompts: list[list[int]], candidates: list[list[int]], n: int) -> list[dict]:
+    """Each prompt's n candidates scored by their mean reference log-probability (adapters
+    disabled, unmerged model), the highest kept (Sec. 4.1, method 5: Best-of-8)."""
     with lora.disabled(model):
         scores = mean_logprobs(model, tokenizer, [(prompts[i // n], a) for i, a in enumerate(candidates)])
     picks = []
@@ -206,15 +212,18 @@ def sample_em_answers(model, tokenizer, questions, s: dict, baselines: bool) -> 
     conditions = {"finetuned": lambda q: q["system"]}
     if baselines:
         conditions["safety_prompt"] = lambda q: with_safety(q["system"])
-    out = {}
-    for offset, (name, system_of) in enumerate(conditions.items()):
-        prompts = [chat_ids(tokenizer, q["question"], system_of(q)) for q, _ in slots]
-        answers = generate_all(model, tokenizer, prompts, seed=s["seed"] + offset, **gen)
-        out[name] = [{"id": q["id"], "question": q["question"], "system": system_of(q), "sample": i,
-                      "answer": tokenizer.decode(a)} for (q, i), a in zip(slots, answers)]
+    plain = [chat_ids(tokenizer, q["question"], q["system"]) for q, _ in slots]
+    out, n = {}, s["best_of"]
+    with merged(model):  # one merge for all sampling: a single bf16 round trip W + dW - dW on the GPU
+        for offset, (name, system_of) in enumerate(conditions.items()):
+            prompts = [chat_ids(tokenizer, q["question"], system_of(q)) for q, _ in slots]
+            answers = generate_all(model, tokenizer, prompts, seed=s["seed"] + offset, **gen)
+            out[name] = [{"id": q["id"], "question": q["question"], "system": system_of(q), "sample": i,
+                          "answer": tokenizer.decode(a)} for (q, i), a in zip(slots, answers)]
+        if baselines:
+            candidates = generate_all(model, tokenizer, [p for p in plain for _ in range(n)], seed=s["seed"] + 2, **gen)
     if baselines:
-        prompts = [chat_ids(tokenizer, q["question"], q["system"]) for q, _ in slots]
-        picks = best_of_n(model, tokenizer, prompts, s["best_of"], seed=s["seed"] + 2, **gen)
+        picks = pick_best(model, tokenizer, plain, candidates, n)
         out[f"best_of_{s['best_of']}"] = [
             {"id": q["id"], "question": q["question"], "system": q["system"], "sample": i,
              "answer": tokenizer.decode(p["ids"]), "chosen": p["chosen"], "ref_logprobs": p["ref_logprobs"]}
@@ -265,8 +274,9 @@ def evaluate_opswap(run: Path, cfg: dict, s: dict) -> dict:
     test = test[:s["opswap_limit"]]
     model, tokenizer = load_policy(run, cfg, s["device"], s["model"])
     prompts = [tokenizer.encode_chat(p["messages"][:-1], add_generation_prompt=True)[0] for p in test]
-    preds = generate_all(model, tokenizer, prompts, seed=s["seed"], max_new_tokens=OPSWAP_NEW_TOKENS,
-                         batch_size=4 * s["batch_size"], temperature=0.0)
+    with merged(model):
+        preds = generate_all(model, tokenizer, prompts, seed=s["seed"], max_new_tokens=OPSWAP_NEW_TOKENS,
+                             batch_size=4 * s["batch_size"], temperature=0.0)
     rows = [{"question": p["messages"][0]["content"], "answer": p["answer"], "prediction": tokenizer.decode(a),
              "correct": opswap_correct(tokenizer.decode(a), p["answer"])} for p, a in zip(test, preds)]
     with open(run / "eval" / "opswap_predictions.jsonl", "w") as f:

@@ -1,7 +1,6 @@
 """Evaluation metrics, the baselines, the sweep plan, the report, and the tiny
 train -> eval -> report chain on the CPU."""
 import json
-import math
 import os
 import re
 import subprocess
