@@ -299,6 +299,9 @@ def eval_settings(run: Path, cfg: dict, args) -> dict:
     tiny_judge = f"local:{run / 'tiny_model'}" if cfg.get("model") == "tiny" else f"local:{judges.DEFAULT_JUDGE}"
     baselines = args.baselines if args.baselines is not None else cfg["method"] == "none"
     judges.parse_spec(args.judge or tiny_judge, args.judge_model)  # a typo fails now, not after the sampling
+    if (args.judge or tiny_judge) == f"local:{judges.DEFAULT_JUDGE}":
+        print(f"[eval] judge: {judges.DEFAULT_JUDGE} loaded locally needs ~145 GB on one device; serve it with "
+              "vLLM and pass --judge http://HOST:8000/v1, or name a smaller local judge", file=sys.stderr)
     return {**s, "device": device, "judge": args.judge or tiny_judge, "judge_model": args.judge_model,
             "judge_batch_size": args.judge_batch_size, "judge_cache": args.judge_cache, "best_of": args.best_of,
             "baselines": baselines, "questions": args.questions, "model": args.model}
