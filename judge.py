@@ -113,15 +113,11 @@ def tree_batch(prompts: list[list[int]], trie: NumberTrie, pad_id: int):
 
 @torch.no_grad()
 def tree_logprobs(model, ids, positions, mask, n_last: int, vocab_size: int) -> torch.Tensor:
-    """Next-token log-probabilities [B, n_last, V] (fp32) at the last n_last columns.
-    The same blocks as Qwen2.hidden_states, with a tree mask in place of the causal one."""
+    """Next-token log-probabilities [B, n_last, V] (fp32) at the last n_last columns, with a
+    tree mask in place of the causal one."""
     device = model.lm_head.weight.device
-    ids, positions, mask = ids.to(device), positions.to(device), mask.to(device)
-    x = model.model.embed_tokens(ids)
-    cos, sin = mq.rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta, x.dtype)
-    for i, block in enumerate(model.model.layers):
-        x = block(x, cos, sin, mask, None, i)
-    logits = model.lm_head(model.model.norm(x[:, -n_last:]))
+    hidden = model.hidden_states(ids.to(device), positions=positions.to(device), attn_mask=mask.to(device))
+    logits = model.lm_head(hidden[:, -n_last:])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (fp64 in tests)
     logits[..., vocab_size:] = float("-inf")  # embedding rows past the tokenizer are padding
     return torch.log_softmax(logits, dim=-1)

@@ -214,11 +214,14 @@ class Qwen2(nn.Module):
         self.activation_checkpointing = False
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> final hidden states [B, T, H].
 
         attention_mask [B, T_cache + T] (1 real, 0 padding) handles left padding: positions count
-        real tokens only, so a padded row computes exactly what it would unpadded.
+        real tokens only, so a padded row computes exactly what it would unpadded. An explicit
+        boolean attn_mask [B, 1, T, T] (True: may attend) with its positions replaces the causal
+        one, e.g. the judge's tree of number candidates.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -229,8 +232,9 @@ class Qwen2(nn.Module):
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        attn_mask = None  # None: plain causal attention (SDPA's flash path)
-        if past or (attention_mask is not None and not is_right_padded(attention_mask)):
+        # No mask: plain causal attention, SDPA's fused path (right padding needs nothing more).
+        needs_mask = past or (attention_mask is not None and not is_right_padded(attention_mask))
+        if attn_mask is None and needs_mask:
             attn_mask = attention_bias_mask(attention_mask, B, T, past, input_ids.device)
         for i, block in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
