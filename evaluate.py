@@ -566,9 +566,11 @@ def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike) -> str:
                   "their numbers mean nothing.**", ""]
     lines += ["## Table 1: main results", ""] + table1(runs)
     lines += ["", "## Table 2: λ sweep (PhaseGuard-KL)", ""] + t2
-    verdict = ("no λ has both an EM and an OpSwap result yet" if both is None else
-               f"**{'yes' if both else 'no'}** (selectivity hypothesis {'supported' if both else 'refuted'} by these runs)")
-    lines += ["", f"Some λ satisfies both criteria: {verdict}.",
+    verdict = ("Does some λ satisfy both criteria? Not known yet: no λ has both an EM and an OpSwap result."
+               if both is None else
+               f"Does some λ satisfy both criteria? **{'yes' if both else 'no'}** (selectivity hypothesis "
+               f"{'supported' if both else 'refuted'} by these runs).")
+    lines += ["", verdict,
               "", "## Trigger step of every run", ""] + runs_table(runs)
     lines += ["", "## Misaligned rate per question (%, pooled over seeds)", ""] + per_question_table(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
