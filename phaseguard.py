@@ -428,6 +428,8 @@ def train(cfg: TrainConfig, resume: bool = False, die_after_step: int | None = N
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()  # the step's kernels are queued, not finished
             seconds = time.perf_counter() - t0
 
             record = {"step": step + 1, **stats, "lambda_active": lam, "lr": lr, "grad_norm": float(grad_norm),
