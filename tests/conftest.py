@@ -27,3 +27,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def shared_data() -> Path:
     assert SHARED_DATA.is_dir(), f"missing {SHARED_DATA}: tests read datasets from ../shared/data"
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second thread only adds wake-up latency (badly so on a busy CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

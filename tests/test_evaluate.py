@@ -18,17 +18,11 @@ import phaseguard as pg
 REPO = Path(__file__).resolve().parents[1]
 # The tiny preset cut down to 10 optimizer steps (as in test_phaseguard.py).
 SMALL = dict(preset="tiny", limit=40, batch_size=4, micro_batch_size=2, max_len=96, monitor_every=2,
-             checkpoint_every=5, tau=1e-5)  # D_t of this run: ~2e-5 at step 4, ~1e-4 at 6
+             checkpoint_every=5, tau=1e-5)  # a tiny tau: the trigger fires whatever the tiny model learns
 QUICK_EVAL = ["--question-limit", "3", "--max-new-tokens", "8", "--best-of", "3", "--opswap-limit", "20"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second thread only adds wake-up latency (badly so on a busy CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- metrics
