@@ -153,6 +153,16 @@ def test_methods_apply_lambda_as_specified(runs):
     assert none[0]["ce"] == pytest.approx(kl[0]["ce"])  # identical first step, before any update
 
 
+def test_reference_topk_is_computed_once_per_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls = []
+    original = pg.kernels.reference_topk
+    monkeypatch.setattr(pg.kernels, "reference_topk", lambda *a, **k: calls.append(1) or original(*a, **k))
+    run = train_small(tmp_path / "once", method="phaseguard", limit=16)
+    assert len(calls) == 1
+    assert sum(m["d_t"] is not None for m in read_metrics(run)) == 2  # 4 steps, monitored at 0 and 2
+
+
 def test_kl_at_lambda_zero_equals_none_exactly(runs):
     a, b = adapter_tensors(runs["none"]), adapter_tensors(runs["kl0"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
