@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (its own python3 has torch, triton, transformers, peft; no network).
+# Prepared for the device tool; not yet run (no session so far had a GPU). Aim: under 5 minutes.
+#   1. the GPU and the versions;
+#   2. the whole training loop on CUDA at tiny size (bf16 autocast, activation checkpointing, the
+#      Triton kernels inside the loop, the trigger), OpSwap because ../shared/data does not travel;
+#   3. make bench with that python (kernels, then one training step vs transformers + PEFT).
+# Liger-Kernel: carry it as a wheel in .whl (see the device README) and it is installed first.
+set -euo pipefail
+export PYTHONUNBUFFERED=1 PHASEGUARD_CACHE=/tmp/pgcache OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+python3 phaseguard.py train --preset tiny --device cuda --task opswap --method phaseguard --out /tmp/tiny-cuda 2>&1 \
+  | tr '\r' '\n' | grep -v 'it/s' | tee "$OUT/tiny_cuda.log"
+cp /tmp/tiny-cuda/summary.json "$OUT/tiny_cuda_summary.json"
+python3 bench.py 2>&1 | tee "$OUT/bench.log"
+cp bench/results/*.md bench/results/*.json "$OUT/" 2>/dev/null || true
