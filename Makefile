@@ -60,7 +60,8 @@ eval: install
 	@$(PY) evaluate.py eval --run $(RUN) $(if $(JUDGE),--judge $(JUDGE)) $(if $(SAMPLES),--samples $(SAMPLES)) $(EVAL_ARGS)
 
 sweep: install
-	@$(PY) evaluate.py sweep --preset $(PRESET) $(SWEEP_ARGS)
+	@$(PY) evaluate.py sweep --preset $(PRESET) --runs-dir $(RUNS) $(if $(JUDGE),--judge $(JUDGE)) \
+	  $(if $(SAMPLES),--samples $(SAMPLES)) $(EVAL_ARGS) $(SWEEP_ARGS)
 
 report: install
 	@$(PY) evaluate.py report --runs-dir $(RUNS) --out $(REPORT)
