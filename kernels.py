@@ -12,6 +12,7 @@ every load before touching it (the interpreter also gets bf16 arithmetic wrong).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -34,6 +35,10 @@ IGNORE_INDEX = -100
 LN2 = math.log(2.0)
 BLOCK_V = 4096  # vocabulary columns per Triton step; 152,064 = 37 full blocks + a tail
 JS_VARIANTS = ("renorm", "rest")
+
+
+def _on_device(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def use_triton(t: Tensor) -> bool:
@@ -314,9 +319,10 @@ def topk_js(logits: Tensor, ref_ids: Tensor, ref_logprobs: Tensor, variant: str 
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     js = torch.empty(N, dtype=torch.float32, device=logits.device)
     nonfinite = torch.empty(N, dtype=torch.int32, device=logits.device)
-    _topk_js_kernel[(N,)](logits, logits.stride(0), ref_ids.contiguous(), ref_logprobs.float().contiguous(),
-                          js, nonfinite, V, k, REST_BIN=variant == "rest", BLOCK=min(BLOCK_V, triton.next_power_of_2(V)),
-                          BLOCK_K=triton.next_power_of_2(k), num_warps=8)
+    with _on_device(logits):  # launch on the tensors' GPU, not the current one
+        _topk_js_kernel[(N,)](logits, logits.stride(0), ref_ids.contiguous(), ref_logprobs.float().contiguous(),
+                              js, nonfinite, V, k, REST_BIN=variant == "rest", BLOCK=min(BLOCK_V, triton.next_power_of_2(V)),
+                              BLOCK_K=triton.next_power_of_2(k), num_warps=8)
     _require_finite_rows(nonfinite != 0, "logits")
     return js
 
@@ -349,8 +355,9 @@ class _KLDivFunction(torch.autograd.Function):
         has_mask = row_mask is not None
         mask_arg = row_mask if has_mask else kl  # never read when HAS_MASK is False
         block = min(BLOCK_V, triton.next_power_of_2(V))
-        _kl_fwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), mask_arg,
-                             kl, lse_p, lse_q, nonfinite, V, HAS_MASK=has_mask, BLOCK=block, num_warps=8)
+        with _on_device(policy_logits):  # launch on the tensors' GPU, not the current one
+            _kl_fwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), mask_arg,
+                                 kl, lse_p, lse_q, nonfinite, V, HAS_MASK=has_mask, BLOCK=block, num_warps=8)
         _require_finite_rows(nonfinite % 2 != 0, "policy_logits")
         _require_finite_rows(nonfinite >= 2, "ref_logits")
         ctx.save_for_backward(policy_logits, ref_logits, mask_arg, kl, lse_p, lse_q)
@@ -362,9 +369,10 @@ class _KLDivFunction(torch.autograd.Function):
         policy_logits, ref_logits, mask_arg, kl, lse_p, lse_q = ctx.saved_tensors
         N, V = policy_logits.shape
         grad = torch.empty_like(policy_logits)  # input dtype: no [N, V] fp32 buffer
-        _kl_bwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), grad,
-                             grad.stride(0), grad_kl.float().contiguous(), mask_arg, kl, lse_p, lse_q, V,
-                             HAS_MASK=ctx.has_mask, BLOCK=ctx.block, num_warps=8)
+        with _on_device(policy_logits):  # launch on the tensors' GPU, not the current one
+            _kl_bwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), grad,
+                                 grad.stride(0), grad_kl.float().contiguous(), mask_arg, kl, lse_p, lse_q, V,
+                                 HAS_MASK=ctx.has_mask, BLOCK=ctx.block, num_warps=8)
         return grad, None, None
 
 
@@ -463,10 +471,11 @@ def _ce_kl_chunk_triton(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad
     has_ref = zq is not None
     # A bf16 gradient is written directly (no fp32 gradient + cast pass); fp32 goes in place.
     grad = zp if grad_dtype == zp.dtype or not need_grad else torch.empty(C, V, dtype=grad_dtype, device=zp.device)
-    _ce_kl_chunk_kernel[(C,)](zp, zq if has_ref else zp, grad, zp.stride(0), labels,
-                              kl_rows.to(torch.int8) if has_ref else labels, ce, kl, V, float(ce_weight),
-                              float(kl_weight), HAS_REF=has_ref, COMPUTE_GRAD=need_grad,
-                              BLOCK=min(BLOCK_V, triton.next_power_of_2(V)), num_warps=8)
+    with _on_device(zp):  # launch on the tensors' GPU, not the current one
+        _ce_kl_chunk_kernel[(C,)](zp, zq if has_ref else zp, grad, zp.stride(0), labels,
+                                  kl_rows.to(torch.int8) if has_ref else labels, ce, kl, V, float(ce_weight),
+                                  float(kl_weight), HAS_REF=has_ref, COMPUTE_GRAD=need_grad,
+                                  BLOCK=min(BLOCK_V, triton.next_power_of_2(V)), num_warps=8)
     return ce, kl, grad if need_grad else None
 
 
