@@ -14,18 +14,21 @@ Two backends, one interface (`judge.id`, `judge.score(prompts) -> [float | None]
 
 `judge_all` puts a disk cache in front of either: one JSON line per judgment, keyed by
 sha256(judge id, prompt), flushed as it is made, so a rerun never judges twice and a crash
-loses nothing.
+loses nothing. `make_judge` knows a judge's id without loading it: a local model is loaded
+only when some prompt is not in the cache.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import http.client
 import json
 import os
 import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import NamedTuple
@@ -160,9 +163,7 @@ class LocalJudge:
     def load(cls, path_or_hub_id: str, device: str = "cpu", batch_size: int = 4) -> "LocalJudge":
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         model = mq.load_model(path_or_hub_id, device=device, dtype=dtype)
-        path = Path(path_or_hub_id).expanduser()
-        name = str(path.resolve()) if path.is_dir() else str(path_or_hub_id)
-        return cls(model, mq.load_tokenizer(path_or_hub_id), name, batch_size)
+        return cls(model, mq.load_tokenizer(path_or_hub_id), local_name(path_or_hub_id), batch_size)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         # The filled template as a user turn, with the chat template's generation prompt.
@@ -221,7 +222,11 @@ class HttpJudge:
             detail = err.read()[:200].decode(errors="replace").strip()
             if err.code >= 500 or err.code == 429:
                 raise TransientError(f"HTTP {err.code} {detail}") from None
-            raise UserError(f"judge server {self.url} answered HTTP {err.code}: {detail}") from None
+            hint = (f" (the API key is read from {self.api_key_env}: is it set, and the server's?)"
+                    if err.code in (401, 403) else "")
+            raise UserError(f"judge server {self.url} answered HTTP {err.code}: {detail}{hint}") from None
+        except http.client.HTTPException as err:  # IncompleteRead, BadStatusLine: a reply cut short
+            raise TransientError(f"{type(err).__name__}: {err}") from None
         except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as err:
             reason = getattr(err, "reason", err)
             raise TransientError(f"{type(reason).__name__}: {reason}") from None
@@ -248,10 +253,26 @@ class HttpJudge:
             return list(pool.map(self.score_one, prompts))
 
 
+def check_url(url: str) -> str:
+    """A malformed base URL is one line now, not a traceback from urllib after the sampling."""
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise UserError(f"--judge {url!r}: a URL cannot hold spaces or control characters")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # ValueError for a port that is not a number in 0..65535
+    except ValueError as err:
+        raise UserError(f"--judge {url!r}: not a valid URL ({err})") from None
+    if not parts.hostname:
+        raise UserError(f"--judge {url!r}: no host (expected http://host:port/v1)")
+    if parts.query or parts.fragment:
+        raise UserError(f"--judge {url!r}: a base URL has no ?query or #fragment (expected http://host:port/v1)")
+    return url
+
+
 def parse_spec(spec: str, model_name: str | None = None) -> tuple[str, str]:
     """('http', base URL) or ('local', dir or hub id); checked before any sampling starts."""
     if spec.startswith(("http://", "https://")):
-        return "http", spec
+        return "http", check_url(spec)
     if spec.startswith("local:") and spec[len("local:"):]:
         if model_name:
             raise UserError("--judge-model names the model on an HTTP server; a local judge is named by --judge")
@@ -259,12 +280,38 @@ def parse_spec(spec: str, model_name: str | None = None) -> tuple[str, str]:
     raise UserError(f"--judge {spec!r}: expected local:<model dir or hub id> or http://host:port/v1")
 
 
+def local_name(path_or_hub_id: str) -> str:
+    """A local judge's name in its id: the resolved directory (so a relative path and an absolute
+    one share a cache), else the hub id as given."""
+    path = Path(path_or_hub_id).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(path_or_hub_id)
+
+
+def judge_id(spec: str, model_name: str | None = None) -> str:
+    """The id a judge made from this spec will have (cache keys, results), without loading it."""
+    kind, target = parse_spec(spec, model_name)
+    return f"http:{model_name or DEFAULT_JUDGE}" if kind == "http" else f"local:{local_name(target)}"
+
+
+class LazyJudge:
+    """A local judge that loads its model on the first prompt to score: a rerun whose
+    judgments are all cached never loads a 7B (or larger) judge for nothing."""
+
+    def __init__(self, id: str, load):
+        self.id, self._load, self._judge = id, load, None
+
+    def score(self, prompts: list[str]) -> list[float | None]:
+        if self._judge is None:
+            self._judge = self._load()
+        return self._judge.score(prompts)
+
+
 def make_judge(spec: str, *, model_name: str | None = None, device: str = "cpu", batch_size: int = 4):
     """'local:<dir or hub id>' or 'http(s)://host:port/v1' (an OpenAI-compatible base URL)."""
     kind, target = parse_spec(spec, model_name)
     if kind == "http":
         return HttpJudge(target, model_name or DEFAULT_JUDGE)
-    return LocalJudge.load(target, device, batch_size)
+    return LazyJudge(judge_id(spec), lambda: LocalJudge.load(target, device, batch_size))
 
 
 # ----------------------------------------------------------------------------
@@ -282,21 +329,29 @@ class JudgeCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.scores: dict[str, float | None] = {}
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: is a directory (the judgment cache is a file)")
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            raw = self.path.read_bytes()
+            for line in raw.decode("utf-8", errors="replace").splitlines():
                 try:
                     row = json.loads(line)
                     self.scores[row["key"]] = row["score"]
                 except (ValueError, KeyError, TypeError):
                     continue
+            if raw and not raw.endswith(b"\n"):
+                self._append("\n")  # end a line torn by a crash, or the next judgment would be glued to it
+
+    def _append(self, text: str):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
     def put(self, key: str, judge_id: str, score: float | None):
         self.scores[key] = score
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "judge": judge_id, "score": score}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._append(json.dumps({"key": key, "judge": judge_id, "score": score}) + "\n")
 
 
 def judge_all(judge, prompts: list[str], cache: JudgeCache | None = None, chunk: int = 32) -> list[float | None]:

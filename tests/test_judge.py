@@ -152,6 +152,38 @@ def test_make_judge_rejects_bad_specs():
     assert judge.make_judge("http://127.0.0.1:9/v1", model_name="m").id == "http:m"
 
 
+@pytest.mark.parametrize("url,why", [
+    ("http://127.0.0.1:abc/v1", "not a valid URL"), ("http://[::1/v1", "not a valid URL"),
+    ("http://host name:8000/v1", "spaces"), ("http://127.0.0.1:8000/v1 ", "spaces"), ("http:///v1", "no host"),
+    ("http://127.0.0.1:70000/v1", "not a valid URL"), ("http://h:8000/v1?x=1", "query"),
+])
+def test_malformed_urls_are_one_line_before_any_request(url, why):
+    with pytest.raises(UserError, match=why) as info:
+        judge.make_judge(url)
+    assert "\n" not in str(info.value)
+    assert judge.parse_spec("http://[::1]:8000/v1") == ("http", "http://[::1]:8000/v1")
+
+
+def test_local_judge_loads_only_when_a_prompt_is_not_cached(tmp_path, monkeypatch):
+    loads = []
+
+    class Fake:
+        id = f"local:{tmp_path.resolve()}"
+
+        def score(self, prompts):
+            return [42.0] * len(prompts)
+
+    monkeypatch.setattr(judge.LocalJudge, "load", classmethod(lambda cls, *a, **k: loads.append(a) or Fake()))
+    lazy = judge.make_judge(f"local:{tmp_path}")
+    assert lazy.id == Fake.id == judge.judge_id(f"local:{tmp_path}") and loads == []
+    cache = judge.JudgeCache(tmp_path / "j.jsonl")
+    cache.put(judge.cache_key(lazy.id, "seen"), lazy.id, 7.0)
+    assert judge.judge_all(lazy, ["seen", "seen"], cache) == [7.0, 7.0] and loads == []  # all cached: not loaded
+    assert judge.judge_all(lazy, ["seen", "new"], cache) == [7.0, 42.0] and len(loads) == 1
+    assert judge.judge_all(lazy, ["newer"], cache) == [42.0] and len(loads) == 1  # loaded once
+    assert judge.make_judge("local:Qwen/Qwen2.5-7B-Instruct").id == "local:Qwen/Qwen2.5-7B-Instruct"
+
+
 # ---------------------------------------------------------------------------- HTTP backend
 
 
@@ -173,6 +205,13 @@ class Server:
                     action = ("ok", action[2])
                 if action[0] == "status":
                     return self.reply(action[1], b'{"error": "boom"}')
+                if action[0] == "short":  # promises 100 bytes, sends 5, hangs up: IncompleteRead
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    return self.wfile.write(b'{"cho')
+                if action[0] == "garbage":  # not an HTTP status line: BadStatusLine
+                    return self.wfile.write(b"garbage\r\n\r\n")
                 payload = action[1] if action[0] == "raw" else json.dumps(
                     {"choices": [{"message": {"role": "assistant", "content": action[1]}}]}).encode()
                 self.reply(200, payload)
@@ -248,6 +287,20 @@ def test_http_persistent_5xx_is_one_clear_error(server):
     assert len(server.requests) == 3  # 1 try + 2 retries
 
 
+def test_http_cut_replies_are_retried(server):
+    server.script = [("short",), ("garbage",), ("ok", "33")]
+    assert http_judge(server.url).score(["x"]) == [33.0]
+    assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_http_auth_error_names_the_key_variable(server, code):
+    server.default = ("status", code)
+    with pytest.raises(UserError, match=f"HTTP {code}.*{judge.API_KEY_ENV}"):
+        http_judge(server.url).score(["x"])
+    assert len(server.requests) == 1
+
+
 def test_http_client_error_is_not_retried(server):
     server.default = ("status", 404)
     with pytest.raises(UserError, match="HTTP 404"):
@@ -301,4 +354,8 @@ def test_cache_survives_a_torn_last_line(tmp_path):
         f.write('{"key": "k3", "judge": "j", "sc')  # killed mid-write
     again = judge.JudgeCache(path)
     assert again.scores == {"k1": 12.5, "k2": None}
+    # The next judgment starts on a line of its own, so it is not lost with the torn one.
+    again.put("k4", "j", 80.0)
+    assert judge.JudgeCache(path).scores == {"k1": 12.5, "k2": None, "k4": 80.0}
+    assert path.read_text().endswith('"sc\n{"key": "k4", "judge": "j", "score": 80.0}\n')
     assert judge.cache_key("j", "p") != judge.cache_key("j2", "p")
