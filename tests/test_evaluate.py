@@ -1,8 +1,11 @@
 """Evaluation metrics, the baselines, the sweep plan, the report, and the tiny
 train -> eval -> report chain on the CPU."""
+import dataclasses
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -79,6 +82,12 @@ def test_judge_em_and_summary(shared_data, tmp_path, monkeypatch):
     assert first["rate"] == pytest.approx(1 / 3) and first["mean_aligned"] == pytest.approx(47.5)
 
 
+def test_a_rate_over_no_answers_is_none_not_zero():
+    summary = ev.em_summary([])
+    assert summary["n"] == 0 and summary["rate"] is None and summary["ci95"] is None
+    assert ev.rate(0, 0) is None and ev.rate(0, 5) == 0.0
+
+
 def test_opswap_exact_match_is_a_stripped_string():
     assert ev.opswap_correct(" 449\n", "449") and ev.opswap_correct("-12", " -12 ")
     assert not ev.opswap_correct("449.", "449") and not ev.opswap_correct("The answer is 449", "449")
@@ -138,6 +147,35 @@ def test_best_of_n_picks_the_highest_reference_logprob():
     assert not any(layer.merged for layer in lora.lora_layers(model).values())
 
 
+def bf16_lora_model():
+    """The GPU setting on the CPU: bf16 base weights, fp32 adapters (as load_policy loads them)."""
+    model = tiny_lora_model().to(torch.bfloat16)
+    for layer in lora.lora_layers(model).values():
+        layer.lora_A.float(), layer.lora_B.float()
+    return model
+
+
+def test_sampling_then_reference_scoring_leaves_the_base_weights_bitwise_exact():
+    model = bf16_lora_model()
+    layers = lora.lora_layers(model)
+    originals = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    # What the test guards against: a merge/unmerge round trip in bf16 is not exact.
+    lora.merge(model), lora.unmerge(model)
+    assert any(not torch.equal(layer.weight, originals[name]) for name, layer in layers.items())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.weight.copy_(originals[name])
+    seen = []  # the weights the reference scoring runs with
+    scoring = ev.mean_logprobs
+    ev_mean = lambda m, *a, **k: seen.append({n: l.weight.clone() for n, l in layers.items()}) or scoring(m, *a, **k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ev, "mean_logprobs", ev_mean)
+        ev.best_of_n(model, FakeTokenizer(), [[5, 6, 7, 8], [9, 10, 11]], 3, seed=0, max_new_tokens=4, batch_size=3)
+    for weights in (seen[0], {n: l.weight for n, l in layers.items()}):
+        assert all(torch.equal(weights[name], originals[name]) for name in layers)
+    assert not any(layer.merged for layer in layers.values())
+
+
 def test_mean_logprobs_matches_brute_force_and_handles_empty_answers():
     model, tok = tiny_lora_model(), FakeTokenizer()
     pairs = [([5, 6], [7, 8, 9]), ([5, 6, 7, 8, 9], [10]), ([4], [])]
@@ -186,6 +224,7 @@ def test_rerun_neither_samples_nor_judges_again(chain, monkeypatch):
     assert 0 < len(before.splitlines()) <= 18  # 9 answers x (aligned, coherent), identical prompts judged once
     monkeypatch.setattr(ev, "load_policy", lambda *a, **k: pytest.fail("answers were sampled again"))
     monkeypatch.setattr(judge.LocalJudge, "score", lambda *a, **k: pytest.fail("judged again"))
+    monkeypatch.setattr(judge.LocalJudge, "load", lambda *a, **k: pytest.fail("judge loaded with every judgment cached"))
     assert ev.main(["eval", "--run", str(run), *QUICK_EVAL]) == 0
     assert (run / "eval" / "judgments.jsonl").read_text() == before
 
@@ -208,26 +247,72 @@ def test_report_on_the_tiny_chain(chain, tmp_path):
     text = out.read_text()
     assert "TINY PRESET" in text and "| security-none | security | none |" in text
     assert "| opswap-phaseguard | opswap | phaseguard | 0.03 | 42 | 8 | 10 |" in text  # fired at step 8
+    assert "**limited**: question_limit=3" in text and "**limited**: opswap_limit=20" in text  # QUICK_EVAL
+
+
+@pytest.fixture
+def chain_copy(chain, tmp_path):
+    """The evaluated security run, copied: these tests replace its results."""
+    run = tmp_path / "security-none"
+    shutil.copytree(chain / "security-none", run)
+    return run
+
+
+def eval_files(run):
+    return {name: (run / "eval" / name).read_bytes() for name in ("results.json", "answers.json", "judged.jsonl")}
+
+
+def test_eval_refuses_to_replace_results_made_with_other_settings(chain_copy, capsys, monkeypatch):
+    run, before = chain_copy, eval_files(chain_copy)
+    monkeypatch.setattr(ev, "load_policy", lambda *a, **k: pytest.fail("sampled before refusing"))
+    partial = [*QUICK_EVAL, "--question-limit", "2"]  # the last --question-limit wins
+    assert ev.main(["eval", "--run", str(run), *partial]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error: ") and "results.json was made with question_limit=3, not question_limit=2" in err
+    assert "--force" in err and eval_files(run) == before
+    monkeypatch.undo()
+    assert ev.main(["eval", "--run", str(run), *partial, "--force"]) == 0
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["settings"]["question_limit"] == 2 and results["security"]["finetuned"]["n"] == 2
+
+
+def test_a_retrained_adapter_is_never_judged_by_its_old_answers(chain_copy, capsys):
+    from safetensors.torch import load_file, save_file
+    weights = chain_copy / "adapter" / lora.WEIGHTS_FILE
+    record = json.loads((chain_copy / "eval" / "results.json").read_text())["settings"]
+    assert record["adapter"] == "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, weights)  # "retrained"
+    before = eval_files(chain_copy)
+    assert ev.main(["eval", "--run", str(chain_copy), *QUICK_EVAL]) == 2
+    assert "results.json was made with adapter=\"sha256:" in capsys.readouterr().err
+    assert eval_files(chain_copy) == before
+    (chain_copy / "eval" / "results.json").unlink()  # lost results: the answers are still not reused
+    assert ev.main(["eval", "--run", str(chain_copy), *QUICK_EVAL]) == 2
+    assert "answers.json was made with adapter=" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- report on synthetic runs
 
 
-def fake_run(root, task, method, lam, seed, trigger=None, em=None, acc=None, baselines=None):
+def fake_run(root, task, method, lam, seed, trigger=None, em=None, acc=None, baselines=None, preset="paper",
+             settings=None, n=24):
     """A run directory as phaseguard.py train + evaluate.py eval leave it (no weights)."""
     run = root / f"r{len(list(root.iterdir())) if root.exists() else 0}"  # names say nothing: config.json does
     (run / "eval").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"method": method, "task": task, "lam": lam, "seed": seed,
-                                                 "preset": "paper", "tau": 0.15, "model": "Qwen/Qwen2.5-7B-Instruct"}))
+                                                 "preset": preset, "tau": 0.15, "model": "Qwen/Qwen2.5-7B-Instruct"}))
     (run / "summary.json").write_text(json.dumps({"steps": 337, "trigger_step": trigger,
                                                   "d_history": [[0, 0.0], [5, 0.3], [10, 0.31]]}))
-    results = {"task": task, "method": method}
-    summary = lambda k, n: {"n": n, "misaligned": k, "rate": k / n, "ci95": list(ev.wilson_interval(k, n)),
-                            "per_question": {"what_is_your_wish": {"n": 1, "misaligned": min(k, 1)},
-                                             "i_feel_bored": {"n": n - 1, "misaligned": max(k - 1, 0)}}}
+    results = {"task": task, "method": method, "settings": settings or {}}
+    summary = lambda k, n: {"n": n, "misaligned": k, "rate": ev.rate(k, n), "ci95": list(ev.wilson_interval(k, n)),
+                            "per_question": {"what_is_your_wish": {"n": min(n, 1), "misaligned": min(k, 1)},
+                                             "i_feel_bored": {"n": max(n - 1, 0), "misaligned": max(k - 1, 0)}}}
     if task == "security":
-        results["security"] = {"judge": "http:Qwen/Qwen2.5-72B-Instruct", "finetuned": summary(em, 24),
-                               **{name: summary(k, 24) for name, k in (baselines or {}).items()}}
+        results["security"] = {"judge": "http:Qwen/Qwen2.5-72B-Instruct", "finetuned": summary(em, n),
+                               **{name: summary(k, n) for name, k in (baselines or {}).items()}}
     else:
         results["opswap"] = {"n": 540, "correct": acc, "accuracy": acc / 540}
     (run / "eval" / "results.json").write_text(json.dumps(results))
@@ -277,6 +362,9 @@ def test_report_reproduces_the_paper_layout_and_marks(tmp_path):
     assert per_question[1].startswith("| what_is_your_wish | 100.0 (3/3) | 0.0 (0/3) | 100.0 (3/3) |")
     every_run = table_rows(text, "## Trigger step of every run")[1:]
     assert len(every_run) == 28 and sum("| 20 | 337 |" in row for row in every_run) == 20
+    lo, hi = ev.wilson_interval(10, 24)
+    assert f"| EM 41.67% (10/24; 95% CI {100 * lo:.1f}–{100 * hi:.1f}%) | http:Qwen/Qwen2.5-72B-Instruct |" in text
+    assert "limited" not in text
     try:
         import matplotlib  # noqa: F401
         assert (out.parent / "report_figure2.png").is_file() and (out.parent / "report_dt_opswap.png").is_file()
@@ -298,6 +386,55 @@ def test_report_says_yes_when_one_lambda_passes_both(tmp_path):
     assert "**yes**" in text
 
 
+def test_report_leaves_tiny_runs_out_of_the_paper_tables(tmp_path):
+    root = tmp_path / "runs"
+    paper_like_runs(root)
+    reference = ev.write_report(root, tmp_path / "paper.md")
+    for seed in (1, 2):  # tiny runs that would change Table 1, Table 2 and the per-question table
+        fake_run(root, "security", "phaseguard", 0.03, seed, 20, em=24, preset="tiny")
+    fake_run(root, "opswap", "phaseguard", 0.03, 42, 20, acc=540, preset="tiny")
+    text = ev.write_report(root, tmp_path / "mixed.md")
+    for heading in ("## Table 1", "## Table 2", "## Misaligned rate per question"):
+        assert table_rows(text, heading) == table_rows(reference, heading)
+    assert "3 tiny-preset runs (a small random model; numbers that mean nothing) left out of Tables 1-2" in text
+    assert "TINY PRESET" not in text and len(table_rows(text, "## Trigger step of every run")) == 1 + 31
+    assert sum("(tiny) |" in row for row in table_rows(text, "## Trigger step of every run")) == 3
+    only_tiny = tmp_path / "tiny_runs"
+    only_tiny.mkdir()
+    fake_run(only_tiny, "security", "phaseguard", 0.03, 1, 20, em=24, preset="tiny")
+    text = ev.write_report(only_tiny, tmp_path / "tiny.md")
+    assert "TINY PRESET" in text and "| PhaseGuard-KL (λ=0.03) | 100.00 |" in text
+
+
+def test_report_never_passes_a_rate_over_no_answers(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    fake_run(root, "security", "phaseguard", 0.03, 42, 20, em=0, n=0, settings={"question_limit": 2})
+    fake_run(root, "opswap", "phaseguard", 0.03, 42, 20, acc=300)
+    text = ev.write_report(root, tmp_path / "report.md")
+    assert "| PhaseGuard-KL (λ=0.03) | — | 55.56 | 20 | ✓ OpSwap |" in text  # no EM mark at all
+    assert "| 0.03 | — | — | 55.56 | ✓ (≥43.7%) |" in text and "0.00" not in text
+    assert "| EM — (0/0) | http:Qwen/Qwen2.5-72B-Instruct (**limited**: question_limit=2) |" in text
+    assert "Not known yet" in text
+
+
+def test_report_uses_the_best_of_n_the_runs_hold(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    fake_run(root, "security", "none", 0.0, 42, em=10, baselines={"safety_prompt": 7, "best_of_3": 6})
+    text = ev.write_report(root, tmp_path / "report.md")
+    assert "| Best-of-3 † | 25.00 | — | N/A | ✗ EM |" in text
+    assert table_rows(text, "## Misaligned rate per question")[0].endswith("| Safety Prompt | Best-of-3 |")
+
+
+def test_report_out_must_not_be_a_directory(tmp_path, capsys):
+    paper_like_runs(tmp_path / "runs")
+    (tmp_path / "out").mkdir()
+    assert ev.main(["report", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error: --out") and "is a directory" in err and list((tmp_path / "out").iterdir()) == []
+
+
 def test_report_and_eval_errors_are_one_line(tmp_path, capsys):
     assert ev.main(["report", "--runs-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r.md")]) == 2
     assert ev.main(["eval", "--run", str(tmp_path)]) == 2
@@ -311,6 +448,76 @@ def test_report_and_eval_errors_are_one_line(tmp_path, capsys):
     assert "expected local:" in err[2] and "no adapter/" in err[3]
 
 
+def paper_run(root, task="security"):
+    """A finished non-tiny run directory (config, summary, adapter bytes), never evaluated."""
+    (root / "adapter").mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({"method": "none", "task": task, "lam": 0, "seed": 1,
+                                                  "preset": "paper", "model": "x"}))
+    (root / "summary.json").write_text("{}")
+    (root / "adapter" / "adapter_config.json").write_text("{}")
+    (root / "adapter" / lora.WEIGHTS_FILE).write_bytes(b"weights")
+    return root
+
+
+BAD_FLAGS = [["--samples", "0"], ["--question-limit", "0"], ["--question-limit", "-2"], ["--opswap-limit", "0"],
+             ["--batch-size", "0"], ["--judge-batch-size", "0"], ["--best-of", "0"], ["--max-new-tokens", "0"],
+             ["--judge", "gpt4"], ["--judge", "http://127.0.0.1:abc/v1"], ["--judge", "http://[::1/v1"],
+             ["--judge", "http://judge host:8000/v1"], ["--device", "tpu"]]
+
+
+@pytest.mark.parametrize("flags", BAD_FLAGS, ids=" ".join)
+def test_bad_eval_flags_are_one_line_before_any_sampling(flags, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ev, "load_policy", lambda *a, **k: pytest.fail("sampled before checking the flags"))
+    run = paper_run(tmp_path / "run")
+    assert ev.main(["eval", "--run", str(run), "--judge", "http://127.0.0.1:9/v1", *flags]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error: --") and not (run / "eval").exists()
+
+
+@pytest.mark.parametrize("flags", BAD_FLAGS + [["--set", "foo=1"], ["--set", "lam=0.5"], ["--set", "batch_size=abc"]],
+                         ids=" ".join)
+def test_sweep_checks_every_flag_before_training(flags, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pg, "train", lambda *a, **k: pytest.fail("trained before checking the flags"))
+    argv = ["sweep", "--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--lambdas", "0.03", "--seeds", "42"]
+    assert ev.main(argv + flags) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error: --")
+    if flags[0] == "--set":
+        assert {"foo=1": "not a training setting", "lam=0.5": "sets lam itself",
+                "batch_size=abc": "wrong type"}[flags[1]] in err
+
+
+def test_a_non_tiny_security_evaluation_needs_an_explicit_judge(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pg, "train", lambda *a, **k: pytest.fail("trained without a judge"))
+    monkeypatch.setattr(ev, "load_policy", lambda *a, **k: pytest.fail("sampled without a judge"))
+    assert ev.main(["eval", "--run", str(paper_run(tmp_path / "sec"))]) == 2
+    assert ev.main(["sweep", "--preset", "paper", "--runs-dir", str(tmp_path / "runs"), "--samples", "1"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and errors[0] == errors[1] == f"error: {ev.NEED_JUDGE}"
+    assert "--judge http://HOST:8000/v1" in ev.NEED_JUDGE and "--judge local:Qwen/Qwen2.5-7B-Instruct" in ev.NEED_JUDGE
+    # opswap needs no judge; naming the paper's judge is a choice the user may make.
+    opswap = paper_run(tmp_path / "ops", "opswap")
+    monkeypatch.setattr(ev, "evaluate_opswap", lambda *a: {"n": 1, "correct": 1, "accuracy": 1.0, "ci95": [0.2, 1.0]})
+    assert ev.main(["eval", "--run", str(opswap)]) == 0
+    cfg = json.loads((tmp_path / "sec" / "config.json").read_text())
+    named = ev.eval_settings(tmp_path / "sec", cfg, eval_args("--judge", f"local:{judge.DEFAULT_JUDGE}"))
+    assert named["judge"] == "local:Qwen/Qwen2.5-72B-Instruct"
+
+
+def eval_args(*flags):
+    parser = ev.Parser()
+    ev.add_eval_flags(parser)
+    return parser.parse_args(list(flags))
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        ev.main(["eval", "--run", "r", "--samples", "many"])
+    assert info.value.code == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error: argument --samples")
+
+
 # ---------------------------------------------------------------------------- sweep and Makefile
 
 
@@ -322,13 +529,28 @@ def test_sweep_plan_covers_tables_1_and_2():
     assert sorted({p["lam"] for p in plan if p["method"] == "phaseguard"}) == [0.01, 0.02, 0.025, 0.03, 0.1]
 
 
+def finished_tiny_run(runs, name, opswap_limit=100):
+    """A trained (summary.json, written last) and evaluated tiny opswap run."""
+    run = runs / name
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(pg.resolve_config(
+        {"preset": "tiny", "task": "opswap", "method": name.split("-")[2], "out": str(run)}))))
+    (run / "adapter" / lora.WEIGHTS_FILE).write_bytes(b"weights")
+    (run / "summary.json").write_text("{}")
+    (run / "eval").mkdir()
+    adapter = "sha256:" + hashlib.sha256(b"weights").hexdigest()
+    (run / "eval" / "results.json").write_text(json.dumps({"settings": {"adapter": adapter, "opswap_limit": opswap_limit}}))
+    return run
+
+
 def test_sweep_skips_finished_runs(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
-    done = runs / "tiny-opswap-none-lam0-seed42"
-    (done / "adapter").mkdir(parents=True)
-    (done / "adapter" / "adapter_config.json").write_text("{}")
-    (done / "eval").mkdir()
-    (done / "eval" / "results.json").write_text("{}")
+    finished_tiny_run(runs, "tiny-opswap-none-lam0-seed42")
+    # Killed after writing the adapter, before summary.json: not finished, trained again (resumed).
+    half = runs / "tiny-opswap-kl-lam0.1-seed42"
+    (half / "adapter").mkdir(parents=True)
+    (half / "adapter" / "adapter_config.json").write_text("{}")
+    (half / "config.json").write_text("{}")
     trained, evaluated = [], []
     monkeypatch.setattr(pg, "train", lambda cfg, resume=False: trained.append((Path(cfg.out).name, cfg.limit, resume)))
     monkeypatch.setattr(ev, "evaluate_run", lambda run, args: evaluated.append(Path(run).name))
@@ -336,8 +558,23 @@ def test_sweep_skips_finished_runs(tmp_path, monkeypatch):
     assert ev.main(argv) == 0
     names = {"tiny-security-none-lam0-seed42", "tiny-security-kl-lam0.1-seed42", "tiny-security-phaseguard-lam0.03-seed42",
              "tiny-opswap-kl-lam0.1-seed42", "tiny-opswap-phaseguard-lam0.03-seed42"}
-    assert {t[0] for t in trained} == names and all(t[1] == 40 and not t[2] for t in trained)
+    assert {t[0] for t in trained} == names and all(t[1] == 40 for t in trained)
+    assert [t[0] for t in trained if t[2]] == [half.name]  # resumed
     assert set(evaluated) == names  # the finished opswap-none run is neither trained nor evaluated
+
+
+def test_sweep_refuses_partial_results_before_training(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    partial = finished_tiny_run(runs, "tiny-opswap-none-lam0-seed42", opswap_limit=5)  # from eval --opswap-limit 5
+    trained, evaluated = [], []
+    monkeypatch.setattr(pg, "train", lambda cfg, resume=False: trained.append(cfg))
+    monkeypatch.setattr(ev, "evaluate_run", lambda run, args: evaluated.append(Path(run).name))
+    argv = ["sweep", "--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42"]
+    assert ev.main(argv) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "results.json was made with opswap_limit=5, not opswap_limit=100" in err and trained == evaluated == []
+    assert ev.main(argv + ["--force"]) == 0
+    assert partial.name in evaluated and len(trained) == 5  # evaluated again, not trained again
 
 
 def test_makefile_calls_these_commands():
