@@ -245,7 +245,7 @@ def sample_em_answers(model, tokenizer, questions, s: dict, baselines: bool) -> 
         conditions["safety_prompt"] = lambda q: with_safety(q["system"])
     plain = [chat_ids(tokenizer, q["question"], q["system"]) for q, _ in slots]
     out, n = {}, s["best_of"]
-    with merged(model):  # one merge for all sampling: a single bf16 round trip W + dW - dW on the GPU
+    with merged(model):  # one merge for all sampling; the exact base weights are back for pick_best
         for offset, (name, system_of) in enumerate(conditions.items()):
             prompts = [chat_ids(tokenizer, q["question"], system_of(q)) for q, _ in slots]
             answers = generate_all(model, tokenizer, prompts, seed=s["seed"] + offset, **gen)
@@ -842,7 +842,8 @@ def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike) -> str:
 def add_eval_flags(p):
     p.add_argument("--judge", help="http://HOST:8000/v1 (an OpenAI-compatible server, e.g. vLLM serving the paper's "
                    f"{judges.DEFAULT_JUDGE}) or local:<model dir or hub id> (e.g. local:Qwen/Qwen2.5-7B-Instruct). "
-                   "Required for a non-tiny security run: the paper's 72B needs ~145 GB, more than one GPU. "
+                   "Required for a non-tiny security run: the paper's 72B needs ~145 GB, more than one GPU, so "
+                   f"it is loaded locally only if named (local:{judges.DEFAULT_JUDGE}). "
                    "Tiny runs: local:<run>/tiny_model; opswap: no judge")
     p.add_argument("--judge-model", help=f"model name on the HTTP server (default {judges.DEFAULT_JUDGE})")
     p.add_argument("--samples", type=int, help=f"answers per question (default {DEFAULT_SAMPLES}; tiny {TINY_EVAL['samples']})")
@@ -854,7 +855,7 @@ def add_eval_flags(p):
     p.add_argument("--max-new-tokens", type=int, help=f"answer length (default {MAX_NEW_TOKENS}; tiny {TINY_EVAL['max_new_tokens']})")
     p.add_argument("--batch-size", type=int, help="sequences per generation batch (default 64 on CUDA, 32 on CPU)")
     p.add_argument("--best-of", type=int, default=BEST_OF)
-    p.add_argument("--question-limit", type=int, help="only the first K questions (checks)")
+    p.add_argument("--question-limit", type=int, help="only the first K questions (checks; the report flags the run as limited)")
     p.add_argument("--opswap-limit", type=int, help="only the first K OpSwap test problems (default all 540; tiny 100)")
     p.add_argument("--questions", help="first_plot_questions.yaml path or URL (default: cache / ../shared/data / download)")
     p.add_argument("--judge-cache", help="judgment cache file (default <run>/eval/judgments.jsonl)")
