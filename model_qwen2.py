@@ -439,11 +439,10 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike, max_token_id: int | None =
         spec = json.loads(file.read_text(encoding="utf-8"))
         if max_token_id is not None:
             spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] <= max_token_id]
-        return Tokenizer(HFTokenizer.from_str(json.dumps(spec)))
-    except (json.JSONDecodeError, KeyError, Exception) as err:
-        if isinstance(err, UserError):
-            raise
+        backend = HFTokenizer.from_str(json.dumps(spec))
+    except Exception as err:  # bad JSON, a missing key, or the tokenizers library refusing the spec
         raise UserError(f"{file}: not a valid tokenizer.json ({type(err).__name__}: {err})") from None
+    return Tokenizer(backend)
 
 
 def bundled_qwen25_tokenizer_file() -> Path | None:

@@ -347,3 +347,11 @@ def test_hub_id_offline_cli_prints_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0].startswith("error: cannot fetch 'Qwen/Qwen2.5-7B-Instruct'")
+
+
+def test_bad_tokenizer_file(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    assert "tokenizer.json" in one_line_error(lambda: mq.load_tokenizer(bad))
+    bad.write_text('{"added_tokens": [], "model": {"type": "Nope"}}')
+    assert "not a valid tokenizer.json" in one_line_error(lambda: mq.load_tokenizer(bad))
