@@ -177,19 +177,30 @@ def cli(out, *extra, env_extra=None):
     return subprocess.run(args + list(extra), env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
-    straight = cli(tmp_path / "straight", "--method", "phaseguard")
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = cli(tmp_path / "killed", "--method", "phaseguard", "--die-after-step", "5")
-    assert killed.returncode == -9  # SIGKILL after step 5; the last checkpoint is step 3
-    assert (tmp_path / "killed" / "latest_checkpoint").read_text() == "checkpoint-3"
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted run, in a subprocess like the killed ones."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    proc = cli(out, "--method", "phaseguard")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("die_after,checkpoint", [(5, 3), (9, 9)])
+def test_resume_after_sigkill_is_bitwise_equal(tmp_path, straight_run, die_after, checkpoint):
+    """Killed before the trigger fires (resumes from step 3) and after (step 9 holds the fired trigger)."""
+    killed = cli(tmp_path / "killed", "--method", "phaseguard", "--die-after-step", str(die_after))
+    assert killed.returncode == -9  # SIGKILL
+    assert (tmp_path / "killed" / "latest_checkpoint").read_text() == f"checkpoint-{checkpoint}"
     assert not (tmp_path / "killed" / "adapter").exists()
     resumed = cli(tmp_path / "killed", "--method", "phaseguard", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "killed")
+    a, b = adapter_tensors(straight_run), adapter_tensors(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     drop = lambda m: {k: v for k, v in m.items() if k not in ("tokens_per_s", "peak_memory_gb")}
-    assert [drop(m) for m in read_metrics(tmp_path / "straight")] == [drop(m) for m in read_metrics(tmp_path / "killed")]
+    straight_metrics, resumed_metrics = read_metrics(straight_run), read_metrics(tmp_path / "killed")
+    assert [drop(m) for m in straight_metrics] == [drop(m) for m in resumed_metrics]
+    assert resumed_metrics[-1]["lambda_active"] == 0.03 and resumed_metrics[-1]["trigger_fired_at"] == 8
 
 
 # ---------------------------------------------------------------------------- bad input
