@@ -109,8 +109,7 @@ TINY_PRESET = dict(  # checks the pipeline on a CPU in minutes; its numbers mean
 
 def resolve_config(flags: dict) -> TrainConfig:
     """Preset values, then every flag given on the command line; lambda from the method."""
-    cfg = TrainConfig(**{k: v for k, v in flags.items() if k in ("preset",) and v is not None})
-    preset = cfg.preset
+    preset = flags.get("preset") or TrainConfig.preset
     if preset == "auto":
         preset = "paper" if torch.cuda.is_available() else "tiny"
     values = dict(TINY_PRESET) if preset == "tiny" else {}
@@ -505,11 +504,14 @@ def main(argv=None) -> int:
         if f.name == "tiny_model":
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                       help=f"default: {f.default} (the tiny preset: {TINY_PRESET[f.name]})"
+                       if f.name in TINY_PRESET else f"default: {f.default}")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--die-after-step", type=int, default=None, help=argparse.SUPPRESS)
     args = vars(parser.parse_args(argv))
-    command, resume, die = args.pop("command"), args.pop("resume"), args.pop("die_after_step")
+    args.pop("command")  # only `train` for now
+    resume, die = args.pop("resume"), args.pop("die_after_step")
     try:
         cfg = resolve_config(args)
         if cfg.preset == "tiny":
