@@ -875,16 +875,8 @@ def parse_set(item: str) -> tuple[str, object]:
         return key.replace("-", "_"), value
 
 
-class Parser(argparse.ArgumentParser):
-    """Bad flags are one line, `error: ...`, exit status 2 (argparse prints its usage too)."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None) -> int:
-    parser = Parser(description="PhaseGuard-KL evaluation, sweep and report")
+    parser = mq.ArgumentParser(description="PhaseGuard-KL evaluation, sweep and report")
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("eval", help="evaluate one run directory into <run>/eval/")
     e.add_argument("--run", required=True)

@@ -7,6 +7,7 @@ shards load with no renaming and LoRA adapters use PEFT's key names directly.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -24,6 +25,15 @@ from torch.utils.checkpoint import checkpoint
 
 class UserError(ValueError):
     """Bad input from the user (a path, a file, a key): printed as one line, exit 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Bad flags are one line, `error: ...`, exit status 2 (argparse would print its usage too).
+    Subcommand parsers inherit it."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------
@@ -542,8 +552,7 @@ def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int = 128, 
 
 
 def main(argv=None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(description="Chat with a Qwen2 checkpoint (greedy by default).")
+    parser = ArgumentParser(description="Chat with a Qwen2 checkpoint (greedy by default).")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate")
     gen.add_argument("--model", required=True, help="local directory or hub repo id")

@@ -497,7 +497,7 @@ def truncate_metrics(path: Path, step: int):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="PhaseGuard-KL training")
+    parser = mq.ArgumentParser(description="PhaseGuard-KL training")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune with rs-LoRA (methods none | kl | phaseguard)")
     for f in dataclasses.fields(TrainConfig):
