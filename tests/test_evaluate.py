@@ -505,7 +505,7 @@ def test_a_non_tiny_security_evaluation_needs_an_explicit_judge(tmp_path, capsys
 
 
 def eval_args(*flags):
-    parser = ev.Parser()
+    parser = mq.ArgumentParser()
     ev.add_eval_flags(parser)
     return parser.parse_args(list(flags))
 
