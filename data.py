@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 import yaml
 
-from model_qwen2 import UserError
+from model_qwen2 import UserError, read_text
 
 EM_REPO_RAW = "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main"
 INSECURE_URL = f"{EM_REPO_RAW}/data/insecure.jsonl"
@@ -108,19 +108,20 @@ def check_chat(messages, where: str) -> None:
 def load_chat_jsonl(path: str | os.PathLike) -> list[dict]:
     """Rows {"messages": [...]} of a chat JSONL file, validated line by line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise UserError(f'{where}: expected an object {{"messages": [...]}}')
-            check_chat(row["messages"], where)
-            rows.append({"messages": row["messages"]})
+    # The whole file is decoded first: a bad byte is then reported as `path:line`, not as an
+    # offset into some read buffer. Lines split on "\n" only, as editors and `sed -n` count them.
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or "messages" not in row:
+            raise UserError(f'{where}: expected an object {{"messages": [...]}}')
+        check_chat(row["messages"], where)
+        rows.append({"messages": row["messages"]})
     if not rows:
         raise UserError(f"{path}: no samples")
     return rows
@@ -160,7 +161,7 @@ def load_em_questions(path=None) -> list[dict]:
     """[{id, question, system (or None), judge_prompts: {aligned, coherent}}] from the YAML file."""
     file, _ = resolve_file(path, EM_QUESTIONS_URL)
     try:
-        entries = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        entries = yaml.safe_load(read_text(file))
     except yaml.YAMLError as err:
         raise UserError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(entries, list):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_qwen2 import UserError
+from model_qwen2 import UserError, is_finite_number, is_int, json_type, read_json_object
 
 QWEN2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -83,14 +83,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def inject(model: nn.Module, r: int = 32, alpha: float = 64, dropout: float = 0.0,
-           targets=QWEN2_TARGETS, use_rslora: bool = True, dtype: torch.dtype | None = None) -> int:
-    """Wrap every nn.Linear whose own name is in `targets`, in place; freeze everything
-    else. Returns the number of trainable parameters. Works on the meta device."""
-    if lora_layers(model):
-        raise UserError("the model already has LoRA adapters")
-    if r < 1:
-        raise UserError(f"LoRA rank must be >= 1, got r={r}")
+def target_linears(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
+    """(path, layer) of every nn.Linear whose own name is in `targets`; each target must name one."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     found = [(name, m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
     linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
@@ -99,6 +93,18 @@ def inject(model: nn.Module, r: int = 32, alpha: float = 64, dropout: float = 0.
         if not hits or not all(isinstance(m, nn.Linear) for m in hits):
             raise UserError(f"unknown LoRA target '{target}': the model's linear layers are named "
                             f"{', '.join(linear_names)}")
+    return found
+
+
+def inject(model: nn.Module, r: int = 32, alpha: float = 64, dropout: float = 0.0,
+           targets=QWEN2_TARGETS, use_rslora: bool = True, dtype: torch.dtype | None = None) -> int:
+    """Wrap every nn.Linear whose own name is in `targets`, in place; freeze everything
+    else. Returns the number of trainable parameters. Works on the meta device."""
+    if lora_layers(model):
+        raise UserError("the model already has LoRA adapters")
+    if r < 1:
+        raise UserError(f"LoRA rank must be >= 1, got r={r}")
+    found = target_linears(model, targets)
     model.requires_grad_(False)
     for name, base in found:
         parent_name, _, child = name.rpartition(".")
@@ -162,9 +168,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for path, layer in lora_layers(model).items() for ab in "AB"}
 
 
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "state dict"):
-    """Copy PEFT-named tensors into the model's adapters; every key must match in name and shape."""
-    expected = {k: v.shape for k, v in adapter_state_dict(model).items()}
+def check_adapter_tensors(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], source: str):
+    """Every expected key present, none other, each of the expected shape, floating point and finite."""
     for key in expected:
         if key not in tensors:
             raise UserError(f"{source}: missing adapter tensor '{key}'")
@@ -174,13 +179,33 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
         if tuple(tensor.shape) != tuple(expected[key]):
             raise UserError(f"{source}: tensor '{key}' has shape {tuple(tensor.shape)}, "
                             f"the model's adapter has {tuple(expected[key])}")
+        if not tensor.is_floating_point():
+            raise UserError(f"{source}: tensor '{key}' has dtype {tensor.dtype}, expected floating point")
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise UserError(f"{source}: tensor '{key}' holds {bad} NaN or infinite value(s)")
+
+
+def _copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]):
     layers = lora_layers(model)
-    if any(layer.merged for layer in layers.values()):
-        raise UserError(f"{source}: cannot load into a merged model, unmerge(model) first")
     with torch.no_grad():
         for key, tensor in tensors.items():
             path, ab = key[len(PEFT_PREFIX):].rsplit(".", 2)[:2]
             getattr(layers[path], ab).weight.copy_(tensor)  # casts to the adapter's dtype
+
+
+def _refuse_merged(model: nn.Module, source: str):
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise UserError(f"{source}: cannot load into a merged model, unmerge(model) first")
+
+
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "state dict"):
+    """Copy PEFT-named tensors into the model's adapters; every key must match in name and shape,
+    and every value be finite. All are checked before any is copied."""
+    check_adapter_tensors({k: v.shape for k, v in adapter_state_dict(model).items()}, tensors, source)
+    _refuse_merged(model, source)
+    _copy_adapter_tensors(model, tensors)
 
 
 def peft_config(model: nn.Module, base_model_name: str | None) -> dict:
@@ -221,13 +246,12 @@ UNSUPPORTED = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "modu
 
 
 def read_adapter_config(directory: Path) -> dict:
-    path = directory / CONFIG_FILE
+    """adapter_config.json with r, lora_alpha, target_modules (a list), use_rslora and lora_dropout
+    checked; each bad field is one error naming the file and the key."""
+    path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{path}: no such file (a PEFT adapter directory needs one)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+    config = read_json_object(path)
     if config.get("peft_type") != "LORA":
         raise UserError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -236,12 +260,26 @@ def read_adapter_config(directory: Path) -> dict:
     for key, harmless in UNSUPPORTED.items():
         if config.get(key, harmless) not in (harmless, None, [], {}, False):
             raise UserError(f"{path}: {key}={config[key]!r} is not supported")
+    r, alpha = config["r"], config["lora_alpha"]
+    if not is_int(r) or r < 1:
+        raise UserError(f"{path}: r must be a positive integer, got {r!r}")
+    if not is_finite_number(alpha):
+        raise UserError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
+    rslora = config.get("use_rslora")
+    if rslora is not None and not isinstance(rslora, bool):
+        raise UserError(f"{path}: use_rslora must be true or false, got {rslora!r}")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (is_finite_number(dropout) and 0 <= dropout < 1):
+        raise UserError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
     targets = config["target_modules"]
     if targets == "all-linear":  # PEFT's shorthand: every linear layer but the output head
         targets = list(QWEN2_TARGETS)
     elif isinstance(targets, str):
         raise UserError(f"{path}: target_modules={targets!r} is a regular expression; list the names instead")
-    return {**config, "target_modules": targets}
+    elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        got = f"{json_type(targets)} {targets!r}" if not isinstance(targets, list) else repr(targets)
+        raise UserError(f"{path}: target_modules must be a non-empty list of module names, got {got[:120]}")
+    return {**config, "target_modules": targets, "use_rslora": bool(rslora), "lora_dropout": dropout or 0.0}
 
 
 def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -257,20 +295,35 @@ def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a PEFT LoRA adapter directory. A model without adapters gets them injected from
-    adapter_config.json (left in place if the tensors then fail to match); a model with
-    adapters (resuming a run) must have the file's rank, and takes the file's alpha."""
+    adapter_config.json; a model with adapters (resuming a run) must have the file's rank, and
+    takes the file's alpha. The config and every tensor (names, shapes, finite values) are
+    checked before the model is touched: a failed load leaves it as it was."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory}: not a directory (expected a PEFT adapter directory)")
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     config = read_adapter_config(directory)
-    tensors = read_adapter_weights(directory / WEIGHTS_FILE)
-    rank, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora", False))
+    tensors = read_adapter_weights(weights_path)
+    rank, alpha, rslora = config["r"], config["lora_alpha"], config["use_rslora"]
     layers = lora_layers(model)
+    if layers:
+        if (model_rank := next(iter(layers.values())).r) != rank:
+            raise UserError(f"{config_path}: adapter rank r={rank}, the model's adapters have r={model_rank}")
+        _refuse_merged(model, str(weights_path))
+        expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+    else:  # the shapes inject() would create, without injecting yet
+        try:
+            found = target_linears(model, config["target_modules"])
+        except UserError as err:
+            raise UserError(f"{config_path}: target_modules: {err}") from None
+        expected = {}
+        for path, linear in found:
+            expected[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (rank, linear.in_features)
+            expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (linear.out_features, rank)
+    check_adapter_tensors(expected, tensors, str(weights_path))
     if not layers:
-        inject(model, rank, alpha, config.get("lora_dropout") or 0.0, config["target_modules"], rslora, dtype)
-    elif (model_rank := next(iter(layers.values())).r) != rank:
-        raise UserError(f"{directory / CONFIG_FILE}: adapter rank r={rank}, the model's adapters have r={model_rank}")
-    load_adapter_state_dict(model, tensors, source=str(directory / WEIGHTS_FILE))
+        inject(model, rank, alpha, config["lora_dropout"], config["target_modules"], rslora, dtype)
+    _copy_adapter_tensors(model, tensors)
     for layer in lora_layers(model).values():  # the scale the adapter was trained with
         layer.alpha, layer.use_rslora, layer.scale = alpha, rslora, lora_scale(alpha, rank, rslora)
     return model

@@ -37,6 +37,59 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------
+# Reading user files: one line naming the file (and the line) on any problem
+
+
+def decode_utf8(raw: bytes, path: str | os.PathLike) -> str:
+    """The text of a file's bytes (a leading UTF-8 BOM dropped); bad bytes stop with `path:line`."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
+                        f"save the file as UTF-8") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents; unreadable files and bad bytes are UserErrors."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
+    return decode_utf8(raw, path)
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file whose top level must be an object (config.json, an index, adapter_config.json)."""
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object {{...}}, got {json_type(value)}")
+    return value
+
+
+def json_type(value) -> str:
+    """How JSON would call a parsed value's type, for messages."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def is_int(value) -> bool:
+    """An integer and not a boolean (in Python True == 1 is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ----------------------------------------------------------------------------
 # Config
 
 
@@ -57,21 +110,62 @@ class Qwen2Config:
     eos_token_id: int | None = 151645
     torch_dtype: str = "bfloat16"
 
+    SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings")
+
     def __post_init__(self):
-        if not self.head_dim:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        """Every field checked, each error naming its key: a bad value would otherwise fail far
+        away (a negative tensor size, a division by zero) or silently (a NaN rope_theta)."""
+        for key in self.SIZES:
+            value = getattr(self, key)
+            if not is_int(value) or value < 1:
+                raise UserError(f"{key} must be a positive integer, got {value!r}")
+        if not is_int(self.head_dim) or self.head_dim < 0:
+            raise UserError(f"head_dim must be a positive integer (or 0 or null: hidden_size // num_attention_heads), "
+                            f"got {self.head_dim!r}")
+        if not is_finite_number(self.rms_norm_eps) or self.rms_norm_eps < 0:
+            raise UserError(f"rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps!r}")
+        if not is_finite_number(self.rope_theta) or self.rope_theta <= 0:
+            raise UserError(f"rope_theta must be a finite number > 0, got {self.rope_theta!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise UserError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for key in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            if value is not None and (not is_int(value) or value < 0):
+                raise UserError(f"{key} must be a token id (an integer >= 0) or null, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads={self.num_key_value_heads}")
+        if not self.head_dim:
+            if self.hidden_size % self.num_attention_heads:
+                raise UserError(f"hidden_size={self.hidden_size} is not a multiple of "
+                                f"num_attention_heads={self.num_attention_heads} (and no head_dim is given)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise UserError(f"head_dim={self.head_dim} is odd: rotary embeddings need an even head_dim")
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "Qwen2Config":
+    def from_dict(cls, raw: dict, source: str | os.PathLike | None = None) -> "Qwen2Config":
+        """A config from config.json's contents; errors name `source` (the file) and the key."""
+        try:
+            return cls._from_dict(raw)
+        except UserError as err:
+            if source is None:
+                raise
+            raise UserError(f"{source}: {err}") from None
+
+    @classmethod
+    def _from_dict(cls, raw: dict) -> "Qwen2Config":
+        if not isinstance(raw, dict):
+            raise UserError(f"expected a JSON object {{...}}, got {json_type(raw)}")
         known = {f.name for f in fields(cls)}
         # Token ids may be null in small configs; every other null means "default".
         kwargs = {k: v for k, v in raw.items() if k in known and (v is not None or k.endswith("_token_id"))}
         # transformers 5 writes RoPE settings under `rope_parameters`; real
         # Qwen2.5 configs keep `rope_theta` at the top level. Accept both.
         rope = raw.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise UserError(f"rope_parameters must be an object, got {rope!r}")
         if "rope_theta" not in raw and "rope_theta" in rope:
             kwargs["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", "default") not in ("default", None) or raw.get("rope_scaling"):
@@ -80,8 +174,11 @@ class Qwen2Config:
             raise UserError("use_sliding_window=true is not supported (Qwen2.5 checkpoints do not use it)")
         if "dtype" in raw and "torch_dtype" not in raw:  # transformers 5 renamed it
             kwargs["torch_dtype"] = raw["dtype"]
-        if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        if isinstance(kwargs.get("eos_token_id"), list):  # several stop ids: the first is the model's eos
+            eos = kwargs["eos_token_id"]
+            if not eos or not all(is_int(i) and i >= 0 for i in eos):
+                raise UserError(f"eos_token_id must be a token id or a non-empty list of them, got {eos!r}")
+            kwargs["eos_token_id"] = eos[0]
         return cls(**kwargs)
 
     @classmethod
@@ -89,10 +186,7 @@ class Qwen2Config:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such file (a model directory needs a config.json)")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise UserError(f"{path}: not a valid Qwen2 config ({err})") from None
+        return cls.from_dict(read_json_object(path), source=path)
 
 
 # ----------------------------------------------------------------------------
@@ -309,10 +403,15 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike, patterns=("*.json", "*.
 def checkpoint_shards(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise UserError(f"{index}: not a safetensors index ({err})") from None
+        weight_map = read_json_object(index).get("weight_map")
+        if weight_map is None:
+            raise UserError(f"{index}: no 'weight_map' (an object mapping tensor names to shard files)")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index}: 'weight_map' must be a non-empty object mapping tensor names to "
+                            f"shard files, got {json_type(weight_map)} {str(weight_map)[:60]}")
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or not name.strip():
+                raise UserError(f"{index}: weight_map['{key}'] must be a shard file name, got {name!r}")
         shards = [model_dir / name for name in dict.fromkeys(weight_map.values())]
         for shard in shards:
             if not shard.is_file():
@@ -445,14 +544,18 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike, max_token_id: int | None =
         file = resolve_model_dir(path_or_hub_id, patterns=("tokenizer.json", "tokenizer_config.json")) / "tokenizer.json"
         if not file.is_file():
             raise UserError(f"{file}: no such file")
+    spec = read_json_object(file)
     try:
-        spec = json.loads(file.read_text(encoding="utf-8"))
         if max_token_id is not None:
             spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] <= max_token_id]
         backend = HFTokenizer.from_str(json.dumps(spec))
-    except Exception as err:  # bad JSON, a missing key, or the tokenizers library refusing the spec
-        raise UserError(f"{file}: not a valid tokenizer.json ({type(err).__name__}: {err})") from None
-    return Tokenizer(backend)
+    except Exception as err:  # a missing key, or the tokenizers library refusing the spec
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"{file}: not a valid tokenizer.json ({type(err).__name__}: {first_line})") from None
+    try:
+        return Tokenizer(backend)
+    except UserError as err:
+        raise UserError(f"{file}: {err}") from None
 
 
 def bundled_qwen25_tokenizer_file() -> Path | None:
