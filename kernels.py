@@ -86,6 +86,18 @@ if HAS_TRITON:
         return m_new, s * rescale + tl.sum(e, 0), rescale, e
 
     @triton.jit
+    def _kl_sum_step(t, s_p, m_p, m_p_new, m_q, m_q_new, rescale_p, e_p, z, w, in_row):
+        # Fold one block into t = sum_i exp(z_i - m_p) d_i, d_i = (z_i - m_p) - (w_i - m_q), with m_p, m_q
+        # the running maxima. Why not z_i - w_i and lse_p - lse_q: at logits ~1e4 each fp32 lse is off by
+        # ~1e-3, many times a small KL; measured from each row's max, a constant added to a row cancels
+        # exactly. New maxima shift every earlier d_i by (m_p - m_p_new) - (m_q - m_q_new), weighted by
+        # s_p in all; then the p weights rescale. Before the first block s_p == 0: nothing to shift
+        # (and -inf - -inf would be NaN).
+        moved = tl.where(s_p > 0, s_p * ((m_p - m_p_new) - (m_q - m_q_new)), 0.0)
+        d = (z - m_p_new) - (w - m_q_new)
+        return (t + moved) * rescale_p + tl.sum(tl.where(in_row, e_p * d, 0.0), 0)
+
+    @triton.jit
     def _log_normalise(logx):
         # log x - logsumexp(log x) over one vector (padding lanes are -inf).
         mx = tl.max(logx, 0)
@@ -137,11 +149,13 @@ if HAS_TRITON:
         tl.store(nonfinite_ptr + row, n_bad)
 
     @triton.jit
-    def _kl_fwd_kernel(p_ptr, q_ptr, p_stride, q_stride, row_mask_ptr, kl_ptr, lse_p_ptr, lse_q_ptr,
-                       nonfinite_ptr, V, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-        # KL(p || q) = sum_i p_i (z_i - w_i) - lse(z) + lse(w), with z policy and w reference logits.
-        # The first term is t / s_p, t = sum_i exp(z_i - m_p)(z_i - w_i) kept on the same running max
-        # as s_p: the whole forward is ONE pass over both rows.
+    def _kl_fwd_kernel(p_ptr, q_ptr, p_stride, q_stride, row_mask_ptr, kl_ptr, m_p_ptr, log_s_p_ptr, m_q_ptr,
+                       log_s_q_ptr, nonfinite_ptr, V, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+        # With z policy and w reference logits, lse(z) = m_p + log s_p (running max, sum of exp(z - m_p)):
+        #   KL(p || q) = sum_i p_i ((z_i - m_p) - (w_i - m_q)) + log(s_q / s_p),
+        # the first term being t / s_p with t kept on the same running max as s_p (_kl_sum_step): the
+        # whole forward is ONE pass over both rows, and no large lse is ever formed (a constant added to
+        # a row changes nothing). log(s_q / s_p): one rounding at log's magnitude instead of two.
         row = tl.program_id(0).to(tl.int64)
         active = 1
         if HAS_MASK:
@@ -160,35 +174,43 @@ if HAS_TRITON:
             w = tl.load(q_ptr + row * q_stride + cols, mask=in_row, other=float("-inf")).to(tl.float32)
             bad_p += _count_nonfinite(z, in_row)
             bad_q += _count_nonfinite(w, in_row)
-            m_p, s_p, rescale, e = _online_lse_step(m_p, s_p, z)
-            t = t * rescale + tl.sum(tl.where(in_row, e * (z - w), 0.0), 0)
-            m_q, s_q, _, _ = _online_lse_step(m_q, s_q, w)
+            m_p_new, s_p_new, rescale, e = _online_lse_step(m_p, s_p, z)
+            m_q_new, s_q, _, _ = _online_lse_step(m_q, s_q, w)
+            t = _kl_sum_step(t, s_p, m_p, m_p_new, m_q, m_q_new, rescale, e, z, w, in_row)
+            m_p, s_p, m_q = m_p_new, s_p_new, m_q_new
         is_active = active != 0
-        lse_p = tl.where(is_active, m_p + tl.log(s_p), 0.0)
-        lse_q = tl.where(is_active, m_q + tl.log(s_q), 0.0)
-        tl.store(kl_ptr + row, tl.where(is_active, t / s_p - lse_p + lse_q, 0.0))
-        tl.store(lse_p_ptr + row, lse_p)
-        tl.store(lse_q_ptr + row, lse_q)
+        log_s_p = tl.where(is_active, tl.log(s_p), 0.0)
+        log_s_q = tl.where(is_active, tl.log(s_q), 0.0)
+        tl.store(kl_ptr + row, tl.where(is_active, t / s_p + tl.log(s_q / s_p), 0.0))
+        # The backward gets m and log s apart: m + log s would round at the logits' magnitude.
+        tl.store(m_p_ptr + row, tl.where(is_active, m_p, 0.0))
+        tl.store(log_s_p_ptr + row, log_s_p)
+        tl.store(m_q_ptr + row, tl.where(is_active, m_q, 0.0))
+        tl.store(log_s_q_ptr + row, log_s_q)
         tl.store(nonfinite_ptr + row, bad_p + 2 * bad_q)
 
     @triton.jit
     def _kl_bwd_kernel(p_ptr, q_ptr, p_stride, q_stride, grad_ptr, grad_stride, grad_kl_ptr, row_mask_ptr,
-                       kl_ptr, lse_p_ptr, lse_q_ptr, V, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-        # dKL/dz_i = p_i (log p_i - log q_i - KL): the second and last pass over the logits.
+                       kl_ptr, m_p_ptr, log_s_p_ptr, m_q_ptr, log_s_q_ptr, V, HAS_MASK: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        # dKL/dz_i = p_i (log p_i - log q_i - KL): the second and last pass over the logits, with
+        # log p_i = (z_i - m_p) - log s_p (never z_i - lse_p: see _kl_sum_step).
         row = tl.program_id(0).to(tl.int64)
         active = 1
         if HAS_MASK:
             active = tl.load(row_mask_ptr + row).to(tl.int32)
         scale = tl.load(grad_kl_ptr + row)
         kl = tl.load(kl_ptr + row)
-        lse_p = tl.load(lse_p_ptr + row)
-        lse_q = tl.load(lse_q_ptr + row)
+        m_p = tl.load(m_p_ptr + row)
+        log_s_p = tl.load(log_s_p_ptr + row)
+        m_q = tl.load(m_q_ptr + row)
+        log_s_q = tl.load(log_s_q_ptr + row)
         grad_row = grad_ptr + row * grad_stride
         for start in range(0, V * active, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             in_row = cols < V
-            logp = tl.load(p_ptr + row * p_stride + cols, mask=in_row, other=0.0).to(tl.float32) - lse_p
-            logq = tl.load(q_ptr + row * q_stride + cols, mask=in_row, other=0.0).to(tl.float32) - lse_q
+            logp = (tl.load(p_ptr + row * p_stride + cols, mask=in_row, other=0.0).to(tl.float32) - m_p) - log_s_p
+            logq = (tl.load(q_ptr + row * q_stride + cols, mask=in_row, other=0.0).to(tl.float32) - m_q) - log_s_q
             grad = scale * tl.exp(logp) * (logp - logq - kl)
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
         for start in range(0, V * (1 - active), BLOCK):  # masked rows: write zeros, read nothing
@@ -222,16 +244,19 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK)
             in_row = cols < V
             z = tl.load(zp_row + cols, mask=in_row, other=float("-inf"))
-            m_p, s_p, rescale, e = _online_lse_step(m_p, s_p, z)
-            if HAS_REF:
+            m_p_new, s_p_new, rescale, e = _online_lse_step(m_p, s_p, z)
+            if HAS_REF:  # KL as in _kl_fwd_kernel: log-ratios measured from each row's max
                 w = tl.load(zq_row + cols, mask=in_row, other=float("-inf"))
-                t = t * rescale + tl.sum(tl.where(in_row, e * (z - w), 0.0), 0)
-                m_q, s_q, _, _ = _online_lse_step(m_q, s_q, w)
-        lse_p = m_p + tl.log(s_p)
-        lse_q = m_q + tl.log(s_q)
+                m_q_new, s_q, _, _ = _online_lse_step(m_q, s_q, w)
+                t = _kl_sum_step(t, s_p, m_p, m_p_new, m_q, m_q_new, rescale, e, z, w, in_row)
+                m_q = m_q_new
+            m_p, s_p = m_p_new, s_p_new
+        # Never lse = m + log s: it rounds at the logits' magnitude (see _kl_sum_step).
+        log_s_p = tl.log(s_p)
+        log_s_q = tl.log(s_q)
         safe_label = tl.where(has_label, label, 0)
-        ce = tl.where(has_label, lse_p - tl.load(zp_row + safe_label, mask=has_label, other=0.0), 0.0)
-        kl = tl.where(kl_on != 0, t / s_p - lse_p + lse_q, 0.0)
+        ce = tl.where(has_label, (m_p - tl.load(zp_row + safe_label, mask=has_label, other=0.0)) + log_s_p, 0.0)
+        kl = tl.where(kl_on != 0, t / s_p + tl.log(s_q / s_p), 0.0)
         tl.store(ce_ptr + row, ce)
         tl.store(kl_ptr + row, kl)
         if COMPUTE_GRAD:
@@ -240,11 +265,11 @@ if HAS_TRITON:
             for start in range(0, V * active, BLOCK):  # pass 2: gradient, in place
                 cols = start + tl.arange(0, BLOCK)
                 in_row = cols < V
-                logp = tl.load(zp_row + cols, mask=in_row, other=0.0) - lse_p
+                logp = (tl.load(zp_row + cols, mask=in_row, other=0.0) - m_p) - log_s_p
                 p = tl.exp(logp)
                 grad = ce_scale * (p - tl.where(cols == label, 1.0, 0.0))
                 if HAS_REF:
-                    logq = tl.load(zq_row + cols, mask=in_row, other=0.0) - lse_q
+                    logq = (tl.load(zq_row + cols, mask=in_row, other=0.0) - m_q) - log_s_q
                     grad += kl_scale * p * (logp - logq - kl)
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
             for start in range(0, V * (1 - active), BLOCK):
@@ -343,35 +368,35 @@ def kl_div_reference(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor | N
 
 
 class _KLDivFunction(torch.autograd.Function):
-    """Forward: one pass, saves (lse_p, lse_q, KL) per row. Backward: one pass writing the gradient."""
+    """Forward: one pass, saves (KL, m_p, log s_p, m_q, log s_q) per row. Backward: one pass writing the gradient."""
 
     @staticmethod
     def forward(ctx, policy_logits, ref_logits, row_mask):
         N, V = policy_logits.shape
         dev = policy_logits.device
         kl = torch.empty(N, dtype=torch.float32, device=dev)
-        lse_p, lse_q = torch.empty_like(kl), torch.empty_like(kl)
+        stats = torch.empty(4, N, dtype=torch.float32, device=dev)  # m_p, log s_p, m_q, log s_q per row
         nonfinite = torch.empty(N, dtype=torch.int32, device=dev)
         has_mask = row_mask is not None
         mask_arg = row_mask if has_mask else kl  # never read when HAS_MASK is False
         block = min(BLOCK_V, triton.next_power_of_2(V))
         with _on_device(policy_logits):  # launch on the tensors' GPU, not the current one
             _kl_fwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), mask_arg,
-                                 kl, lse_p, lse_q, nonfinite, V, HAS_MASK=has_mask, BLOCK=block, num_warps=8)
+                                 kl, *stats, nonfinite, V, HAS_MASK=has_mask, BLOCK=block, num_warps=8)
         _require_finite_rows(nonfinite % 2 != 0, "policy_logits")
         _require_finite_rows(nonfinite >= 2, "ref_logits")
-        ctx.save_for_backward(policy_logits, ref_logits, mask_arg, kl, lse_p, lse_q)
+        ctx.save_for_backward(policy_logits, ref_logits, mask_arg, kl, stats)
         ctx.has_mask, ctx.block = has_mask, block
         return kl
 
     @staticmethod
     def backward(ctx, grad_kl):
-        policy_logits, ref_logits, mask_arg, kl, lse_p, lse_q = ctx.saved_tensors
+        policy_logits, ref_logits, mask_arg, kl, stats = ctx.saved_tensors
         N, V = policy_logits.shape
         grad = torch.empty_like(policy_logits)  # input dtype: no [N, V] fp32 buffer
         with _on_device(policy_logits):  # launch on the tensors' GPU, not the current one
             _kl_bwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), grad,
-                                 grad.stride(0), grad_kl.float().contiguous(), mask_arg, kl, lse_p, lse_q, V,
+                                 grad.stride(0), grad_kl.float().contiguous(), mask_arg, kl, *stats, V,
                                  HAS_MASK=ctx.has_mask, BLOCK=ctx.block, num_warps=8)
         return grad, None, None
 
@@ -441,17 +466,25 @@ def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
     return a.float() @ b.float()
 
 
+def _log_softmax_(z: Tensor) -> Tensor:
+    """log_softmax over the last dim, in place, as (z - max) - log sum exp(z - max). Not
+    z - logsumexp(z): that logsumexp is rounded at the logits' magnitude (~1e-3 at 1e4), one error
+    shared by the whole row, which swamps a small KL (log p - log q)."""
+    z.sub_(z.amax(-1, keepdim=True))
+    return z.sub_(z.logsumexp(-1, keepdim=True))
+
+
 def _ce_kl_chunk_torch(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad, _grad_dtype=None):
     """PyTorch version of _ce_kl_chunk_kernel, in place on the chunk's fp32 logits (fp32 gradient;
     the caller casts it for the GEMM)."""
     has_label = labels != IGNORE_INDEX
     safe_labels = labels.clamp_min(0).unsqueeze(1)
-    logp = zp.sub_(zp.logsumexp(-1, keepdim=True))
+    logp = _log_softmax_(zp)
     ce = torch.where(has_label, -logp.gather(1, safe_labels).squeeze(1), 0)
     p = logp.exp()
     kl = torch.zeros_like(ce)
     if zq is not None:
-        log_ratio = zq.sub_(zq.logsumexp(-1, keepdim=True)).neg_().add_(logp)  # log p - log q
+        log_ratio = _log_softmax_(zq).neg_().add_(logp)  # log p - log q
         kl = torch.where(kl_rows, (p.unsqueeze(1) @ log_ratio.unsqueeze(2)).reshape(-1), 0)
     if not need_grad:
         return ce, kl, None

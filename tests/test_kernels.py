@@ -176,6 +176,48 @@ def test_kl_div_reference_function_against_float64():
     assert _rel_err(x.grad, p64.grad) < 1e-4
 
 
+# A constant added to a row changes no probability, so KL must not move. fp32 holds 1e4 only to
+# ~1e-3, so a formula that subtracts two ~1e4 log-sum-exps (lse_p - lse_q) to reach a KL of 5e-5 is
+# off by many times the KL: before the fix, Triton kl_div's KL was off by 1.0x at offset 1e3 and 21x
+# at 1e4, the fused op's by 0.22x / 11x (Triton) and 0.22x / 5.7x (PyTorch). BLOCK_V = 256 splits
+# V = 1500 into 5 blocks + a 220-column tail, so the online rescaling across blocks is exercised.
+OFFSETS = [0.0, 30.0, 1e3, 1e4]
+SMALL_BLOCK = 256
+SHIFT_KL_RTOL = 2e-2     # of a KL of ~5e-5 (per row, or the sum): fp32's floor there is ~1e-2
+SHIFT_GRAD_RTOL = 2e-4   # _rel_err of the gradient
+
+
+def _shifted_pair(offset, n=5, v=1500, seed=17):
+    """Reference logits and a copy perturbed by ~1e-2 (KL ~ 5e-5), both + offset, in fp32. Values
+    are multiples of 2^-10 below 2^14 in magnitude, so fp32 holds them exactly at every offset:
+    each offset sees the same distributions, and only the offset differs."""
+    g = torch.Generator().manual_seed(seed)
+    grid = lambda x: (x * 1024).round() / 1024  # noqa: E731
+    ref = grid(2.0 * torch.randn(n, v, generator=g, dtype=torch.float64))
+    cur = ref + grid(1e-2 * torch.randn(n, v, generator=g, dtype=torch.float64))
+    order = ref[0].argsort()  # row 0 ascending: both running maxima move in every block
+    ref[0], cur[0] = ref[0, order], cur[0, order]
+    cur, ref = cur + offset, ref + offset
+    assert torch.equal(cur.float().double(), cur) and torch.equal(ref.float().double(), ref)
+    return cur.float(), ref.float()
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_kl_div_invariant_to_a_large_logit_offset(offset, path, monkeypatch):
+    monkeypatch.setattr(K, "BLOCK_V", SMALL_BLOCK)
+    policy, ref = _shifted_pair(offset)
+    upstream = torch.tensor([1.0, -0.5, 2.0, 0.3, 1.5])
+    x = policy.clone().requires_grad_()
+    kl = K.kl_div(x, ref)
+    (kl * upstream).sum().backward()
+    want, p64 = _kl_float64(policy, ref, torch.ones(5))  # float64 on the same fp32 values
+    (want * upstream.double()).sum().backward()
+    want = want.detach()
+    assert ((want > 2e-5) & (want < 1e-4)).all(), want  # a regulariser's small KL
+    kl_err, grad_err = ((kl.double() - want).abs() / want).max().item(), _rel_err(x.grad, p64.grad)
+    assert kl_err < SHIFT_KL_RTOL and grad_err < SHIFT_GRAD_RTOL, f"KL {kl_err:.2e}, gradient {grad_err:.2e}"
+
+
 # ------------------------------------------------------------------ fused lm_head + CE + KL (Eq. 1)
 def _fused_inputs(N, H, V, dtype, seed):
     g = torch.Generator().manual_seed(seed)
@@ -271,6 +313,55 @@ def test_fused_ignores_autocast(path):
     assert cast.loss.dtype == torch.float32 and cast.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
 
 
+def _offset_fused_inputs(offset, n=7, H=16, V=1500, seed=18):
+    """Hidden unit 0 carries the offset and its lm_head column is all ones, so every logit of a row
+    gets + offset. Values are multiples of 1/64 and 1/16 (products of 1/1024): every fp32 partial
+    sum below 2^14 is exact, so the logits the op computes are exactly the float64 ones."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-16, 17, (V, H), generator=g) / 16
+    weight[:, 0] = 1.0
+    hidden = torch.randint(-64, 65, (n, H), generator=g) / 64
+    hidden[:, 0] = offset
+    ref_hidden = hidden.clone()  # the reference differs by +-1/64 in one unit: KL ~ 5e-5
+    unit, sign = torch.randint(1, H, (n,), generator=g), torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    ref_hidden[torch.arange(n), unit] += sign / 64
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[3] = -100
+    kl_mask = torch.tensor([True, True, False, True, True, True, True])
+    return hidden, ref_hidden, weight, labels, kl_mask
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_fused_kl_invariant_to_a_large_logit_offset(offset, path, monkeypatch):
+    monkeypatch.setattr(K, "BLOCK_V", SMALL_BLOCK)
+    hidden, ref_hidden, weight, labels, kl_mask = _offset_fused_inputs(offset)
+    assert torch.equal((hidden @ weight.T).double(), hidden.double() @ weight.double().T)  # exact logits
+    h = hidden.clone().requires_grad_()
+    # ce_weight 0: the gradient is the KL's alone (CE's is 100x larger and would hide its error).
+    out = K.fused_linear_ce_kl(h, ref_hidden, weight, labels, kl_mask, 0.0, 1.0, chunk_tokens=3)
+    out.loss.backward()
+    _, ce, kl, grad = _fused_float64(hidden, ref_hidden, weight, labels, kl_mask, 0.0, 1.0)
+    assert 2e-5 < kl.item() / out.n_kl < 1e-4, kl.item() / out.n_kl
+    kl_err, grad_err = abs(out.kl_sum - kl.item()) / kl.item(), _rel_err(h.grad, grad)
+    ce_err = abs(out.ce_sum - ce.item()) / ce.item()
+    assert kl_err < SHIFT_KL_RTOL and grad_err < SHIFT_GRAD_RTOL and ce_err < 1e-7, \
+        f"KL {kl_err:.2e}, gradient {grad_err:.2e}, CE {ce_err:.2e}"
+
+
+@pytest.mark.parametrize("upstream", [2.7, -1.3])
+def test_fused_backward_scales_by_the_upstream_gradient(upstream, path):
+    # The gradient is made in the forward; backward must multiply it by d(outer loss)/d(loss).
+    hidden, ref_hidden, weight, labels, kl_mask = _fused_inputs(20, 32, 3000, torch.float32, 19)
+    ce_w, kl_w = 1 / 13, 0.5 / 11
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = K.fused_linear_ce_kl(h, ref_hidden, w, labels, kl_mask, ce_w, kl_w, chunk_tokens=6)
+    (upstream * out.loss).backward()
+    loss, _, _, grad = _fused_float64(hidden, ref_hidden, weight, labels, kl_mask, ce_w, kl_w)
+    assert out.loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert _rel_err(h.grad, upstream * grad) < 1e-5
+    assert w.grad is None  # the lm_head is frozen: no gradient, rather than a wrong one
+
+
 # ------------------------------------------------------------------ bad input -> one-line ValueError
 def _bad_calls():
     cur, ref = _pair(2, 50, torch.float32, 13)
@@ -339,7 +430,8 @@ def build(fn, signature, constexprs):
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 
-f32, rows = "*fp32", {"kl_ptr": "*fp32", "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32"}
+f32 = "*fp32"
+rows = {name: f32 for name in ("kl_ptr", "m_p_ptr", "log_s_p_ptr", "m_q_ptr", "log_s_q_ptr")}
 for rest in (False, True):
     build(K._topk_js_kernel, dict(logits_ptr="*bf16", row_stride="i64", ids_ptr="*i64", ref_logprobs_ptr=f32,
                                   js_ptr=f32, nonfinite_ptr="*i32", V="i32", K="i32"),
