@@ -14,12 +14,13 @@ t = 20, the step the paper reports.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -78,6 +79,7 @@ class TrainConfig:
     tiny_model: dict = field(default_factory=dict)  # tiny preset: model sizes
 
     def check(self):
+        """Every field in range before anything is read or written: one line, exit 2, per bad value."""
         if self.method not in METHODS:
             raise UserError(f"unknown METHOD {self.method!r}: expected one of {', '.join(METHODS)}")
         if self.task not in ("security", "opswap"):
@@ -86,8 +88,19 @@ class TrainConfig:
             raise UserError(f"unknown PRESET {self.preset!r}: expected auto, paper or tiny")
         if self.lam is not None and not (math.isfinite(self.lam) and self.lam >= 0):
             raise UserError(f"LAMBDA must be a finite number >= 0, got {self.lam}")
-        if not self.tau > 0:
-            raise UserError(f"tau must be > 0, got {self.tau}")
+        # JS (natural log) lies in [0, ln 2]: a tau at or above ln 2 could never fire (Sec. 3.2).
+        if not 0 < self.tau < math.log(2):
+            raise UserError(f"tau must be > 0 and < ln 2 = {math.log(2):.4f} (the largest JS), got {self.tau}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise UserError(f"grad_clip must be a finite number > 0 (or 0: no clipping), got {self.grad_clip}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"lora_dropout must be >= 0 and < 1, got {self.lora_dropout}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise UserError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
         if self.kl_tokens not in ("all", "supervised"):
             raise UserError(f"kl_tokens must be 'all' or 'supervised', got {self.kl_tokens!r}")
         if self.js_variant not in ("renorm", "rest"):
@@ -96,8 +109,28 @@ class TrainConfig:
                      "checkpoint_every", "max_len", "consecutive"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_measurements", "warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"limit must be >= 1 (the number of training samples to use), got {self.limit}")
         if self.batch_size % self.micro_batch_size:
             raise UserError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        check_device(self.device)
+
+
+def check_device(device: str):
+    """'auto', 'cpu', 'cuda' or 'cuda:N', and the CUDA device must exist."""
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device in ("auto", "cpu"):
+        return
+    if match is None:
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: no CUDA device on this machine")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 TINY_PRESET = dict(  # checks the pipeline on a CPU in minutes; its numbers mean nothing
@@ -151,16 +184,32 @@ def first_decode_logits(model, canaries) -> torch.Tensor:
         model.train(was_training)
 
 
+def reference_canary_logits(model, canaries) -> torch.Tensor:
+    """[24, V] fp32: the reference's (adapters off) first-decode logits; it never changes."""
+    with lora.disabled(model):
+        return first_decode_logits(model, canaries)
+
+
 def monitor_reference(model, canaries, k: int):
     """Before step 0: the reference's top-k ids and log-probabilities, kept for the whole run."""
-    with lora.disabled(model):
-        return kernels.reference_topk(first_decode_logits(model, canaries), k)
+    return kernels.reference_topk(reference_canary_logits(model, canaries), k)
+
+
+def d_t_of(logits, reference, variant: str = "renorm") -> float:
+    """Eq. 2 from the canaries' first-decode logits: the mean (not the sum) over the canaries."""
+    ref_ids, ref_logprobs = reference
+    return kernels.topk_js(logits, ref_ids, ref_logprobs, variant).mean().item()
 
 
 def monitor(model, canaries, reference, variant: str = "renorm") -> float:
     """D_t (Eq. 2): mean truncated JS over the canaries, current model vs reference."""
-    ref_ids, ref_logprobs = reference
-    return kernels.topk_js(first_decode_logits(model, canaries), ref_ids, ref_logprobs, variant).mean().item()
+    return d_t_of(first_decode_logits(model, canaries), reference, variant)
+
+
+def canary_kl(logits, ref_logits) -> float:
+    """Drift on the canaries for every method: the mean over canaries of the full-vocabulary
+    KL(pi_theta || pi_theta0) at the first decode position (the quantity Eq. 1 penalises)."""
+    return kernels.kl_div(logits, ref_logits).mean().item()
 
 
 @dataclass
@@ -240,8 +289,30 @@ def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocas
 
 
 def save_checkpoint(run: Path, model, optimizer, step: int, trigger: Trigger, d_history: list):
-    from safetensors.torch import save_file
     tmp = run / f"checkpoint-{step}.tmp"
+    with naming_errors(tmp):
+        write_checkpoint(run, tmp, model, optimizer, step, trigger, d_history)
+
+
+@contextlib.contextmanager
+def naming_errors(path: Path):
+    """A failed write (ENOSPC, EFBIG) names no file by itself, and safetensors reports it as
+    "os error N" in an exception of its own: raise an OSError naming the path being written."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
+    except Exception as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
+
+
+def write_checkpoint(run: Path, tmp: Path, model, optimizer, step: int, trigger: Trigger, d_history: list):
+    from safetensors.torch import save_file
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     lora.save_adapter(model, tmp / "adapter")
@@ -271,7 +342,7 @@ def save_checkpoint(run: Path, model, optimizer, step: int, trigger: Trigger, d_
 
 def load_checkpoint(run: Path, model, optimizer) -> tuple[int, Trigger, list]:
     from safetensors.torch import load_file
-    ckpt = run / (run / "latest_checkpoint").read_text().strip()
+    ckpt = latest_checkpoint(run)
     lora.load_adapter(model, ckpt / "adapter")
     meta = json.loads((ckpt / "state.json").read_text())
     tensors = load_file(str(ckpt / "optimizer_rng.safetensors"))
@@ -291,10 +362,24 @@ def load_checkpoint(run: Path, model, optimizer) -> tuple[int, Trigger, list]:
     return meta["step"], Trigger(**meta["trigger"]), meta["d_history"]
 
 
+def latest_checkpoint(run: Path) -> Path | None:
+    """The checkpoint named by <run>/latest_checkpoint: a `checkpoint-N` directory of this run."""
+    pointer = run / "latest_checkpoint"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if re.fullmatch(r"checkpoint-\d+", name) is None:
+        raise UserError(f"{pointer}: expected a name 'checkpoint-N' of a directory in {run}, got {name[:60]!r}")
+    if not (run / name / "state.json").is_file():
+        raise UserError(f"{pointer}: names {name}, which is not a complete checkpoint in {run}")
+    return run / name
+
+
 def write_atomic(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    fsync(tmp)
+    with naming_errors(tmp):
+        tmp.write_text(text)
+        fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -330,28 +415,33 @@ def build_tiny_model(cfg: TrainConfig, samples_text: list[str], directory: Path)
     config = dict(sizes, vocab_size=tok.get_vocab_size(), tie_word_embeddings=True, rope_theta=10000.0,
                   rms_norm_eps=1e-6, max_position_embeddings=4096, torch_dtype="float32",
                   eos_token_id=tok.token_to_id("<|im_end|>"), bos_token_id=None)
-    torch.manual_seed(cfg.seed)
-    model = mq.Qwen2(mq.Qwen2Config.from_dict(config))
-    for name, p in model.named_parameters():
-        if p.dim() > 1:  # the tied embedding gets a wider init: a frozen 0.02 head could move logits ~1 nat at most
-            torch.nn.init.normal_(p, std=0.25 if "embed_tokens" in name else 0.02)
+    # Its own RNG stream: the build must not move the training RNG, or a run killed before its
+    # first checkpoint (which reuses the built model) would resume to a different adapter.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = mq.Qwen2(mq.Qwen2Config.from_dict(config))
+        for name, p in model.named_parameters():
+            if p.dim() > 1:  # the tied embedding gets a wider init: a frozen 0.02 head could move logits ~1 nat at most
+                torch.nn.init.normal_(p, std=0.25 if "embed_tokens" in name else 0.02)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory, directory / "tokenizer.json"
 
 
-def load_run_model(cfg: TrainConfig, run: Path):
-    """(model with rs-LoRA injected, tokenizer, task data)."""
-    if cfg.preset == "tiny" and cfg.model == "tiny" and (run / "tiny_model" / "config.json").is_file():
-        model_dir, tok_path = run / "tiny_model", run / "tiny_model" / "tokenizer.json"  # resuming
+def load_run_model(cfg: TrainConfig, run: Path, resuming: bool = False):
+    """(model with rs-LoRA injected, tokenizer, task data). The tiny model is reused only by
+    a run that has started (config.json written); a failed start's leftover is rebuilt."""
+    if cfg.preset == "tiny" and cfg.model == "tiny" and resuming and (run / "tiny_model" / "config.json").is_file():
+        model_dir, tok_path = run / "tiny_model", run / "tiny_model" / "tokenizer.json"
     elif cfg.preset == "tiny" and cfg.model == "tiny":
         if cfg.task == "security":
             raw_train, _, _ = data.security_split(cfg.data)
         else:
             raw_train, _ = data.opswap_split(2)
         texts = [m["content"] for s in raw_train[:cfg.limit] for m in s["messages"]]
-        model_dir, tok_path = build_tiny_model(cfg, texts, run / "tiny_model")
+        with naming_errors(run / "tiny_model"):
+            model_dir, tok_path = build_tiny_model(cfg, texts, run / "tiny_model")
     else:
         model_dir, tok_path = cfg.model, cfg.tokenizer or cfg.model
     tokenizer = mq.load_tokenizer(tok_path)
@@ -369,12 +459,15 @@ def load_run_model(cfg: TrainConfig, run: Path):
 # The training loop
 
 
-def train(cfg: TrainConfig, resume: bool = False, die_after_step: int | None = None) -> Path:
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """One run, top to bottom. Flags were checked by resolve_config; data, tokenizer and model
+    are loaded and checked next; config.json is written only when training really starts, so
+    a failed start leaves nothing that refuses the same command with the input fixed."""
     run = Path(cfg.out)
-    prepare_run_dir(run, cfg, resume)
+    resuming = check_run_dir(run, cfg, resume)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model, tokenizer, task = load_run_model(cfg, run)
+    model, tokenizer, task = load_run_model(cfg, run, resuming)
     device = cfg.device
     if cfg.topk > model.config.vocab_size:
         raise UserError(f"topk={cfg.topk} is larger than the vocabulary ({model.config.vocab_size})")
@@ -386,15 +479,21 @@ def train(cfg: TrainConfig, resume: bool = False, die_after_step: int | None = N
     step_batches = [b for epoch in range(cfg.epochs)
                     for b in data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)]
     total_steps = len(step_batches)
+    if total_steps == 0:
+        raise UserError(f"no training samples from {task.source}: every sample lost its assistant tokens "
+                        f"when cut at max_len={cfg.max_len} ({task.n_truncated} cut)" if task.n_truncated else
+                        f"no training samples from {task.source} (limit={cfg.limit})")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     canaries = canary_batch(tokenizer, device)
-    reference = monitor_reference(model, canaries, cfg.topk)  # computed once (Sec. 3.2)
+    ref_logits = reference_canary_logits(model, canaries)  # computed once: the reference never changes
+    reference = kernels.reference_topk(ref_logits, cfg.topk)  # Sec. 3.2
     trigger = Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive)
     start, d_history = 0, []
-    if resume and (run / "latest_checkpoint").is_file():
+    if resuming and latest_checkpoint(run) is not None:
         start, trigger, d_history = load_checkpoint(run, model, optimizer)
+    start_run_dir(run, cfg, resuming)  # training starts now: config.json, then metrics
     truncate_metrics(run / "metrics.jsonl", start)
     print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
           f"{cfg.max_len}), {total_steps} steps, lambda={cfg.lam}, data from {task.source}", file=sys.stderr)
@@ -405,10 +504,13 @@ def train(cfg: TrainConfig, resume: bool = False, die_after_step: int | None = N
     d_t = None
     with open(run / "metrics.jsonl", "a") as log:
         for step in bar:
-            # Monitor (Eq. 2) and trigger, between optimizer steps.
-            measured = None
+            # Monitor (Eq. 2) and trigger, between optimizer steps; the canary KL is logged for
+            # every method so drift can be compared across them.
+            measured = drift = None
             if step % cfg.monitor_every == 0:
-                measured = d_t = monitor(model, canaries, reference, cfg.js_variant)
+                logits = first_decode_logits(model, canaries)
+                measured = d_t = d_t_of(logits, reference, cfg.js_variant)
+                drift = canary_kl(logits, ref_logits)
                 d_history.append([step, d_t])
                 if cfg.method == "phaseguard":
                     update_trigger(trigger, d_t, step)
@@ -424,7 +526,8 @@ def train(cfg: TrainConfig, resume: bool = False, die_after_step: int | None = N
             micro = [data.collate(examples[i:i + cfg.micro_batch_size], tokenizer.pad_id)
                      for i in range(0, len(examples), cfg.micro_batch_size)]
             stats = train_step(model, micro, lam, cfg.kl_tokens, device, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            # grad_clip 0 is "off": an infinite max norm still returns the norm for the log.
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cuda:
@@ -433,19 +536,20 @@ def train(cfg: TrainConfig, resume: bool = False, die_after_step: int | None = N
 
             record = {"step": step + 1, **stats, "lambda_active": lam, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens_per_s": stats["tokens"] / seconds, "peak_memory_gb": peak_memory_gb(cuda),
-                      "d_t": measured, "d_t_step": step if measured is not None else None,
-                      "trigger_fired_at": trigger.fired_at}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", D_t=f"{d_t:.3f}" if d_t is not None else "-",
+                      "d_t": measured, "d_t_step": step if measured is not None else None, "canary_kl": drift,
+                      "trigger_fired_at": trigger.fired_at, "time": round(time.time(), 3)}
+            with naming_errors(run / "metrics.jsonl"):
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", kl="-" if stats["kl"] is None else f"{stats['kl']:.4f}",
+                            lam=f"{lam:g}", D_t=f"{d_t:.3f}" if d_t is not None else "-",
                             trigger=trigger.fired_at if trigger.fired else ("off" if cfg.method == "phaseguard" else "n/a"))
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == total_steps:
                 save_checkpoint(run, model, optimizer, done, trigger, d_history)
-            if die_after_step is not None and done == die_after_step:  # fault injection for the resume test
-                os.kill(os.getpid(), signal.SIGKILL)
 
-    lora.save_adapter(model, run / "adapter", cfg.model)
+    with naming_errors(run / "adapter"):
+        lora.save_adapter(model, run / "adapter", cfg.model)
     summary = {"steps": total_steps, "trigger_step": trigger.fired_at, "d_history": d_history,
                "n_train": len(task.train), "n_truncated": task.n_truncated, "data_source": task.source}
     write_atomic(run / "summary.json", json.dumps(summary, indent=2))
@@ -459,22 +563,53 @@ def peak_memory_gb(cuda: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool):
-    """Write config.json; never overwrite another run. Resuming needs the same config."""
+PATH_FIELDS = ("data", "model", "tokenizer")  # kept as typed, compared resolved
+
+
+def resolved_paths(cfg: TrainConfig) -> dict:
+    """Absolute forms of the local paths in the config (hub ids and URLs are left out)."""
+    return {k: str(Path(v).expanduser().resolve()) for k in PATH_FIELDS
+            if (v := getattr(cfg, k)) and not data.is_url(v) and Path(v).expanduser().exists()}
+
+
+def config_record(cfg: TrainConfig) -> dict:
+    return {**dataclasses.asdict(cfg), "resolved_paths": resolved_paths(cfg)}
+
+
+def check_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> bool:
+    """Refuse to touch another run; writes nothing. True when resuming a started run, which
+    needs the same config: paths compared resolved (a run resumed from another working
+    directory, or moved with `mv`, continues), and `out` not at all (it is where the run is)."""
     config_file = run / "config.json"
-    resolved = dataclasses.asdict(cfg)
-    if config_file.is_file():
+    if not config_file.is_file():
+        return False
+    if not resume:
+        raise UserError(f"{run} already holds a run: pass RESUME=1 to continue it, or choose another OUT")
+    try:
         previous = json.loads(config_file.read_text())
-        if not resume:
-            raise UserError(f"{run} already holds a run: pass RESUME=1 to continue it, or choose another OUT")
-        changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
-        if changed:
-            k = changed[0]
-            raise UserError(f"{config_file}: cannot resume with a different config ({k}: "
-                            f"{previous.get(k)!r} there, {resolved.get(k)!r} now)")
-        return
-    run.mkdir(parents=True, exist_ok=True)
-    write_atomic(config_file, json.dumps(resolved, indent=2))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_file}: not a JSON run config ({err})") from None
+    if not isinstance(previous, dict):
+        raise UserError(f"{config_file}: not a JSON run config (a {type(previous).__name__})")
+    now = config_record(cfg)
+    before_paths, now_paths = previous.get("resolved_paths") or {}, now["resolved_paths"]
+    for key in sorted((set(previous) | set(now)) - {"out", "resolved_paths"}):
+        if key in PATH_FIELDS and key in before_paths and key in now_paths:
+            same = before_paths[key] == now_paths[key]
+        else:
+            same = previous.get(key) == now.get(key)
+        if not same:
+            raise UserError(f"{config_file}: cannot resume with a different config ({key}: "
+                            f"{previous.get(key)!r} there, {now.get(key)!r} now)")
+    return True
+
+
+def start_run_dir(run: Path, cfg: TrainConfig, resuming: bool):
+    """Training really starts: a new run writes its config.json (a resumed one keeps its own)."""
+    if not resuming:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").unlink(missing_ok=True)  # a failed start never wrote one; be sure
+        write_atomic(run / "config.json", json.dumps(config_record(cfg), indent=2))
 
 
 def truncate_metrics(path: Path, step: int):
@@ -508,18 +643,27 @@ def main(argv=None) -> int:
                        help=f"default: {f.default} (the tiny preset: {TINY_PRESET[f.name]})"
                        if f.name in TINY_PRESET else f"default: {f.default}")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--die-after-step", type=int, default=None, help=argparse.SUPPRESS)
     args = vars(parser.parse_args(argv))
     args.pop("command")  # only `train` for now
-    resume, die = args.pop("resume"), args.pop("die_after_step")
+    resume = args.pop("resume")
+    # A file-size limit (ulimit -f) then fails the write with EFBIG, reported below, instead of
+    # killing the process without a word.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    cfg = None
     try:
         cfg = resolve_config(args)
         if cfg.preset == "tiny":
             print("[phaseguard] TINY PRESET: a small random model on the CPU. It checks the pipeline; "
                   "its numbers mean nothing.", file=sys.stderr)
-        run = train(cfg, resume=resume, die_after_step=die)
+        run = train(cfg, resume=resume)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only or full disk, a file-size limit: the last checkpoint is intact
+        where = err.filename or (cfg.out if cfg else "?")
+        kept = cfg is not None and (Path(cfg.out) / "latest_checkpoint").is_file()
+        print(f"error: {where}: {err.strerror or err}" + (" (the last complete checkpoint is intact: fix the "
+              "cause and rerun with RESUME=1)" if kept else ""), file=sys.stderr)
         return 2
     print(f"[phaseguard] done: {run}", file=sys.stderr)
     return 0

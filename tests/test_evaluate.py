@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import evaluate as ev
+import report
+import sweep
 import judge
 import lora
 import model_qwen2 as mq
@@ -380,7 +382,7 @@ def test_report_says_yes_when_one_lambda_passes_both(tmp_path):
     for seed, trigger in ((1, 25), (2, 20)):
         fake_run(root, "security", "phaseguard", 0.03, seed, trigger, em=5)
     fake_run(root, "opswap", "phaseguard", 0.03, 1, None, acc=10)
-    text = ev.write_report(root, tmp_path / "report.md")
+    text = report.write_report(root, tmp_path / "report.md")
     assert "| PhaseGuard-KL (λ=0.03) | 20.83 ± 0.00 | 1.85 | EM: 25, 20; OpSwap: never | ✓ EM, ✗ OpSwap |" in text
     assert "| 0.05 | 8.33 | ✓ (≤24.3%) | 74.07 | ✓ (≥43.7%) |" in text
     assert "**yes**" in text
@@ -389,11 +391,11 @@ def test_report_says_yes_when_one_lambda_passes_both(tmp_path):
 def test_report_leaves_tiny_runs_out_of_the_paper_tables(tmp_path):
     root = tmp_path / "runs"
     paper_like_runs(root)
-    reference = ev.write_report(root, tmp_path / "paper.md")
+    reference = report.write_report(root, tmp_path / "paper.md")
     for seed in (1, 2):  # tiny runs that would change Table 1, Table 2 and the per-question table
         fake_run(root, "security", "phaseguard", 0.03, seed, 20, em=24, preset="tiny")
     fake_run(root, "opswap", "phaseguard", 0.03, 42, 20, acc=540, preset="tiny")
-    text = ev.write_report(root, tmp_path / "mixed.md")
+    text = report.write_report(root, tmp_path / "mixed.md")
     for heading in ("## Table 1", "## Table 2", "## Misaligned rate per question"):
         assert table_rows(text, heading) == table_rows(reference, heading)
     assert "3 tiny-preset runs (a small random model; numbers that mean nothing) left out of Tables 1-2" in text
@@ -402,7 +404,7 @@ def test_report_leaves_tiny_runs_out_of_the_paper_tables(tmp_path):
     only_tiny = tmp_path / "tiny_runs"
     only_tiny.mkdir()
     fake_run(only_tiny, "security", "phaseguard", 0.03, 1, 20, em=24, preset="tiny")
-    text = ev.write_report(only_tiny, tmp_path / "tiny.md")
+    text = report.write_report(only_tiny, tmp_path / "tiny.md")
     assert "TINY PRESET" in text and "| PhaseGuard-KL (λ=0.03) | 100.00 |" in text
 
 
@@ -411,7 +413,7 @@ def test_report_never_passes_a_rate_over_no_answers(tmp_path):
     root.mkdir()
     fake_run(root, "security", "phaseguard", 0.03, 42, 20, em=0, n=0, settings={"question_limit": 2})
     fake_run(root, "opswap", "phaseguard", 0.03, 42, 20, acc=300)
-    text = ev.write_report(root, tmp_path / "report.md")
+    text = report.write_report(root, tmp_path / "report.md")
     assert "| PhaseGuard-KL (λ=0.03) | — | 55.56 | 20 | ✓ OpSwap |" in text  # no EM mark at all
     assert "| 0.03 | — | — | 55.56 | ✓ (≥43.7%) |" in text and "0.00" not in text
     assert "| EM — (0/0) | http:Qwen/Qwen2.5-72B-Instruct (**limited**: question_limit=2) |" in text
@@ -422,7 +424,7 @@ def test_report_uses_the_best_of_n_the_runs_hold(tmp_path):
     root = tmp_path / "runs"
     root.mkdir()
     fake_run(root, "security", "none", 0.0, 42, em=10, baselines={"safety_prompt": 7, "best_of_3": 6})
-    text = ev.write_report(root, tmp_path / "report.md")
+    text = report.write_report(root, tmp_path / "report.md")
     assert "| Best-of-3 † | 25.00 | — | N/A | ✗ EM |" in text
     assert table_rows(text, "## Misaligned rate per question")[0].endswith("| Safety Prompt | Best-of-3 |")
 
@@ -522,7 +524,7 @@ def test_argparse_errors_are_one_line(capsys):
 
 
 def test_sweep_plan_covers_tables_1_and_2():
-    plan = ev.sweep_plan("paper")
+    plan = sweep.sweep_plan("paper")
     security = [p for p in plan if p["task"] == "security"]
     assert len(security) == 3 * 7 and len(plan) == 28
     assert {p["seed"] for p in plan if p["task"] == "opswap"} == {42}
@@ -553,7 +555,7 @@ def test_sweep_skips_finished_runs(tmp_path, monkeypatch):
     (half / "config.json").write_text("{}")
     trained, evaluated = [], []
     monkeypatch.setattr(pg, "train", lambda cfg, resume=False: trained.append((Path(cfg.out).name, cfg.limit, resume)))
-    monkeypatch.setattr(ev, "evaluate_run", lambda run, args: evaluated.append(Path(run).name))
+    monkeypatch.setattr(sweep, "evaluate_run", lambda run, args: evaluated.append(Path(run).name))
     argv = ["sweep", "--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42", "--set", "limit=40"]
     assert ev.main(argv) == 0
     names = {"tiny-security-none-lam0-seed42", "tiny-security-kl-lam0.1-seed42", "tiny-security-phaseguard-lam0.03-seed42",
@@ -568,7 +570,7 @@ def test_sweep_refuses_partial_results_before_training(tmp_path, monkeypatch, ca
     partial = finished_tiny_run(runs, "tiny-opswap-none-lam0-seed42", opswap_limit=5)  # from eval --opswap-limit 5
     trained, evaluated = [], []
     monkeypatch.setattr(pg, "train", lambda cfg, resume=False: trained.append(cfg))
-    monkeypatch.setattr(ev, "evaluate_run", lambda run, args: evaluated.append(Path(run).name))
+    monkeypatch.setattr(sweep, "evaluate_run", lambda run, args: evaluated.append(Path(run).name))
     argv = ["sweep", "--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42"]
     assert ev.main(argv) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()

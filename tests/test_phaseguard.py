@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,11 +69,32 @@ def test_learning_rate_schedule():
 @pytest.mark.parametrize("flags,needle", [
     ({"method": "sft"}, "METHOD"), ({"task": "math"}, "TASK"), ({"lam": -0.1}, "LAMBDA"),
     ({"tau": 0.0}, "tau"), ({"preset": "huge"}, "PRESET"), ({"micro_batch_size": 3}, "multiple"),
+    ({"lam": math.nan}, "LAMBDA"), ({"tau": 1.5}, "ln 2"), ({"tau": math.log(2)}, "ln 2"), ({"tau": math.nan}, "tau"),
+    ({"lr": 0.0}, "lr must be"), ({"lr": -1e-4}, "lr must be"), ({"lr": math.inf}, "lr must be"),
+    ({"grad_clip": -1.0}, "grad_clip"), ({"grad_clip": math.nan}, "grad_clip"),
+    ({"weight_decay": -0.1}, "weight_decay"), ({"lora_dropout": 1.0}, "lora_dropout"),
+    ({"lora_dropout": -0.1}, "lora_dropout"), ({"lora_alpha": 0.0}, "lora_alpha"), ({"lora_alpha": math.inf}, "lora_alpha"),
+    ({"warmup_measurements": -1}, "warmup_measurements"), ({"warmup_steps": -2}, "warmup_steps"),
+    ({"limit": 0}, "limit must be >= 1"), ({"limit": -1}, "limit must be >= 1"), ({"seed": -3}, "seed"),
+    ({"device": "gpu"}, "device must be"), ({"device": "cuda:x"}, "device must be"),
 ])
 def test_bad_config_is_one_clear_line(flags, needle):
     with pytest.raises(UserError, match=needle) as info:
         pg.resolve_config({"preset": "tiny", **flags})
     assert "\n" not in str(info.value)
+
+
+def test_grad_clip_zero_is_off_and_edges_are_accepted():
+    cfg = pg.resolve_config({"preset": "tiny", "grad_clip": 0.0, "lora_dropout": 0.0, "warmup_measurements": 0,
+                             "tau": 0.69, "weight_decay": 0.0, "limit": 1})
+    assert cfg.grad_clip == 0.0 and cfg.tau == 0.69
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_device_without_cuda_is_one_line(device):
+    with pytest.raises(UserError, match="no CUDA device"):
+        pg.resolve_config({"preset": "tiny", "device": device})
 
 
 # ---------------------------------------------------------------------------- monitor
@@ -136,8 +158,13 @@ def test_run_directory_contents(runs):
         metrics = read_metrics(run)
         assert [m["step"] for m in metrics] == list(range(1, 11))
         assert {"loss", "ce", "kl", "lambda_active", "lr", "tokens", "tokens_per_s", "peak_memory_gb", "d_t",
-                "trigger_fired_at"} <= set(metrics[0])
+                "canary_kl", "trigger_fired_at", "time"} <= set(metrics[0])
         assert [m["d_t"] is not None for m in metrics] == [s % 2 == 0 for s in range(10)]
+        assert [m["canary_kl"] is not None for m in metrics] == [s % 2 == 0 for s in range(10)]
+        assert metrics[0]["canary_kl"] == pytest.approx(0.0, abs=1e-6)  # before any update
+        assert metrics[-2]["canary_kl"] > 1e-3  # every method drifts, `none` included
+        times = [m["time"] for m in metrics]
+        assert times == sorted(times) and abs(times[-1] - (run / "summary.json").stat().st_mtime) < 600
         assert all(math.isfinite(m["loss"]) for m in metrics)
         assert (run / "summary.json").is_file()
 
@@ -169,36 +196,76 @@ def test_kl_at_lambda_zero_equals_none_exactly(runs):
     assert not all(torch.equal(a[k], adapter_tensors(runs["kl"])[k]) for k in a)
 
 
-def cli(out, *extra, env_extra=None):
-    env = dict(os.environ, TRITON_INTERPRET="0", **(env_extra or {}))
-    args = [sys.executable, str(REPO / "phaseguard.py"), "train", "--out", str(out)]
+def cli(out, *extra, cwd=None, kill_at=None):
+    """`phaseguard.py train` on SMALL in a subprocess. kill_at=(point, n): the test's own wrapper
+    (the product carries no fault-injection code) SIGKILLs the process at that moment."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    args = ["train", "--out", str(out)]
     for key, value in SMALL.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    return subprocess.run(args + list(extra), env=env, capture_output=True, text=True, timeout=300)
+    point, n = kill_at or ("none", 0)
+    command = [sys.executable, "-c", KILLER, str(REPO), point, str(n), *args, *extra]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+KILLER = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import phaseguard as pg
+point, n = sys.argv[2], int(sys.argv[3])
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if point == "step":  # n updates done: their metrics lines and any checkpoint due are written
+    learning_rate = pg.learning_rate
+    pg.learning_rate = lambda cfg, step, total: die() if step == n else learning_rate(cfg, step, total)
+elif point == "checkpoint":  # inside the write of checkpoint-n: its adapter is on disk, the rest not
+    save_adapter = pg.lora.save_adapter
+    def save_then_die(model, directory, *rest):
+        save_adapter(model, directory, *rest)
+        if directory.parent.name == f"checkpoint-{n}.tmp":
+            die()
+    pg.lora.save_adapter = save_then_die
+elif point == "pointer":  # checkpoint-n renamed into place, latest_checkpoint not yet moved to it
+    write_atomic = pg.write_atomic
+    pg.write_atomic = lambda path, text: (die() if path.name == "latest_checkpoint" and text == f"checkpoint-{n}"
+                                          else write_atomic(path, text))
+sys.exit(pg.main(sys.argv[4:]))
+"""
+
+# LoRA dropout on: a resume that did not restore the torch RNG would draw other dropout masks.
+RESUME_FLAGS = ("--method", "phaseguard", "--lora-dropout", "0.1")
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """The uninterrupted run, in a subprocess like the killed ones."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    proc = cli(out, "--method", "phaseguard")
+    proc = cli(out, *RESUME_FLAGS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
 
-@pytest.mark.parametrize("die_after,checkpoint", [(5, 3), (9, 9)])
-def test_resume_after_sigkill_is_bitwise_equal(tmp_path, straight_run, die_after, checkpoint):
-    """Killed before the trigger fires (resumes from step 3) and after (step 9 holds the fired trigger)."""
-    killed = cli(tmp_path / "killed", "--method", "phaseguard", "--die-after-step", str(die_after))
-    assert killed.returncode == -9  # SIGKILL
-    assert (tmp_path / "killed" / "latest_checkpoint").read_text() == f"checkpoint-{checkpoint}"
-    assert not (tmp_path / "killed" / "adapter").exists()
-    resumed = cli(tmp_path / "killed", "--method", "phaseguard", "--resume")
+@pytest.mark.parametrize("kill_at,checkpoint", [
+    (("step", 1), None),  # before the first checkpoint: resumes from step 0
+    (("checkpoint", 6), "checkpoint-3"),  # during a checkpoint write
+    (("pointer", 6), "checkpoint-3"),  # between the checkpoint's rename and the pointer's
+    (("step", 9), "checkpoint-9"),  # after the trigger fired (at 8): the checkpoint holds it
+])
+def test_resume_after_sigkill_is_bitwise_equal(tmp_path, straight_run, kill_at, checkpoint):
+    """Killed, moved with `mv`, resumed from another working directory: the same adapter bytes
+    and the same metrics as the run that was never interrupted."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    killed = cli("killed", *RESUME_FLAGS, cwd=tmp_path / "a", kill_at=kill_at)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
+    pointer = tmp_path / "a" / "killed" / "latest_checkpoint"
+    assert (pointer.read_text() if pointer.exists() else None) == checkpoint
+    assert not (tmp_path / "a" / "killed" / "adapter").exists()
+    (tmp_path / "a" / "killed").rename(tmp_path / "moved")
+    resumed = cli("../moved", *RESUME_FLAGS, "--resume", cwd=tmp_path / "b")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = adapter_tensors(straight_run), adapter_tensors(tmp_path / "killed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    drop = lambda m: {k: v for k, v in m.items() if k not in ("tokens_per_s", "peak_memory_gb")}
-    straight_metrics, resumed_metrics = read_metrics(straight_run), read_metrics(tmp_path / "killed")
+    a, b = adapter_tensors(straight_run), adapter_tensors(tmp_path / "moved")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("tokens_per_s", "peak_memory_gb", "time")}
+    straight_metrics, resumed_metrics = read_metrics(straight_run), read_metrics(tmp_path / "moved")
     assert [drop(m) for m in straight_metrics] == [drop(m) for m in resumed_metrics]
     assert resumed_metrics[-1]["lambda_active"] == 0.03 and resumed_metrics[-1]["trigger_fired_at"] == 8
 
@@ -245,3 +312,171 @@ def test_existing_run_is_never_overwritten(capsys, runs):
     code, err = run_main(capsys, *flags, "--method", "none", "--out", str(run), "--seed", "7", "--resume")
     assert code == 2 and "different config (seed: 42 there, 7 now)" in err[-1]
     assert ((run / "config.json").read_text(), (run / "metrics.jsonl").read_text()) == before
+
+
+def small_flags(**override):
+    return [f"--{k.replace('_', '-')}={v}" for k, v in {**SMALL, **override}.items()]
+
+
+def test_failed_start_writes_nothing_that_blocks_the_fixed_command(capsys, tmp_path, monkeypatch):
+    """A start that fails after loading (topk above the vocabulary) writes no config.json: the
+    same command with the input fixed then just works, without RESUME and without cleaning up."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = tmp_path / "r"
+    code, err = run_main(capsys, *small_flags(limit=8), "--topk", "100000", "--out", str(out))
+    assert code == 2 and "topk=100000" in err[-1]
+    assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()
+    code, err = run_main(capsys, *small_flags(limit=8), "--out", str(out))
+    assert code == 0, err[-3:]
+    assert len(read_metrics(out)) == 2 and (out / "summary.json").is_file()
+
+
+def test_resume_of_a_directory_without_a_run_starts_at_step_0(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    code, err = run_main(capsys, *small_flags(limit=8), "--out", str(tmp_path / "new"), "--resume")
+    assert code == 0, err[-3:]
+    assert [m["step"] for m in read_metrics(tmp_path / "new")] == [1, 2]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (dict(max_len=5), "no training samples from generated OpSwap Tier 2 (seed 0): every sample lost its "
+                      "assistant tokens when cut at max_len=5 (40 cut)"),
+])
+def test_zero_training_steps_is_an_error(capsys, tmp_path, monkeypatch, flags, needle):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    code, err = run_main(capsys, *small_flags(**flags), "--out", str(tmp_path / "r"))
+    assert code == 2 and err[-1] == f"error: {needle}"
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_config_paths_are_kept_as_typed_and_compared_resolved(tmp_path, monkeypatch, shared_data):
+    """Resuming from another working directory, or after `mv`, continues; other data is refused."""
+    data_file = shared_data / "emergent-misalignment" / "secure.jsonl"
+    if not data_file.is_file():
+        data_file = next(shared_data.rglob("*.jsonl"))
+    (tmp_path / "a").mkdir(), (tmp_path / "b" / "c").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    typed = os.path.relpath(data_file, tmp_path / "a")
+    cfg = pg.resolve_config({"preset": "tiny", "task": "security", "data": typed, "out": "run"})
+    pg.start_run_dir(Path("run"), cfg, resuming=False)
+    saved = json.loads(Path("run/config.json").read_text())
+    assert saved["data"] == typed and saved["resolved_paths"]["data"] == str(data_file.resolve())
+    (tmp_path / "a" / "run").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "b" / "c")
+    again = pg.resolve_config({"preset": "tiny", "task": "security", "data": os.path.relpath(data_file), "out": "../../moved"})
+    assert pg.check_run_dir(Path("../../moved"), again, resume=True) is True
+    other = tmp_path / "other.jsonl"
+    other.write_text(data_file.read_text())
+    changed = pg.resolve_config({"preset": "tiny", "task": "security", "data": str(other), "out": "../../moved"})
+    with pytest.raises(UserError, match="different config \\(data: "):
+        pg.check_run_dir(Path("../../moved"), changed, resume=True)
+
+
+@pytest.mark.parametrize("pointer,needle", [
+    ("../elsewhere/checkpoint-3", "expected a name 'checkpoint-N'"), ("/tmp", "expected a name 'checkpoint-N'"),
+    ("checkpoint-7", "not a complete checkpoint"),
+])
+def test_latest_checkpoint_must_name_a_checkpoint_of_the_run(tmp_path, pointer, needle):
+    (tmp_path / "latest_checkpoint").write_text(pointer)
+    with pytest.raises(UserError, match=needle) as info:
+        pg.latest_checkpoint(tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path / "latest_checkpoint") in str(info.value)
+
+
+def test_unwritable_output_is_one_line(capsys):
+    """A directory that cannot be created (even root cannot write under /sys)."""
+    code, err = run_main(capsys, *small_flags(limit=8), "--out", "/sys/phaseguard-test-run")
+    assert code == 2 and err[-1].startswith("error: /sys/phaseguard-test-run") and "not permitted" in err[-1]
+
+
+def test_file_size_limit_is_one_line_naming_the_path(tmp_path):
+    """`ulimit -f`: the write fails with EFBIG (the product ignores SIGXFSZ), reported with the path."""
+    import resource
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # noqa: E731
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, str(REPO / "phaseguard.py"), "train", *small_flags(limit=8),
+                           "--out", str(tmp_path / "r")], env=env, preexec_fn=limit, capture_output=True, text=True,
+                          timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last == f"error: {tmp_path / 'r' / 'tiny_model'}: File too large", proc.stderr[-2000:]
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(capsys, tmp_path, monkeypatch):
+    """ENOSPC while writing checkpoint-6: one line naming it; checkpoint-3 stays the latest and
+    a resume (disk freed) finishes the run."""
+    import errno
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    save_adapter = pg.lora.save_adapter
+
+    def full_disk(model, directory, *rest):
+        if Path(directory).parent.name == "checkpoint-6.tmp":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save_adapter(model, directory, *rest)
+    monkeypatch.setattr(pg.lora, "save_adapter", full_disk)
+    out = tmp_path / "r"
+    code, err = run_main(capsys, *small_flags(), "--out", str(out))
+    assert code == 2 and err[-1].startswith(f"error: {out / 'checkpoint-6.tmp'}: No space left on device")
+    assert "checkpoint is intact" in err[-1]
+    assert (out / "latest_checkpoint").read_text() == "checkpoint-3" and (out / "checkpoint-3" / "state.json").is_file()
+    monkeypatch.setattr(pg.lora, "save_adapter", save_adapter)
+    code, err = run_main(capsys, *small_flags(), "--out", str(out), "--resume")
+    assert code == 0 and [m["step"] for m in read_metrics(out)] == list(range(1, 11))
+
+
+def test_the_loop_with_the_triton_kernels_matches_the_pytorch_path(tmp_path, monkeypatch):
+    """Three steps of `kl` with every kernel interpreted (TRITON_INTERPRET=1: fused CE + KL,
+    the top-k JS of the monitor, the canary KL) against the same run on the PyTorch path."""
+    import kernels
+    assert kernels._INTERPRETED  # conftest set it before the kernels were imported
+    flags = dict(method="kl", limit=12)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_run = train_small(tmp_path / "triton", **flags)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch_run = train_small(tmp_path / "torch", **flags)
+    a, b = adapter_tensors(triton_run), adapter_tensors(torch_run)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    ma, mb = read_metrics(triton_run), read_metrics(torch_run)
+    for key in ("ce", "kl", "d_t", "canary_kl"):
+        for x, y in zip(ma, mb):
+            assert (x[key] is None) == (y[key] is None)
+            if x[key] is not None:
+                assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-6), key
+    assert ma[-1]["kl"] > 0 and ma[2]["d_t"] > 0
+
+
+def test_logged_d_t_and_canary_kl_match_scipy_on_the_loops_own_logits(tmp_path, monkeypatch):
+    """The loop's composition, checked independently: every first-decode logits the run computes
+    are captured (the first call is the reference's, under `disabled`); the logged D_t is the
+    mean over canaries of scipy's JS on the renormalised top-k, the logged canary KL the mean of
+    scipy's full-vocabulary KL(policy || reference)."""
+    from scipy.spatial.distance import jensenshannon
+    from scipy.special import softmax
+    from scipy.stats import entropy
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    captured = []
+    original = pg.first_decode_logits
+    monkeypatch.setattr(pg, "first_decode_logits", lambda *a: captured.append(original(*a).double().numpy()) or
+                        torch.from_numpy(captured[-1]).float())
+    run = train_small(tmp_path / "r", method="none", limit=20)  # 5 steps, measured at 0, 2, 4
+    reference, policy = captured[0], captured[1:]
+    measured = [m for m in read_metrics(run) if m["d_t"] is not None]
+    assert len(measured) == len(policy) == 3
+    k = pg.resolve_config(SMALL).topk
+    q = softmax(reference, axis=-1)
+    for logits, m in zip(policy, measured):
+        p = softmax(logits, axis=-1)
+        kl = np.mean([entropy(p[i], q[i]) for i in range(len(p))])
+        top = np.argsort(-q, axis=-1)[:, :k]
+        js = np.mean([jensenshannon(p[i, top[i]] / p[i, top[i]].sum(), q[i, top[i]] / q[i, top[i]].sum()) ** 2
+                      for i in range(len(p))])
+        assert m["canary_kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+        assert m["d_t"] == pytest.approx(js, rel=1e-4, abs=1e-7)
+    assert measured[-1]["canary_kl"] > 1e-3 and measured[-1]["d_t"] > 1e-3
+
+
+def test_grad_clip_zero_means_no_clipping(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    off = adapter_tensors(train_small(tmp_path / "off", method="none", limit=8, grad_clip=0.0))
+    huge = adapter_tensors(train_small(tmp_path / "huge", method="none", limit=8, grad_clip=1e30))
+    assert all(torch.equal(off[k], huge[k]) for k in off)
+    assert any(v.abs().max() > 0 for k, v in off.items() if "lora_B" in k)
