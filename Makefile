@@ -37,9 +37,13 @@ BENCH_ARGS ?=
 
 .PHONY: install test train eval sweep report bench clean
 
-install: $(VENV)/.installed
+# The stamp names the extras, so `make install EXTRAS=test,plot` installs what the last stamp lacked.
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-$(VENV)/.installed: pyproject.toml Makefile
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi

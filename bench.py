@@ -12,7 +12,7 @@ the fused op against the cuBLAS time of its own GEMMs. The H100 targets are reco
 never asserted. Without CUDA: the PyTorch paths at reduced size on the CPU, and the
 peak-memory ratio of the chunked path to eager at N = 4,096, V = 152,064.
 
-Results: one markdown table on stdout, and bench/results/<date>-<device>.{json,md}.
+Results: one markdown table on stdout, and a new bench/results/<date>T<time>-<device>.{json,md} per run.
 Liger-Kernel is optional (`pip install -e .[bench]`); without it its columns say so.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -71,9 +72,22 @@ def versions() -> dict:
     return out
 
 
+def machine_load() -> dict:
+    """What else the machine was doing: the 1/5/15-minute load averages and the core count."""
+    one, five, fifteen = os.getloadavg()
+    return {"loadavg_1m": one, "loadavg_5m": five, "loadavg_15m": fifteen, "cpu_count": os.cpu_count()}
+
+
 def write_results(tag: str, payload: dict, markdown: str) -> Path:
+    """bench/results/<date>T<time>-<tag>.{json,md}: a new pair every run, never over a committed one."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / f"{datetime.date.today().isoformat()}-{re.sub(r'[^A-Za-z0-9]+', '-', tag).strip('-')}"
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H%M%S")
+    base = f"{now}-{re.sub(r'[^A-Za-z0-9]+', '-', tag).strip('-')}"
+    stem, n = RESULTS_DIR / base, 1
+    while stem.with_suffix(".json").exists() or stem.with_suffix(".md").exists():
+        n += 1
+        stem = RESULTS_DIR / f"{base}-{n}"
+    payload = {**payload, "machine_load_after": machine_load()}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown + "\n")
     return stem
@@ -89,15 +103,18 @@ def cuda_main(args) -> None:
 
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name(dev)
+    load_before = machine_load()
     torch.manual_seed(0)
 
-    def bench_ms(fn, leaves=()):
-        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(leaves), return_mode="median")
+    def bench_ms(fn, leaves=()) -> dict:
+        """min / median / max milliseconds over triton's repetitions."""
+        lo, mid, hi = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(leaves), quantiles=[0.0, 0.5, 1.0])
+        return {"min": lo, "median": mid, "max": hi}
 
     # Device-to-device copy bandwidth: 1 GiB read + 1 GiB written per copy.
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    copy_ms = bench_ms(lambda: dst.copy_(src))
+    copy_ms = bench_ms(lambda: dst.copy_(src))["median"]
     bandwidth = 2 * src.numel() / (copy_ms * 1e-3)  # bytes / s
     del src, dst
 
@@ -133,7 +150,8 @@ def cuda_main(args) -> None:
                    bound_ms=None if bound_s is None else bound_s * 1e3, gemm_ms=None if gemm_s is None else gemm_s * 1e3)
         try:
             step()  # warm-up (and torch.compile's compilation)
-            rec["ms"] = bench_ms(step, leaves)
+            stats = bench_ms(step, leaves)
+            rec.update(ms=stats["median"], ms_min=stats["min"], ms_max=stats["max"])
             for t in leaves:
                 t.grad = None
             gc.collect()
@@ -201,9 +219,9 @@ def cuda_main(args) -> None:
         kl_mask = torch.ones(N, dtype=torch.bool, device=dev)
         ce_w, kl_w = 1.0 / N, LAMBDA / N
         # The same GEMMs the fused op issues (bf16 in, fp32 out), on all N tokens at once.
-        gemm_fwd = bench_ms(lambda: K._matmul_fp32(hidden.detach(), weight.t())) * 1e-3
+        gemm_fwd = bench_ms(lambda: K._matmul_fp32(hidden.detach(), weight.t()))["median"] * 1e-3
         grad_logits = torch.randn(N, V, device=dev).to(torch.bfloat16)
-        gemm_bwd = bench_ms(lambda: K._matmul_fp32(grad_logits, weight)) * 1e-3
+        gemm_bwd = bench_ms(lambda: K._matmul_fp32(grad_logits, weight))["median"] * 1e-3
         del grad_logits
         fns = {"ours": lambda: K.fused_linear_ce_kl(hidden, ref_hidden, weight, labels, kl_mask, ce_w, kl_w).loss,
                "eager": lambda: eager_fused(hidden, ref_hidden, weight, labels, kl_mask, ce_w, kl_w),
@@ -218,7 +236,7 @@ def cuda_main(args) -> None:
                         gemm_s=gemm if name == "ours" else None)
         del hidden, ref_hidden
     payload = dict(device="cuda", gpu=gpu, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                   versions=versions(), copy_bandwidth_GBps=bandwidth / 1e9, correctness=correctness,
+                   versions=versions(), machine_load_before=load_before, copy_bandwidth_GBps=bandwidth / 1e9, correctness=correctness,
                    liger_note=liger_note, records=records)
     payload["targets"] = cuda_targets(records)
     markdown = cuda_markdown(payload)
@@ -387,24 +405,24 @@ def _fused_peak(fn, N, H_, V_, device):
     return tracker.peak
 
 
-def _time_s(fn, reps=3):
+def _time_s(fn, reps=3) -> dict:
+    """min / median / max seconds over reps calls."""
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
 
 
 def cpu_main(args) -> None:
-    import os
     os.environ["TRITON_INTERPRET"] = "0"  # the PyTorch references, never the interpreter
     torch.manual_seed(0)
     H_cpu = args.cpu_hidden
     ours = lambda h, r, w, lab, m: K.fused_linear_ce_kl_reference(h, r, w, lab, m, 1.0 / len(lab), LAMBDA / len(lab)).loss  # noqa: E731
     eager = lambda h, r, w, lab, m: eager_fused(h, r, w, lab, m, 1.0 / len(lab), LAMBDA / len(lab))  # noqa: E731
     out = {"device": "cpu", "date": datetime.datetime.now().isoformat(timespec="seconds"), "versions": versions(),
-           "threads": torch.get_num_threads(), "hidden_size": H_cpu}
+           "threads": torch.get_num_threads(), "hidden_size": H_cpu, "machine_load_before": machine_load()}
     lines = ["# kernels.py benchmark: CPU (no CUDA), PyTorch paths only", "",
              f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. No Triton timing and no GPU number "
              "here: run `make bench` on a CUDA machine for those.", ""]
@@ -436,8 +454,8 @@ def cpu_main(args) -> None:
     times[f"fused chunked fwd+bwd ({n_time} x {H_cpu} -> {V})"] = _time_s(lambda: ours(*f_in).backward())
     times[f"eager fused fwd+bwd ({n_time} x {H_cpu} -> {V})"] = _time_s(lambda: eager(*f_in).backward())
     out["cpu_seconds"] = times
-    lines += ["| CPU, PyTorch path | seconds (median of 3) |", "|---|---|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in times.items()]
+    lines += ["| CPU, PyTorch path | seconds, median of 3 | min | max |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} |" for k, v in times.items()]
     del policy, refl, f_in
     gc.collect()
 
@@ -558,15 +576,18 @@ def train_step_bench(device: str, reps: int) -> tuple[dict, list[str]]:
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
-        return statistics.median(seconds), peak
+        return {"min": min(seconds), "median": statistics.median(seconds), "max": max(seconds)}, peak
 
     ours.train()
     theirs.train()
-    rows, out = [], {"device": device, "shapes": {**shape, "seq": seq, "micro": micro, "r": r}, "reps": reps, "results": {}}
+    rows, out = [], {"device": device, "shapes": {**shape, "seq": seq, "micro": micro, "r": r}, "reps": reps, "results": {},
+                     "machine_load_before": machine_load()}
     for method, lam in (("none", 0.0), ("kl", LAMBDA)):
         for name, make in (("ours", ours_step), ("transformers+peft", theirs_step)):
             sec, peak = measure(make(lam))
-            out["results"][f"{name}/{method}"] = {"seconds": sec, "tokens_per_s": micro * seq / sec, "peak_bytes": peak}
+            out["results"][f"{name}/{method}"] = {"seconds": sec["median"], "seconds_min": sec["min"],
+                                                  "seconds_max": sec["max"], "tokens_per_s": micro * seq / sec["median"],
+                                                  "peak_bytes": peak}
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -574,7 +595,7 @@ def train_step_bench(device: str, reps: int) -> tuple[dict, list[str]]:
                 torch.ones(N_CANARIES, 48, dtype=torch.long, device=device))
     reference = pg.monitor_reference(ours, canaries, min(K_TOP, shape["vocab_size"]))
     with autocast():
-        monitor_s, _ = measure(lambda: pg.monitor(ours, canaries, reference))
+        monitor_s = measure(lambda: pg.monitor(ours, canaries, reference))[0]["median"]
     step_s = out["results"]["ours/kl"]["seconds"]
     out["monitor"] = {"seconds": monitor_s, "fraction_of_training": monitor_s / (5 * 4 * step_s + monitor_s),
                       "target": 0.01}
@@ -583,14 +604,16 @@ def train_step_bench(device: str, reps: int) -> tuple[dict, list[str]]:
     lines = [f"Peak memory is above the memory allocated before the step (weights and optimizer state excluded).", "",
              f"## One training step, {device}: {shape['num_hidden_layers']} layers at hidden {shape['hidden_size']}, "
              f"vocab {shape['vocab_size']}, micro-batch {micro} x {seq}, r = {r}, median of {reps}", "",
-             "| provider / method | tokens/s | peak memory |", "|---|---|---|"]
-    lines += [f"| {k} | {v['tokens_per_s']:.0f} | {fmt_mem(v['peak_bytes'])} |" for k, v in res.items()]
+             "| provider / method | tokens/s (median) | step seconds min / median / max | peak memory |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['tokens_per_s']:.0f} | {v['seconds_min']:.4f} / {v['seconds']:.4f} / {v['seconds_max']:.4f} | "
+              f"{fmt_mem(v['peak_bytes'])} |" for k, v in res.items()]
     ratio = lambda m: res[f"ours/{m}"]["tokens_per_s"] / res[f"transformers+peft/{m}"]["tokens_per_s"]  # noqa: E731
     out["ratios"] = {"ours/theirs tokens/s none": ratio("none"), "ours/theirs tokens/s kl": ratio("kl"),
                      "kl step / none step (ours)": res["ours/kl"]["seconds"] / res["ours/none"]["seconds"]}
     if device == "cuda":
         out["ratios"]["ours/theirs peak memory kl"] = res["ours/kl"]["peak_bytes"] / res["transformers+peft/kl"]["peak_bytes"]
-    lines += ["", "| ratio | value | target (H100) |", "|---|---|---|"]
+    target_head = "target (H100)" if device == "cuda" else "GPU target (not comparable: CPU, tiny shapes)"
+    lines += ["", f"| ratio | value | {target_head} |", "|---|---|---|"]
     targets = {"ours/theirs tokens/s none": ">= 1.3", "ours/theirs tokens/s kl": ">= 1.3",
                "kl step / none step (ours)": "<= 1.45", "ours/theirs peak memory kl": "<= 0.8"}
     lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in out["ratios"].items()]
