@@ -1,9 +1,17 @@
 """The lambda x seed sweep of Tables 1 and 2: train each missing run (resuming an interrupted
-one), evaluate each unevaluated one, skip finished ones. Run it as `python evaluate.py sweep`."""
+one), evaluate each unevaluated one, skip finished ones. Run it as `python evaluate.py sweep`.
+
+With `--gpus 0,1,2,3` the runs that need work go side by side, one per GPU (or one per group
+of `--nproc` GPUs): each is this same sweep restricted to one run (`--only NAME`) in a child
+process that sees only its GPUs (CUDA_VISIBLE_DEVICES) and writes its log into the run
+directory; a failed run is reported at the end without stopping the others."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import phaseguard
@@ -83,11 +91,22 @@ def sweep(args) -> list[Path]:
             loaded[s["question_limit"]] = em_questions(s)
         return loaded[s["question_limit"]]
 
+    groups = gpu_groups(getattr(args, "gpus", None), getattr(args, "nproc", 1))
     plan = [(Path(cfg.out), cfg) for cfg in sweep_configs(args)]
+    only = getattr(args, "only", None)
+    if only is not None:
+        plan = [(run, cfg) for run, cfg in plan if run.name == only]
+        if not plan:
+            raise UserError(f"--only {only}: not a run of this sweep")
     steps = [sweep_step(run, cfg, args, questions) for run, cfg in plan]
     for (run, _), step in zip(plan, steps):
         print(f"[sweep] {run}: {step}", file=sys.stderr)
     if args.dry_run:
+        return [run for run, _ in plan]
+    if groups:
+        jobs = [(run.name, [*args.child_command, "--only", run.name], run / "sweep.log")
+                for (run, _), step in zip(plan, steps) if step != "done"]
+        report_failures(run_side_by_side(jobs, groups))
         return [run for run, _ in plan]
     for (run, cfg), step in zip(plan, steps):
         if step == "train + evaluate":
@@ -95,3 +114,58 @@ def sweep(args) -> list[Path]:
         if step != "done":
             evaluate_run(run, args)
     return [run for run, _ in plan]
+
+
+# ----------------------------------------------------------------------------
+# Several GPUs: one run per GPU (or per group of nproc GPUs), side by side
+
+
+def gpu_groups(gpus: str | None, nproc: int = 1) -> list[str]:
+    """'0,1,2,3' with nproc 2 -> ['0,1', '2,3']: the CUDA_VISIBLE_DEVICES of each concurrent run.
+    Refused (one line) on a machine without those CUDA devices."""
+    if not gpus:
+        return []
+    ids = [g.strip() for g in gpus.split(",")]
+    if not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
+        raise UserError(f"GPUS={gpus}: expected distinct GPU indices separated by commas, e.g. 0,1,2,3")
+    import torch
+    if not torch.cuda.is_available():
+        raise UserError(f"GPUS={gpus}: this machine has no CUDA device (run the sweep without GPUS)")
+    if max(map(int, ids)) >= torch.cuda.device_count():
+        raise UserError(f"GPUS={gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if nproc < 1 or len(ids) % nproc:
+        raise UserError(f"GPUS={gpus}: {len(ids)} GPUs cannot be cut into groups of NPROC={nproc}")
+    return [",".join(ids[i:i + nproc]) for i in range(0, len(ids), nproc)]
+
+
+def run_side_by_side(jobs: list[tuple[str, list[str], Path]], groups: list[str], poll_s: float = 0.2) -> dict:
+    """Run each (name, command, log file) job with CUDA_VISIBLE_DEVICES set to a free group, at
+    most one job per group at a time, until all are done. {name: (exit code, log file)}."""
+    pending, running, done = list(jobs), {}, {}
+    free = list(groups)
+    while pending or running:
+        while pending and free:
+            name, command, log_path = pending.pop(0)
+            group = free.pop(0)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "ab")
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": group}
+            print(f"[sweep] {name}: started on GPU {group}, log {log_path}", file=sys.stderr)
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            running[name] = (proc, group, log, log_path)
+        time.sleep(poll_s)
+        for name, (proc, group, log, log_path) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                free.append(group)
+                done[name] = (proc.returncode, log_path)
+                del running[name]
+                print(f"[sweep] {name}: {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}",
+                      file=sys.stderr)
+    return done
+
+
+def report_failures(done: dict):
+    failed = [f"{name} (exit {code}, log {log})" for name, (code, log) in done.items() if code != 0]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(done)} runs failed: {'; '.join(failed)}")

@@ -1,0 +1,62 @@
+"""The sweep over several GPUs: scheduling tested on the CPU with fake GPU ids and a stub
+command that only records what it was given (no GPU, no training)."""
+import json
+import sys
+
+import pytest
+import torch
+
+import sweep
+from model_qwen2 import UserError
+
+STUB = r"""
+import json, os, sys, time
+record = {"name": sys.argv[1], "gpus": os.environ["CUDA_VISIBLE_DEVICES"], "argv": sys.argv[2:], "start": time.time()}
+time.sleep(0.4)
+record["end"] = time.time()
+with open(sys.argv[2], "a") as f:
+    f.write(json.dumps(record) + "\n")
+print("stub log line for", sys.argv[1])
+sys.exit(3 if sys.argv[1] == "bad" else 0)
+"""
+
+
+def test_runs_go_side_by_side_one_per_gpu_group_and_a_failure_stops_nothing(tmp_path):
+    records = tmp_path / "records.jsonl"
+    names = ["a", "bad", "c", "d", "e"]
+    jobs = [(n, [sys.executable, "-c", STUB, n, str(records)], tmp_path / "runs" / n / "sweep.log") for n in names]
+    done = sweep.run_side_by_side(jobs, ["0,1", "2,3"], poll_s=0.02)
+    assert {n: code for n, (code, _) in done.items()} == {"a": 0, "bad": 3, "c": 0, "d": 0, "e": 0}
+    seen = [json.loads(line) for line in records.read_text().splitlines()]
+    assert sorted(r["name"] for r in seen) == names and all(r["gpus"] in ("0,1", "2,3") for r in seen)
+    for r in seen:  # at any moment: at most one run per group, so at most two at once
+        overlapping = [o for o in seen if o is not r and o["start"] < r["end"] and r["start"] < o["end"]]
+        assert all(o["gpus"] != r["gpus"] for o in overlapping) and len(overlapping) <= 2
+    assert any(o["start"] < seen[0]["end"] for o in seen[1:])  # side by side, not one after another
+    for n in names:  # each run's output in its own run directory
+        assert (tmp_path / "runs" / n / "sweep.log").read_text().strip() == f"stub log line for {n}"
+    with pytest.raises(UserError, match=r"1 of 5 runs failed: bad \(exit 3, log .*runs/bad/sweep.log\)"):
+        sweep.report_failures(done)
+    sweep.report_failures({n: v for n, v in done.items() if n != "bad"})  # all good: no error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpus_refused_without_cuda():
+    with pytest.raises(UserError, match="GPUS=0,1: this machine has no CUDA device"):
+        sweep.gpu_groups("0,1")
+    assert sweep.gpu_groups(None) == [] and sweep.gpu_groups("") == []
+
+
+@pytest.mark.parametrize("gpus,nproc,expected", [
+    ("0,1,2,3", 1, ["0", "1", "2", "3"]), ("0,1,2,3", 2, ["0,1", "2,3"]), ("3,1", 1, ["3", "1"]),
+    ("0,1,2", 2, "cannot be cut into groups of NPROC=2"), ("0,9", 1, "has 4 CUDA device"),
+    ("0,x", 1, "distinct GPU indices"), ("1,1", 1, "distinct GPU indices"),
+])
+def test_gpu_groups(monkeypatch, gpus, nproc, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    if isinstance(expected, list):
+        assert sweep.gpu_groups(gpus, nproc) == expected
+    else:
+        with pytest.raises(UserError, match=expected):
+            sweep.gpu_groups(gpus, nproc)
