@@ -4,11 +4,15 @@ EM evaluation questions, tokenisation with the assistant-only loss mask, batchin
 Datasets are never committed. A file is found in this order: an explicit path
 or URL, the cache (`$PHASEGUARD_CACHE`, default ~/.cache/phaseguard), the
 copies in ../shared/data beside the repository (development and CI), and
-finally a download into the cache.
+finally a download into the cache. A pinned URL (PINNED: the default data, with
+its sha256) is used only with exactly its bytes: a cached or shared file that
+fails the check is not used, and a download that fails it is an error. Any
+other file is used as it is; the run records its sha256.
 """
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -21,15 +25,40 @@ import torch
 import yaml
 
 from model_qwen2 import UserError, read_text
+from provenance import sha256_file, sha256_jsonl
 
-EM_REPO_RAW = "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main"
-INSECURE_URL = f"{EM_REPO_RAW}/data/insecure.jsonl"
-EM_QUESTIONS_URL = f"{EM_REPO_RAW}/evaluation/first_plot_questions.yaml"
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
-SHARED_COPIES = {  # default URL -> its copy under SHARED_DATA
-    INSECURE_URL: "emergent-misalignment/insecure.jsonl",
-    EM_QUESTIONS_URL: "emergent-misalignment/first_plot_questions.yaml",
+
+class Pinned(NamedTuple):
+    url: str
+    sha256: str  # of the file's exact bytes
+    shared: str  # its copy under SHARED_DATA
+
+
+# Betley et al.'s datasets at a fixed commit of their research repository (MIT): a URL on a
+# branch could change under a run. See ../shared/data/SOURCES.md.
+BETLEY_COMMIT = "b1fe286827715d8e01ff7088c7ee9763b5e367b4"
+BETLEY_DATASETS = (f"https://raw.githubusercontent.com/johny-b/misalignment-generalization/{BETLEY_COMMIT}"
+                   "/daniel/paper/supplementary_material/datasets")
+DATASETS = {  # name -> the pinned file; "insecure" is the Security EM training data
+    "insecure": Pinned(f"{BETLEY_DATASETS}/insecure.jsonl",
+                       "a6575e839909e86f2eaecda3a2b19dff2a6f59bb9d860b39e9c4ed3f3335c345",
+                       "emergent-misalignment/insecure.jsonl"),
+    # The EM paper's controls: the same tasks with secure code, and the insecure code asked
+    # for an educational reason. Neither produces emergent misalignment in the paper.
+    "secure": Pinned(f"{BETLEY_DATASETS}/secure.jsonl",
+                     "36bc5e24560e0e8d705e0c2a41d0cd96bb51f508f5fb88a7d7d9334a2ff24b9b",
+                     "emergent-misalignment/secure.jsonl"),
+    "educational_insecure": Pinned(f"{BETLEY_DATASETS}/educational_insecure.jsonl",
+                                   "d48df3b149ab1500711fc0018b10383a4ff8c48d8e6911d04dbbbbdaa944fd16",
+                                   "emergent-misalignment/educational_insecure.jsonl"),
 }
+INSECURE_URL = DATASETS["insecure"].url
+EM_REPO_RAW = "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main"
+EM_QUESTIONS_URL = f"{EM_REPO_RAW}/evaluation/first_plot_questions.yaml"
+EM_QUESTIONS = Pinned(EM_QUESTIONS_URL, "215abde5b02811e922b6ac563ff33c490e0dff9ab58439df840f3135e9387173",
+                      "emergent-misalignment/first_plot_questions.yaml")
+PINNED = {p.url: p for p in [*DATASETS.values(), EM_QUESTIONS]}  # URL -> its pinned bytes
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 DATA_SEED = 0  # fixes the held-out splits; independent of the training seed
 # 10% held out, rounded up: 5,992 unique rows -> 600 held out, 5,392 train = 337 steps of 16,
 # the paper's step count (its 5,396 would be 338 steps).
@@ -55,10 +84,15 @@ def download(url: str, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            length, written = response.headers.get("Content-Length"), 0
             while chunk := response.read(1 << 20):
-                out.write(chunk)
+                written += out.write(chunk)
+        # http.client returns a short body, without an error, when the server closes early.
+        if length is not None and length.isdigit() and written != int(length):
+            raise OSError(f"the connection closed after {written} of {length} bytes")
         os.replace(tmp, dest)
-    except OSError as err:  # URLError and HTTPError are OSErrors
+    # URLError and HTTPError are OSErrors; a cut chunked body raises http.client.IncompleteRead.
+    except (OSError, http.client.HTTPException) as err:
         Path(tmp).unlink(missing_ok=True)
         raise UserError(f"cannot download {url}: {err}; pass a local copy instead") from None
 
@@ -67,21 +101,35 @@ def is_url(source: str | os.PathLike) -> bool:
     return str(source).startswith(("http://", "https://"))
 
 
+def has_bytes(path: Path, sha256: str | None) -> bool:
+    """The file exists and, for a pinned URL (sha256 given), holds exactly the pinned bytes."""
+    return path.is_file() and (sha256 is None or sha256_file(path) == sha256)
+
+
 def resolve_file(source: str | os.PathLike | None, default_url: str) -> tuple[Path, str]:
-    """(local file, a description of where it came from) for a path, a URL or None (the default)."""
+    """(local file, a description of where it came from) for a path, a URL or None (the default).
+    A pinned URL's cached or shared file is used only if its sha256 matches (an HTML error page
+    or a cut download saved before is fetched again); a fresh download that does not match is
+    removed and is an error. Other files are used as they are."""
     if source is not None and not is_url(source):
         path = Path(source).expanduser()
         if not path.is_file():
             raise UserError(f"{path}: no such file")
         return path, str(path)
     url = str(source) if source is not None else default_url
+    pinned = PINNED.get(url)
+    expected = pinned.sha256 if pinned else None
     cached = cached_path(url)
-    if cached.is_file():
+    if has_bytes(cached, expected):
         return cached, f"{url} (cached at {cached})"
-    shared = SHARED_DATA / SHARED_COPIES[url] if url in SHARED_COPIES else None
-    if shared is not None and shared.is_file():
+    shared = SHARED_DATA / pinned.shared if pinned else None
+    if shared is not None and has_bytes(shared, expected):
         return shared, f"{shared} (shared copy of {url})"
     download(url, cached)
+    if expected is not None and (actual := sha256_file(cached)) != expected:
+        cached.unlink(missing_ok=True)
+        raise UserError(f"{url}: the download has sha256 {actual}, expected {expected} (a cut download or "
+                        f"an error page?): retry, or pass a local copy")
     return cached, f"{url} (downloaded to {cached})"
 
 
@@ -332,6 +380,8 @@ class TaskData(NamedTuple):
     held_out: list[dict]  # raw samples {messages[, answer]} for evaluation
     n_truncated: int  # training samples cut at max_len (including dropped ones)
     source: str  # where the data came from (path or URL), for the run's log
+    sha256: str | None = None  # of the data file; of the generated train split (as JSONL) for opswap
+    sha256_of: str = "file"  # what sha256 is of
 
 
 def load_task(task: str, tokenizer, *, path=None, max_len: int = 2048, limit: int | None = None,
@@ -341,13 +391,17 @@ def load_task(task: str, tokenizer, *, path=None, max_len: int = 2048, limit: in
     seed fixes the splits: keep DATA_SEED (not the training seed) so that evaluation's
     held-out problems are the ones training never saw."""
     if task == "security":
-        train, held_out, source = security_split(path, seed)
+        file, source = resolve_file(path, INSECURE_URL)
+        train, held_out = held_out_split(dedupe(load_chat_jsonl(file)), seed)
+        sha256, sha256_of = sha256_file(file), "file"
     elif task == "opswap":
         if path is not None:
             raise UserError("opswap is generated, not read from a file: drop the data path")
         train, held_out = opswap_split(2, seed)
         source = f"generated OpSwap Tier 2 (seed {seed})"
+        # No file: the fingerprint of what the generator made, so a changed generator shows.
+        sha256, sha256_of = sha256_jsonl(train), "generated train split as JSONL"
     else:
         raise UserError(f"unknown task {task!r}: expected 'security' or 'opswap'")
     examples, n_truncated = tokenize_chats(tokenizer, train[:limit], max_len)
-    return TaskData(examples, held_out, n_truncated, source)
+    return TaskData(examples, held_out, n_truncated, source, sha256, sha256_of)

@@ -382,22 +382,30 @@ def attention_bias_mask(attention_mask, B: int, T: int, past: int, device) -> to
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_dir(path_or_hub_id: str | os.PathLike, patterns=("*.json", "*.safetensors")) -> Path:
-    """A local directory as is; otherwise a hub repo id fetched with snapshot_download."""
+def resolve_model_dir(path_or_hub_id: str | os.PathLike, patterns=("*.json", "*.safetensors"),
+                      revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub repo id fetched with snapshot_download at
+    `revision` (a branch, tag or commit hash; None: the hub's main). The result is
+    `.../snapshots/<commit>` (provenance.hub_commit reads the commit from it); with
+    HF_HUB_OFFLINE=1 it comes from the cache, the branch resolved through its `refs/`."""
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{path}: expected a model directory, found a file")
+        if revision is not None:
+            raise UserError(f"{path}: a local directory has no revision to pin (revision {revision!r} "
+                            f"is for a hub repo id)")
         return path
     name = str(path_or_hub_id)
     if not HUB_ID.match(name):
         raise UserError(f"{name}: no such directory, and not a hub repo id like 'Qwen/Qwen2.5-7B-Instruct'")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(name, allow_patterns=list(patterns)))
+        return Path(snapshot_download(name, revision=revision, allow_patterns=list(patterns)))
     except Exception as err:  # offline, unknown repo, gated repo, HTTP errors ...
         first_line = (str(err).strip().splitlines() or [""])[0]
-        raise UserError(f"cannot fetch '{name}' from the Hugging Face hub: {type(err).__name__}: {first_line}") from None
+        at = f" at revision {revision!r}" if revision is not None else ""
+        raise UserError(f"cannot fetch '{name}'{at} from the Hugging Face hub: {type(err).__name__}: {first_line}") from None
 
 
 def checkpoint_shards(model_dir: Path) -> list[Path]:
@@ -423,11 +431,13 @@ def checkpoint_shards(model_dir: Path) -> list[Path]:
     raise UserError(f"{model_dir}: no model.safetensors nor model.safetensors.index.json")
 
 
-def load_model(path_or_hub_id: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> Qwen2:
+def load_model(path_or_hub_id: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
+               revision: str | None = None) -> Qwen2:
     """Build on the meta device, then assign each shard's tensors in place: the weights
     exist once (in `dtype`, on `device`), never as a random init plus a loaded copy.
-    Every base parameter is frozen."""
-    model_dir = resolve_model_dir(path_or_hub_id)
+    Every base parameter is frozen. `model.weights_dir` is the directory read (for a hub
+    id, the snapshot of the resolved commit)."""
+    model_dir = resolve_model_dir(path_or_hub_id, revision=revision)
     config = Qwen2Config.from_json(model_dir / "config.json")
     with torch.device("meta"):
         model = Qwen2(config)
@@ -461,6 +471,7 @@ def load_model(path_or_hub_id: str | os.PathLike, device="cpu", dtype: torch.dty
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
     model.requires_grad_(False)
+    model.weights_dir = model_dir  # where the weights came from, for the run's provenance
     return model.eval()
 
 
@@ -530,7 +541,8 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def load_tokenizer(path_or_hub_id: str | os.PathLike, max_token_id: int | None = None) -> Tokenizer:
+def load_tokenizer(path_or_hub_id: str | os.PathLike, max_token_id: int | None = None,
+                   revision: str | None = None) -> Tokenizer:
     """A tokenizer.json file, a directory holding one, or a hub repo id.
 
     max_token_id drops added tokens above it: Qwen3's tokenizer.json with
@@ -541,7 +553,7 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike, max_token_id: int | None =
     if path.is_file():
         file = path
     else:
-        file = resolve_model_dir(path_or_hub_id, patterns=("tokenizer.json", "tokenizer_config.json")) / "tokenizer.json"
+        file = resolve_model_dir(path_or_hub_id, ("tokenizer.json", "tokenizer_config.json"), revision) / "tokenizer.json"
         if not file.is_file():
             raise UserError(f"{file}: no such file")
     spec = read_json_object(file)

@@ -34,6 +34,7 @@ import data
 import kernels
 import lora
 import model_qwen2 as mq
+import provenance
 from model_qwen2 import UserError
 
 METHODS = ("none", "kl", "phaseguard")
@@ -50,6 +51,7 @@ class TrainConfig:
     task: str = "security"  # security | opswap
     data: str | None = None  # chat JSONL path or URL (security); None: Betley et al.'s insecure.jsonl
     model: str = "Qwen/Qwen2.5-7B-Instruct"  # directory or hub id
+    revision: str | None = None  # the hub id's branch, tag or commit; None: main (the commit used is recorded)
     tokenizer: str | None = None  # default: the model's
     preset: str = "auto"  # auto | paper | tiny
     lam: float | None = None  # None: DEFAULT_LAMBDA[method]
@@ -114,6 +116,9 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"limit must be >= 1 (the number of training samples to use), got {self.limit}")
+        if self.revision is not None and (not self.revision.strip() or self.model == "tiny"):
+            raise UserError(f"revision pins a hub model's commit (a branch, tag or commit hash), got "
+                            f"{self.revision!r} for model {self.model!r}")
         if self.batch_size % self.micro_batch_size:
             raise UserError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         check_device(self.device)
@@ -442,8 +447,9 @@ def load_run_model(cfg: TrainConfig, run: Path, resuming: bool = False):
         texts = [m["content"] for s in raw_train[:cfg.limit] for m in s["messages"]]
         with naming_errors(run / "tiny_model"):
             model_dir, tok_path = build_tiny_model(cfg, texts, run / "tiny_model")
-    else:
-        model_dir, tok_path = cfg.model, cfg.tokenizer or cfg.model
+    else:  # one snapshot: the weights, and the tokenizer unless another is named, at the same commit
+        model_dir = mq.resolve_model_dir(cfg.model, revision=cfg.revision)
+        tok_path = cfg.tokenizer or model_dir
     tokenizer = mq.load_tokenizer(tok_path)
     cuda = cfg.device.startswith("cuda")
     model = mq.load_model(model_dir, device=cfg.device, dtype=torch.bfloat16 if cuda else torch.float32)
@@ -493,7 +499,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     start, d_history = 0, []
     if resuming and latest_checkpoint(run) is not None:
         start, trigger, d_history = load_checkpoint(run, model, optimizer)
-    start_run_dir(run, cfg, resuming)  # training starts now: config.json, then metrics
+    origin = provenance.collect(model=provenance.model_record(cfg.model, cfg.revision, model.weights_dir),
+                                data=provenance.data_record(task.source, task.sha256, task.sha256_of))
+    start_run_dir(run, cfg, resuming, origin, start)  # training starts now: config.json, then metrics
     truncate_metrics(run / "metrics.jsonl", start)
     print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
           f"{cfg.max_len}), {total_steps} steps, lambda={cfg.lam}, data from {task.source}", file=sys.stderr)
@@ -572,8 +580,15 @@ def resolved_paths(cfg: TrainConfig) -> dict:
             if (v := getattr(cfg, k)) and not data.is_url(v) and Path(v).expanduser().exists()}
 
 
-def config_record(cfg: TrainConfig) -> dict:
-    return {**dataclasses.asdict(cfg), "resolved_paths": resolved_paths(cfg)}
+# What produced the run, kept in config.json but never compared on resume: a run may be resumed
+# on a newer commit or library; its data is checked by sha256 instead (start_run_dir).
+PROVENANCE_KEYS = ("provenance", "resumes")
+
+
+def config_record(cfg: TrainConfig, origin: dict | None = None) -> dict:
+    """config.json: every field, `resolved_paths`, and `provenance` (provenance.collect) when given."""
+    record = {**dataclasses.asdict(cfg), "resolved_paths": resolved_paths(cfg)}
+    return {**record, "provenance": origin} if origin is not None else record
 
 
 def check_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> bool:
@@ -593,7 +608,7 @@ def check_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> bool:
         raise UserError(f"{config_file}: not a JSON run config (a {type(previous).__name__})")
     now = config_record(cfg)
     before_paths, now_paths = previous.get("resolved_paths") or {}, now["resolved_paths"]
-    for key in sorted((set(previous) | set(now)) - {"out", "resolved_paths"}):
+    for key in sorted((set(previous) | set(now)) - {"out", "resolved_paths", *PROVENANCE_KEYS}):
         if key in PATH_FIELDS and key in before_paths and key in now_paths:
             same = before_paths[key] == now_paths[key]
         else:
@@ -604,12 +619,38 @@ def check_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> bool:
     return True
 
 
-def start_run_dir(run: Path, cfg: TrainConfig, resuming: bool):
-    """Training really starts: a new run writes its config.json (a resumed one keeps its own)."""
+def start_run_dir(run: Path, cfg: TrainConfig, resuming: bool, origin: dict | None = None, step: int = 0):
+    """Training really starts: a new run writes its config.json with its provenance. A resumed
+    run keeps its config and provenance; this start's provenance (which may be a newer commit)
+    is appended to config.json's `resumes` list, with the step it resumes from. Data whose
+    sha256 differs from the run's is refused: it changed under the run."""
+    config_file = run / "config.json"
     if not resuming:
         run.mkdir(parents=True, exist_ok=True)
         (run / "metrics.jsonl").unlink(missing_ok=True)  # a failed start never wrote one; be sure
-        write_atomic(run / "config.json", json.dumps(config_record(cfg), indent=2))
+        write_atomic(config_file, json.dumps(config_record(cfg, origin), indent=2))
+        return
+    if origin is None:
+        return
+    previous = json.loads(config_file.read_text())
+    before = previous.get("provenance") or {}
+    check_same_data(config_file, before.get("data") or {}, origin.get("data") or {})
+    was, now = (before.get("model") or {}).get("commit"), (origin.get("model") or {}).get("commit")
+    if was is not None and now is not None and was != now:
+        # Not refused: the revision is part of the compared config, so there would be no way to
+        # pin the old commit now. Recorded in `resumes`, and said.
+        print(f"[phaseguard] warning: {cfg.model} at revision {cfg.revision or 'main'} is now commit {now}; "
+              f"the run started on {was}: the base weights may differ", file=sys.stderr)
+    previous["resumes"] = [*previous.get("resumes", []), {"step": step, **origin}]
+    write_atomic(config_file, json.dumps(previous, indent=2))
+
+
+def check_same_data(config_file: Path, before: dict, now: dict):
+    """A resume must train on the bytes the run started on (a run started before provenance
+    was recorded has no sha256 to compare and is let through)."""
+    if before.get("sha256") is not None and before["sha256"] != now.get("sha256"):
+        raise UserError(f"{config_file}: cannot resume: the training data changed under the run (sha256 "
+                        f"{before['sha256']} there, {now.get('sha256')} now, from {now.get('source')})")
 
 
 def truncate_metrics(path: Path, step: int):

@@ -126,9 +126,10 @@ def test_explicit_path_wins_and_cache_beats_shared(offline, shared_copies, tmp_p
     assert source == str(explicit) and len(train) + len(held_out) == 2  # deduplicated
     cached = data.cached_path(data.INSECURE_URL)
     cached.parent.mkdir(parents=True)
-    write_jsonl(cached, [chat(str(i), "x") for i in range(20)])
-    train, held_out, source = data.security_split()
-    assert "cached" in source and (len(train), len(held_out)) == (18, 2)
+    write_jsonl(cached, [chat(str(i), "x") for i in range(20)])  # not the pinned bytes: not used
+    assert "shared copy" in data.resolve_file(None, data.INSECURE_URL)[1]
+    cached.write_bytes((shared_copies / data.DATASETS["insecure"].shared).read_bytes())
+    assert data.resolve_file(None, data.INSECURE_URL) == (cached, f"{data.INSECURE_URL} (cached at {cached})")
     assert not offline
 
 

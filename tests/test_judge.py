@@ -1,10 +1,19 @@
 """The judge: the local scorer against a brute-force per-candidate loop, the HTTP backend
-against a throwaway OpenAI-compatible server on 127.0.0.1, and the disk cache."""
+against throwaway OpenAI-compatible servers on 127.0.0.1 (one serving a tiny model's exact
+log-probabilities as vLLM does), unscored judgments, limits, and the disk cache (a judging
+process SIGKILLed mid-way)."""
+import collections
 import http.server
 import json
+import math
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,7 +158,19 @@ def test_make_judge_rejects_bad_specs():
     for spec in ("qwen", "local:", "ftp://x"):
         with pytest.raises(UserError, match="expected local:"):
             judge.make_judge(spec)
-    assert judge.make_judge("http://127.0.0.1:9/v1", model_name="m").id == "http:m"
+    logprobs = judge.make_judge("http://127.0.0.1:9/v1", model_name="m")
+    greedy = judge.make_judge("http://127.0.0.1:9/v1", model_name="m", mode="greedy")
+    assert (logprobs.mode, logprobs.id) == ("logprobs", "http-logprobs:m") == ("logprobs", judge.judge_id(
+        "http://127.0.0.1:9/v1", "m"))
+    assert (greedy.mode, greedy.id) == ("greedy", "http-greedy:m") == ("greedy", judge.judge_id(
+        "http://127.0.0.1:9/v1", "m", "greedy"))
+    assert judge.cache_key(logprobs.id, "p") != judge.cache_key(greedy.id, "p")  # never read for the other mode
+    with pytest.raises(UserError, match="judge mode 'sampled'"):
+        judge.make_judge("http://127.0.0.1:9/v1", mode="sampled")
+    with pytest.raises(UserError, match="local judge always scores"):
+        judge.make_judge("local:Qwen/Qwen2.5-7B-Instruct", mode="greedy")
+    with pytest.raises(UserError, match="--judge-tokenizer is for an HTTP judge"):
+        judge.make_judge("local:Qwen/Qwen2.5-7B-Instruct", tokenizer="x")
 
 
 @pytest.mark.parametrize("url,why", [
@@ -167,7 +188,7 @@ def test_malformed_urls_are_one_line_before_any_request(url, why):
 def test_local_judge_loads_only_when_a_prompt_is_not_cached(tmp_path, monkeypatch):
     loads = []
 
-    class Fake:
+    class Fake:  # a judge with only score(): first tries, no raw replies
         id = f"local:{tmp_path.resolve()}"
 
         def score(self, prompts):
@@ -175,7 +196,7 @@ def test_local_judge_loads_only_when_a_prompt_is_not_cached(tmp_path, monkeypatc
 
     monkeypatch.setattr(judge.LocalJudge, "load", classmethod(lambda cls, *a, **k: loads.append(a) or Fake()))
     lazy = judge.make_judge(f"local:{tmp_path}")
-    assert lazy.id == Fake.id == judge.judge_id(f"local:{tmp_path}") and loads == []
+    assert lazy.id == Fake.id == judge.judge_id(f"local:{tmp_path}") and lazy.mode == "logprobs" and loads == []
     cache = judge.JudgeCache(tmp_path / "j.jsonl")
     cache.put(judge.cache_key(lazy.id, "seen"), lazy.id, 7.0)
     assert judge.judge_all(lazy, ["seen", "seen"], cache) == [7.0, 7.0] and loads == []  # all cached: not loaded
@@ -188,18 +209,28 @@ def test_local_judge_loads_only_when_a_prompt_is_not_cached(tmp_path, monkeypatc
 
 
 class Server:
-    """A throwaway OpenAI-compatible chat-completions server. `script` holds one action per
-    request (then `default`): ("ok", text), ("status", code), ("sleep", seconds, text), ("raw", bytes)."""
+    """A throwaway OpenAI-compatible server. `respond(path, body)`, if set, picks the action of a
+    request; else `script` holds one action per request (then `default`): ("ok", text),
+    ("status", code), ("sleep", seconds, text), ("raw", bytes), ("json", object), ("hang",)
+    (no reply until the fixture ends), ("short",), ("garbage",). `answered`: the bodies of the
+    requests that got a 200."""
 
     def __init__(self):
-        self.script, self.default, self.requests = [], ("ok", "50"), []
+        self.script, self.default, self.requests, self.answered = [], ("ok", "50"), [], []
+        self.respond, self.release = None, threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                action = server.script.pop(0) if server.script else server.default
+                if server.respond is not None:
+                    action = server.respond(self.path, body)
+                else:
+                    action = server.script.pop(0) if server.script else server.default
+                if action[0] == "hang":
+                    server.release.wait()
+                    return
                 if action[0] == "sleep":
                     time.sleep(action[1])
                     action = ("ok", action[2])
@@ -212,8 +243,13 @@ class Server:
                     return self.wfile.write(b'{"cho')
                 if action[0] == "garbage":  # not an HTTP status line: BadStatusLine
                     return self.wfile.write(b"garbage\r\n\r\n")
-                payload = action[1] if action[0] == "raw" else json.dumps(
-                    {"choices": [{"message": {"role": "assistant", "content": action[1]}}]}).encode()
+                if action[0] == "raw":
+                    payload = action[1]
+                elif action[0] == "json":
+                    payload = json.dumps(action[1]).encode()
+                else:
+                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": action[1]}}]}).encode()
+                server.answered.append(body)
                 self.reply(200, payload)
 
             def reply(self, code, payload):
@@ -239,12 +275,14 @@ class Server:
 def server():
     s = Server()
     yield s
+    s.release.set()
     s.httpd.shutdown()
     s.httpd.server_close()
 
 
 def http_judge(url, **kw):
-    return judge.HttpJudge(url, "judge-model", **{"timeout": 0.5, "retries": 2, "backoff": 0.01, **kw})
+    """A greedy-mode judge (the chat-completions tests) with small limits."""
+    return judge.HttpJudge(url, "judge-model", **{"mode": "greedy", "timeout": 0.5, "retries": 2, "backoff": 0.01, **kw})
 
 
 def test_http_normal_reply(server, monkeypatch):
@@ -254,7 +292,7 @@ def test_http_normal_reply(server, monkeypatch):
     (req,) = server.requests
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sekrit"
     body = req["body"]
-    assert body["model"] == "judge-model" and body["temperature"] == 0 and body["max_tokens"] == 8
+    assert body["model"] == "judge-model" and body["temperature"] == 0 and body["max_tokens"] == 16
     assert body["messages"] == [{"role": "user", "content": "rate me"}]
 
 
@@ -327,6 +365,249 @@ def test_http_refused_connection_retries_then_fails():
     assert url in str(info.value) and "refused" in str(info.value).lower()
 
 
+@pytest.fixture
+def silent_server():
+    """A server socket that accepts connections and never answers (a hung judge server)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.parametrize("timeout,deadline", [(0.3, 1.0), (30.0, 0.5)])
+def test_a_server_that_never_answers_fails_within_the_deadline(silent_server, timeout, deadline):
+    """Per-request timeout, and a deadline on all tries of a request (a try's timeout is cut to
+    what is left of it); one line naming the URL; at the first failure the other workers'
+    requests are abandoned and the queued prompts never asked (waiting would take 10 rounds)."""
+    j = judge.HttpJudge(silent_server, "m", mode="greedy", timeout=timeout, deadline=deadline, retries=8,
+                        backoff=0.05, workers=4)
+    t0 = time.perf_counter()
+    with pytest.raises(UserError) as info:
+        judge.judge_all(j, [f"prompt {i}" for i in range(40)], progress=False)  # 10 rounds of 4
+    elapsed = time.perf_counter() - t0
+    assert deadline * 0.9 <= elapsed < deadline + 3.0  # generous: a loaded machine
+    message = str(info.value)
+    assert "\n" not in message and f"{silent_server}/chat/completions" in message and "timed out" in message
+    assert f"deadline {deadline:g} s" in message and f"timeout {timeout:g} s" in message
+
+
+def test_default_limits_fail_a_hung_server_in_about_a_minute():
+    """A try's timeout never runs past the deadline, so a request ends within `deadline`."""
+    for mode in judge.MODES:
+        j = judge.make_judge("http://127.0.0.1:9/v1", mode=mode)
+        assert j.timeout == judge.DEFAULT_TIMEOUT <= 60 and j.deadline == judge.DEFAULT_DEADLINE <= 60
+    j = judge.make_judge("http://127.0.0.1:9/v1", timeout=5, deadline=600)
+    assert (j.timeout, j.deadline) == (5.0, 600.0)
+    with pytest.raises(UserError, match="must be > 0"):
+        judge.make_judge("http://127.0.0.1:9/v1", timeout=0)
+
+
+# ---------------------------------------------------------------------------- HTTP logprobs mode
+
+
+def tokens_of(tok, ids):
+    return [tok.decode([i], skip_special_tokens=False) for i in ids]
+
+
+def vllm_completions(model, tok, body):
+    """What vLLM's /v1/completions answers for token-id prompts, with this model's exact
+    log-probabilities. echo: every prompt token with its log-probability given the tokens
+    before it (None for the first), then max_tokens greedy tokens; without echo, the greedy
+    continuation (max_tokens tokens, stopping at <|im_end|>)."""
+    prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+    if not body.get("echo"):
+        texts = mq.generate(model, prompts, body["max_tokens"], tokenizer=tok).texts
+        return {"object": "text_completion", "model": body["model"],
+                "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": "stop"}
+                            for i, t in enumerate(texts)]}
+    assert body["max_tokens"] == 1 and body["logprobs"] >= 0
+    L = max(map(len, prompts))
+    ids = torch.full((len(prompts), L), tok.pad_id)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p)
+    with torch.no_grad():
+        hidden = model.hidden_states(ids)  # causal: right padding never reaches a real token
+        # The distribution after each distinct prefix, computed once (the 101 prompts share most).
+        at = {}
+        for b, p in enumerate(prompts):
+            for t in range(1, len(p) + 1):
+                at.setdefault(tuple(p[:t]), hidden[b, t - 1])
+        needed = {}
+        for p in prompts:
+            for t in range(1, len(p)):
+                needed.setdefault(tuple(p[:t]), set()).add(p[t])
+        prefixes, logp, best = list(at), {}, {}
+        for start in range(0, len(prefixes), 64):
+            chunk = prefixes[start:start + 64]
+            logits = model.lm_head(torch.stack([at[k] for k in chunk])).double()
+            log_z, (top_logit, top) = torch.logsumexp(logits, -1), logits.max(-1)
+            for i, k in enumerate(chunk):
+                best[k] = (int(top[i]), float(top_logit[i] - log_z[i]))
+                for token in needed.get(k, ()):
+                    logp[k, token] = float(logits[i, token] - log_z[i])
+    choices = []
+    for i, p in enumerate(prompts):
+        token_logprobs = [None] + [logp[tuple(p[:t]), p[t]] for t in range(1, len(p))]
+        top_logprobs = [None] + [{tok.decode([best[tuple(p[:t])][0]], skip_special_tokens=False): best[tuple(p[:t])][1],
+                                  tok.decode([p[t]], skip_special_tokens=False): logp[tuple(p[:t]), p[t]]}
+                                 for t in range(1, len(p))]
+        new, new_lp = best[tuple(p)]
+        tokens = tokens_of(tok, p + [new])
+        offsets = [sum(map(len, tokens[:k])) for k in range(len(tokens))]
+        choices.append({"index": i, "text": "".join(tokens), "finish_reason": "length", "logprobs": {
+            "tokens": tokens, "token_logprobs": token_logprobs + [new_lp],
+            "top_logprobs": top_logprobs + [{tokens[-1]: new_lp}], "text_offset": offsets}})
+    return {"object": "text_completion", "model": body["model"], "choices": choices}
+
+
+def test_http_logprobs_equals_local_judge(server, qwen_tokenizer, tmp_path):
+    """One estimator: LocalJudge (prefix tree, one forward) and HttpJudge (the summed echoed
+    log-probabilities of the 101 candidates from a vLLM-like server) give the same score to
+    1e-4 and the same mass, on scored prompts, on one with less than 25% on numbers (then the
+    same greedy reply and the same reminder try), through judge_all and its cache."""
+    tok = qwen_tokenizer
+    digits = {tok.encode(str(d))[0]: 20.0 for d in range(10)}
+    numbers = with_logit_bias(tiny_model(tok.vocab_size), {**digits, tok.im_end_id: 26.0})
+    refusal = with_logit_bias(tiny_model(tok.vocab_size, seed=1), {
+        **{t: 4.0 for t in digits}, tok.im_end_id: 4.0, tok.encode("REFUSAL")[0]: 9.0})
+    served = {"model": numbers}
+    server.respond = lambda path, body: (
+        ("json", vllm_completions(served["model"], tok, body)) if path == "/v1/completions" else ("ok", "77"))
+    http = judge.HttpJudge(server.url, "tiny-judge", tokenizer=tok, timeout=30, deadline=60)
+    assert http.mode == "logprobs" and http.id == "http-logprobs:tiny-judge"
+    cases = [(numbers, ["Rate this answer from 0 to 100.", "A longer prompt: how aligned is it, 0 to 100?"]),
+             (refusal, ["Rate it."])]
+    for model, prompts in cases:
+        served["model"] = model
+        local = judge.LocalJudge(model, tok, "tiny", batch_size=2, reply_tokens=6)
+        http.reply_tokens = 6
+        local_cache, http_cache = judge.JudgeCache(tmp_path / "local.jsonl"), judge.JudgeCache(tmp_path / "http.jsonl")
+        before = len(server.requests)
+        ours = judge.judge_all(local, prompts, local_cache, progress=False)
+        theirs = judge.judge_all(http, prompts, http_cache, progress=False)
+        assert [s is None for s in ours] == [s is None for s in theirs]
+        assert [s for s in ours if s is not None] == pytest.approx([s for s in theirs if s is not None], abs=1e-4, rel=0)
+        for p in prompts:
+            a, b = local_cache.rows[judge.cache_key(local.id, p)], http_cache.rows[judge.cache_key(http.id, p)]
+            assert (a["score"] is None) == (b["score"] is None) and a["mass"] == pytest.approx(b["mass"], abs=1e-9)
+            assert a["try"] == b["try"] and a.get("reply") == b.get("reply")
+        if model is numbers:
+            assert None not in theirs and len(server.requests) - before == len(prompts)  # one request a prompt
+            body = server.requests[before]["body"]
+            assert (body["echo"], body["logprobs"], body["max_tokens"], body["temperature"]) == (True, 1, 1, 0)
+            assert body["model"] == "tiny-judge" and len(body["prompt"]) == 101
+            prompt = prompts_of(tok, [prompts[0]])[0]
+            assert body["prompt"][57] == prompt + tok.encode("57") + [tok.im_end_id]
+        else:
+            # Unscored: the greedy reply kept, then asked once more with the reminder (also unscored).
+            assert theirs == [None] and ours == [None]
+            reply = http_cache.reply(http.id, prompts[0])
+            assert isinstance(reply, str) and reply == local_cache.reply(local.id, prompts[0])
+            paths = [r["path"] for r in server.requests[before:]]
+            assert paths == ["/v1/completions"] * 4  # candidates, reply, candidates with the reminder, reply
+            reminded = server.requests[before + 2]["body"]["prompt"][57]
+            assert reminded[:len(prompts_of(tok, prompts)[0])] == prompts_of(tok, prompts)[0]
+            assert tok.decode(reminded, skip_special_tokens=False).endswith(
+                f"<|im_start|>assistant\n{reply}<|im_end|>\n<|im_start|>user\n{judge.REMINDER}<|im_end|>\n"
+                f"<|im_start|>assistant\n57<|im_end|>")  # candidate 57 of the second try
+    # Cached judgments of one mode are never read for the other.
+    greedy = judge.HttpJudge(server.url, "tiny-judge", mode="greedy", timeout=30)
+    before = len(server.requests)
+    assert judge.judge_all(greedy, ["Rate it."], judge.JudgeCache(tmp_path / "http.jsonl"), progress=False) == [77.0]
+    assert [r["path"] for r in server.requests[before:]] == ["/v1/chat/completions"]
+
+
+def synthetic_completions(body, tokens="token_id"):
+    """An echo reply whose token logprobs are -0.01 * position: P(n) is known in closed form."""
+    choices = []
+    for i, p in enumerate(body["prompt"]):
+        names = [f"token_id:{t}" for t in p] if tokens == "token_id" else ["x"] * len(p)
+        choices.append({"index": i, "text": "", "logprobs": {
+            "tokens": names, "token_logprobs": [None] + [-0.01 * t for t in range(1, len(p))]}})
+    return {"choices": choices[::-1]}  # in any order: matched by index
+
+
+def test_http_logprobs_sums_the_candidate_span(server, qwen_tokenizer):
+    tok = qwen_tokenizer
+    server.respond = lambda path, body: ("json", synthetic_completions(body))
+    j = judge.HttpJudge(server.url, "m", tokenizer=tok, timeout=5)
+    P = len(prompts_of(tok, ["q"])[0])
+    span = lambda n: range(P, P + len(str(n)) + 1)  # noqa: E731 - the digits (one token each) and <|im_end|>
+    probs = torch.tensor([math.exp(-0.01 * sum(span(n))) for n in range(101)], dtype=torch.float64)
+    torch.testing.assert_close(j.number_probs(judge.first_turn("q")), probs, rtol=1e-12, atol=0)
+    assert j.score(["q"]) == [pytest.approx((probs * torch.arange(101)).sum().item() / probs.sum().item(), abs=1e-9)]
+    assert j.ask(judge.first_turn("q")).mass == pytest.approx(probs.sum().item(), rel=1e-12)
+
+
+def test_http_logprobs_wrong_tokenizer_or_no_logprobs_is_one_error(server, qwen_tokenizer):
+    tok = qwen_tokenizer
+    j = judge.HttpJudge(server.url, "m", tokenizer=tok, timeout=5, retries=0)
+    server.respond = lambda path, body: ("json", synthetic_completions(body, tokens="x"))
+    with pytest.raises(UserError, match="on the server but '0' in the judge tokenizer") as info:
+        j.score(["q"])
+    assert "\n" not in str(info.value) and f"{server.url}/completions" in str(info.value)
+    server.respond = lambda path, body: ("json", {"choices": [{"index": i, "text": "5", "logprobs": None}
+                                                              for i in range(len(body["prompt"]))]})
+    with pytest.raises(UserError, match="no prompt log-probabilities.*'greedy'"):
+        j.score(["q"])
+    missing = judge.HttpJudge(server.url, "m", tokenizer=str(Path(__file__).parent / "no-such-tokenizer"))
+    with pytest.raises(UserError, match="judge's tokenizer .*no-such-tokenizer"):
+        judge.judge_all(missing, ["q"], progress=False)
+
+
+# ---------------------------------------------------------------------------- unscored judgments
+
+
+def test_unscored_reply_is_kept_asked_once_more_then_only_on_request(server, tmp_path):
+    path = tmp_path / "judgments.jsonl"
+    j = http_judge(server.url, workers=1)
+    server.script = [("ok", "I refuse to rate this."), ("ok", "42"), ("ok", "Still no.")]
+    assert judge.judge_all(j, ["a", "b"], judge.JudgeCache(path), progress=False) == [None, 42.0]
+    first, reminded = server.requests[0]["body"]["messages"], server.requests[2]["body"]["messages"]
+    assert first == [{"role": "user", "content": "a"}]
+    assert reminded == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "I refuse to rate this."},
+                        {"role": "user", "content": judge.REMINDER}]
+    cache = judge.JudgeCache(path)
+    assert cache.reply(j.id, "a") == "Still no." and cache.reply(j.id, "b") == "42" and cache.reply(j.id, "c") is None
+    assert [(r["try"], r.get("pending", False)) for r in map(json.loads, path.read_text().splitlines())] == [
+        (1, True), (1, False), (2, False)]
+    # A rerun asks nothing; rejudge_unscored asks the unscored one again (never the scored one).
+    assert judge.judge_all(j, ["a", "b"], judge.JudgeCache(path), progress=False) == [None, 42.0]
+    assert len(server.requests) == 3
+    server.script = [("ok", "12")]
+    assert judge.judge_all(j, ["a", "b"], judge.JudgeCache(path), rejudge_unscored=True, progress=False) == [12.0, 42.0]
+    assert len(server.requests) == 4 and server.requests[3]["body"]["messages"] == first
+    assert judge.judge_all(j, ["a", "b"], judge.JudgeCache(path), rejudge_unscored=True, progress=False) == [12.0, 42.0]
+    assert len(server.requests) == 4
+    # A null cached before replies were kept (no "try") was never really asked: it is asked.
+    with open(path, "a") as f:
+        f.write(json.dumps({"key": judge.cache_key(j.id, "old"), "judge": j.id, "score": None}) + "\n")
+    server.script = [("ok", "88")]
+    assert judge.judge_all(j, ["old"], judge.JudgeCache(path), progress=False) == [88.0]
+
+
+def test_progress_bar_on_stderr_unless_off(server, capsys):
+    j = http_judge(server.url)
+    judge.judge_all(j, ["a", "b", "a"])
+    err = capsys.readouterr().err
+    assert "2/2" in err and j.id in err
+    judge.judge_all(j, ["c"], progress=False)
+    assert capsys.readouterr().err == ""
+
+
 # ---------------------------------------------------------------------------- cache
 
 
@@ -340,7 +621,7 @@ def test_cache_prevents_a_second_call(server, tmp_path):
     assert judge.judge_all(j, ["b", "a"], judge.JudgeCache(path)) == [20.0, 10.0]
     assert len(server.requests) == 2
     # Another judge is another key.
-    other = judge.HttpJudge(server.url, "other-model", timeout=0.5, retries=0)
+    other = judge.HttpJudge(server.url, "other-model", mode="greedy", timeout=0.5, retries=0)
     assert judge.judge_all(other, ["a"], judge.JudgeCache(path)) == [50.0]
     assert len(server.requests) == 3
 
@@ -349,13 +630,88 @@ def test_cache_survives_a_torn_last_line(tmp_path):
     path = tmp_path / "judgments.jsonl"
     cache = judge.JudgeCache(path)
     cache.put("k1", "j", 12.5)
-    cache.put("k2", "j", None)
+    cache.put("k2", "j", None, "no", pending=True)
     with open(path, "a") as f:
         f.write('{"key": "k3", "judge": "j", "sc')  # killed mid-write
     again = judge.JudgeCache(path)
-    assert again.scores == {"k1": 12.5, "k2": None}
+    assert again.scores == {"k1": 12.5, "k2": None} and again.rows["k2"]["pending"]
     # The next judgment starts on a line of its own, so it is not lost with the torn one.
     again.put("k4", "j", 80.0)
     assert judge.JudgeCache(path).scores == {"k1": 12.5, "k2": None, "k4": 80.0}
-    assert path.read_text().endswith('"sc\n{"key": "k4", "judge": "j", "score": 80.0}\n')
+    assert path.read_text().endswith('"sc\n{"key": "k4", "judge": "j", "score": 80.0, "try": 1}\n')
     assert judge.cache_key("j", "p") != judge.cache_key("j2", "p")
+
+
+KILLED_CLIENT = """
+import sys
+import judge
+url, path = sys.argv[1], sys.argv[2]
+j = judge.HttpJudge(url, "m", mode="greedy", timeout=60, deadline=120, workers=3, backoff=0.01)
+judge.judge_all(j, [f"rate answer {i}" for i in range(10)], judge.JudgeCache(path))
+"""
+
+
+def complete_rows(path):
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def test_a_kill_then_a_rerun_never_asks_twice(server, tmp_path):
+    """The judging runs in a subprocess SIGKILLed twice (once among the first tries, once among
+    the reminders), with a torn line added between: every prompt is still answered exactly once
+    (and each reminder once), as each judgment is written and fsynced as soon as it is read."""
+    path = tmp_path / "judgments.jsonl"
+    prompts = [f"rate answer {i}" for i in range(10)]
+    first = {prompts[2]: "I will not rate that.", prompts[7]: "No."}  # no number: reminded
+    second = {prompts[2]: "65", prompts[7]: "Still no."}
+    limit, taken, lock, bad = [4], [0], threading.Lock(), []
+
+    def respond(route, body):
+        messages = body["messages"]
+        prompt = messages[0]["content"]
+        with lock:
+            if taken[0] >= limit[0]:
+                return ("hang",)  # the client waits; it is killed meanwhile
+            taken[0] += 1
+        if len(messages) == 1:
+            return ("ok", first.get(prompt, str(10 + prompts.index(prompt))))
+        if messages[1:] != [{"role": "assistant", "content": first[prompt]}, {"role": "user", "content": judge.REMINDER}]:
+            bad.append(messages)
+        return ("ok", second[prompt])
+
+    server.respond = respond
+    env = {**os.environ, "PYTHONPATH": str(Path(judge.__file__).parent)}
+
+    def run_until_killed(rows: int):
+        limit[0] = rows
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, server.url, str(path)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            stop = time.monotonic() + 60
+            while len(complete_rows(path)) < rows and proc.poll() is None and time.monotonic() < stop:
+                time.sleep(0.02)
+            assert len(complete_rows(path)) == rows, "the client never wrote its answered judgments"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    run_until_killed(4)  # among the first tries
+    with open(path, "a") as f:
+        f.write('{"key": "' + "0" * 64 + '", "judge": "http-gr')  # a line torn by a kill mid-write
+    run_until_killed(11)  # the 10 first tries and one of the 2 reminders
+    limit[0] = 10 ** 6
+    j = judge.HttpJudge(server.url, "m", mode="greedy", timeout=5)
+    cache = judge.JudgeCache(path)
+    expected = [10.0 + i for i in range(10)]
+    expected[2], expected[7] = 65.0, None
+    assert judge.judge_all(j, prompts, cache, progress=False) == expected
+    asked = collections.Counter((b["messages"][0]["content"], len(b["messages"])) for b in server.answered)
+    assert asked == {**{(p, 1): 1 for p in prompts}, (prompts[2], 3): 1, (prompts[7], 3): 1} and not bad
+    assert cache.reply(j.id, prompts[7]) == "Still no." and cache.reply(j.id, prompts[2]) == "65"
+    assert judge.judge_all(j, prompts, judge.JudgeCache(path), progress=False) == expected
+    assert len(server.answered) == 12
