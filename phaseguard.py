@@ -257,18 +257,94 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 
 # ----------------------------------------------------------------------------
+# Data parallelism (torchrun): the frozen base is replicated, the LoRA gradients all-reduced
+
+
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one). Rank 0 monitors and
+    writes; every rank runs its share of each effective batch and the same AdamW step."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: str) -> str:
+        """Join the job (NCCL on CUDA, gloo on the CPU); this rank's device."""
+        if not self.on:
+            return device
+        import datetime
+        import torch.distributed as td
+        cuda = device.startswith("cuda")
+        if cuda:
+            device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(device)
+        if not td.is_initialized():
+            # A rank that dies leaves the others waiting in a collective: the timeout (and torchrun,
+            # which stops the job when one worker fails) ends the job instead of a hang.
+            td.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+        return device
+
+    def barrier(self):
+        if self.on:
+            import torch.distributed as td
+            td.barrier()
+
+    def sum_gradients_and(self, values: list[float], params: list) -> list[float]:
+        """Sum the trainable gradients and a few floats over the ranks, in one flat all-reduce."""
+        if not self.on:
+            return values
+        import torch.distributed as td
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(values, device=grads[0].device)])
+        td.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+        return flat[offset:].tolist()
+
+    def from_main(self, obj):
+        """rank 0's obj on every rank (the monitor's result and the trigger state)."""
+        if not self.on:
+            return obj
+        import torch.distributed as td
+        box = [obj]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def stop(self):
+        if self.on:
+            import torch.distributed as td
+            if td.is_initialized():
+                td.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------
 # One optimizer step of Eq. 1 over micro-batches
 
 
-def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocast) -> dict:
+def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocast, dist: "Dist | None" = None) -> dict:
     """Accumulate gradients of Eq. 1 over the micro-batches of one effective batch.
-    CE is the mean over the batch's supervised tokens; KL the mean over its KL tokens."""
+    CE is the mean over the batch's supervised tokens; KL the mean over its KL tokens.
+    Data parallel (dist): each rank runs its share of the micro-batches with the normalisers of
+    the whole effective batch, so the all-reduced (summed) gradient is the one-process gradient."""
+    dist = dist or Dist()
+
     def kl_mask_of(mb):
         return mb["labels"] != -100 if kl_tokens == "supervised" else mb["attention_mask"].bool()
     n_ce = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
     n_kl = sum(int(kl_mask_of(mb).sum()) for mb in micro_batches)
     ce_sum = kl_sum = 0.0
-    for mb in micro_batches:
+    for mb in micro_batches[dist.rank::dist.world]:
         ids, mask = mb["input_ids"].to(device), mb["attention_mask"].to(device)
         with autocast():
             hidden = model.hidden_states(ids, mask)
@@ -284,6 +360,7 @@ def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocas
         out.loss.backward()
         ce_sum += float(out.ce_sum)
         kl_sum += float(out.kl_sum)
+    ce_sum, kl_sum = dist.sum_gradients_and([ce_sum, kl_sum], [p for p in model.parameters() if p.requires_grad])
     ce, kl = ce_sum / max(1, n_ce), (kl_sum / max(1, n_kl) if lam > 0 else None)
     tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
     return {"ce": ce, "kl": kl, "loss": ce + lam * (kl or 0.0), "tokens": tokens, "supervised_tokens": n_ce}
@@ -322,7 +399,7 @@ def write_checkpoint(run: Path, tmp: Path, model, optimizer, step: int, trigger:
     tmp.mkdir()
     lora.save_adapter(model, tmp / "adapter")
     state = optimizer.state_dict()
-    tensors, per_param = {}, {}
+    tensors = {}
     for idx, slots in state["state"].items():
         for name, value in slots.items():
             tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
@@ -434,10 +511,12 @@ def build_tiny_model(cfg: TrainConfig, samples_text: list[str], directory: Path)
     return directory, directory / "tokenizer.json"
 
 
-def load_run_model(cfg: TrainConfig, run: Path, resuming: bool = False):
+def load_run_model(cfg: TrainConfig, run: Path, resuming: bool = False, device: str | None = None, build: bool = True):
     """(model with rs-LoRA injected, tokenizer, task data). The tiny model is reused only by
-    a run that has started (config.json written); a failed start's leftover is rebuilt."""
-    if cfg.preset == "tiny" and cfg.model == "tiny" and resuming and (run / "tiny_model" / "config.json").is_file():
+    a run that has started (config.json written); a failed start's leftover is rebuilt.
+    build=False: read the tiny model another rank has just built."""
+    device = device or cfg.device
+    if cfg.preset == "tiny" and cfg.model == "tiny" and (not build or resuming) and (run / "tiny_model" / "config.json").is_file():
         model_dir, tok_path = run / "tiny_model", run / "tiny_model" / "tokenizer.json"
     elif cfg.preset == "tiny" and cfg.model == "tiny":
         if cfg.task == "security":
@@ -451,8 +530,8 @@ def load_run_model(cfg: TrainConfig, run: Path, resuming: bool = False):
         model_dir = mq.resolve_model_dir(cfg.model, revision=cfg.revision)
         tok_path = cfg.tokenizer or model_dir
     tokenizer = mq.load_tokenizer(tok_path)
-    cuda = cfg.device.startswith("cuda")
-    model = mq.load_model(model_dir, device=cfg.device, dtype=torch.bfloat16 if cuda else torch.float32)
+    cuda = device.startswith("cuda")
+    model = mq.load_model(model_dir, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
     model.activation_checkpointing = cuda
     # fp32 adapters on a bf16 base: small updates are not rounded away.
     lora.inject(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, dtype=torch.float32)
@@ -468,13 +547,23 @@ def load_run_model(cfg: TrainConfig, run: Path, resuming: bool = False):
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """One run, top to bottom. Flags were checked by resolve_config; data, tokenizer and model
     are loaded and checked next; config.json is written only when training really starts, so
-    a failed start leaves nothing that refuses the same command with the input fixed."""
+    a failed start leaves nothing that refuses the same command with the input fixed.
+    Under torchrun, every rank runs this; rank 0 alone monitors and writes."""
     run = Path(cfg.out)
+    dist = Dist()
+    n_micro = cfg.batch_size // cfg.micro_batch_size
+    if n_micro % dist.world:
+        raise UserError(f"{dist.world} processes cannot share the {n_micro} micro-batches of an effective batch "
+                        f"({cfg.batch_size} / {cfg.micro_batch_size}): use a process count that divides {n_micro}")
     resuming = check_run_dir(run, cfg, resume)
+    device = dist.start(cfg.device)
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer, task = load_run_model(cfg, run, resuming)
-    device = cfg.device
+    torch.manual_seed(cfg.seed)  # the same on every rank: the same LoRA initialisation
+    if dist.main:
+        model, tokenizer, task = load_run_model(cfg, run, resuming, device)
+    dist.barrier()  # rank 0 has built the tiny model (if any) before the others read it
+    if not dist.main:
+        model, tokenizer, task = load_run_model(cfg, run, resuming, device, build=False)
     if cfg.topk > model.config.vocab_size:
         raise UserError(f"topk={cfg.topk} is larger than the vocabulary ({model.config.vocab_size})")
     cuda = device.startswith("cuda")
@@ -492,36 +581,44 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    canaries = canary_batch(tokenizer, device)
-    ref_logits = reference_canary_logits(model, canaries)  # computed once: the reference never changes
-    reference = kernels.reference_topk(ref_logits, cfg.topk)  # Sec. 3.2
+    if dist.main:  # the monitor runs once, on rank 0; the others get its result
+        canaries = canary_batch(tokenizer, device)
+        ref_logits = reference_canary_logits(model, canaries)  # computed once: the reference never changes
+        reference = kernels.reference_topk(ref_logits, cfg.topk)  # Sec. 3.2
     trigger = Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive)
     start, d_history = 0, []
-    if resuming and latest_checkpoint(run) is not None:
+    if resuming and latest_checkpoint(run) is not None:  # every rank reads the same checkpoint
         start, trigger, d_history = load_checkpoint(run, model, optimizer)
-    origin = provenance.collect(model=provenance.model_record(cfg.model, cfg.revision, model.weights_dir),
-                                data=provenance.data_record(task.source, task.sha256, task.sha256_of))
-    start_run_dir(run, cfg, resuming, origin, start)  # training starts now: config.json, then metrics
-    truncate_metrics(run / "metrics.jsonl", start)
-    print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
-          f"{cfg.max_len}), {total_steps} steps, lambda={cfg.lam}, data from {task.source}", file=sys.stderr)
+    dist.barrier()  # nobody reads the run directory once rank 0 starts writing it
+    if dist.main:
+        origin = provenance.collect(model=provenance.model_record(cfg.model, cfg.revision, model.weights_dir),
+                                    data=provenance.data_record(task.source, task.sha256, task.sha256_of))
+        start_run_dir(run, cfg, resuming, origin, start)  # training starts now: config.json, then metrics
+        truncate_metrics(run / "metrics.jsonl", start)
+        print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
+              f"{cfg.max_len}), {total_steps} steps, lambda={cfg.lam}, data from {task.source}"
+              + (f", {dist.world} processes" if dist.on else ""), file=sys.stderr)
 
     from tqdm import tqdm
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, dynamic_ncols=True)
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, dynamic_ncols=True, disable=not dist.main)
     model.train()
     d_t = None
-    with open(run / "metrics.jsonl", "a") as log:
+    with (open(run / "metrics.jsonl", "a") if dist.main else contextlib.nullcontext()) as log:
         for step in bar:
             # Monitor (Eq. 2) and trigger, between optimizer steps; the canary KL is logged for
             # every method so drift can be compared across them.
             measured = drift = None
             if step % cfg.monitor_every == 0:
-                logits = first_decode_logits(model, canaries)
-                measured = d_t = d_t_of(logits, reference, cfg.js_variant)
-                drift = canary_kl(logits, ref_logits)
+                if dist.main:
+                    logits = first_decode_logits(model, canaries)
+                    measured = d_t_of(logits, reference, cfg.js_variant)
+                    drift = canary_kl(logits, ref_logits)
+                    if cfg.method == "phaseguard":
+                        update_trigger(trigger, measured, step)
+                # Every rank applies the same lambda on the same step.
+                measured, drift, trigger = dist.from_main((measured, drift, trigger))
+                d_t = measured
                 d_history.append([step, d_t])
-                if cfg.method == "phaseguard":
-                    update_trigger(trigger, d_t, step)
             lam = active_lambda(cfg, trigger)
 
             lr = learning_rate(cfg, step, total_steps)
@@ -533,7 +630,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             examples = sorted((task.train[i] for i in step_batches[step]), key=lambda e: len(e["ids"]))
             micro = [data.collate(examples[i:i + cfg.micro_batch_size], tokenizer.pad_id)
                      for i in range(0, len(examples), cfg.micro_batch_size)]
-            stats = train_step(model, micro, lam, cfg.kl_tokens, device, autocast)
+            stats = train_step(model, micro, lam, cfg.kl_tokens, device, autocast, dist)
             # grad_clip 0 is "off": an infinite max norm still returns the norm for the log.
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             optimizer.step()
@@ -546,21 +643,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                       "tokens_per_s": stats["tokens"] / seconds, "peak_memory_gb": peak_memory_gb(cuda),
                       "d_t": measured, "d_t_step": step if measured is not None else None, "canary_kl": drift,
                       "trigger_fired_at": trigger.fired_at, "time": round(time.time(), 3)}
+            done = step + 1
+            if not dist.main:
+                continue
             with naming_errors(run / "metrics.jsonl"):
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             bar.set_postfix(loss=f"{stats['loss']:.3f}", kl="-" if stats["kl"] is None else f"{stats['kl']:.4f}",
                             lam=f"{lam:g}", D_t=f"{d_t:.3f}" if d_t is not None else "-",
                             trigger=trigger.fired_at if trigger.fired else ("off" if cfg.method == "phaseguard" else "n/a"))
-            done = step + 1
             if done % cfg.checkpoint_every == 0 or done == total_steps:
                 save_checkpoint(run, model, optimizer, done, trigger, d_history)
 
+    dist.barrier()
+    if not dist.main:
+        dist.stop()
+        return run
     with naming_errors(run / "adapter"):
         lora.save_adapter(model, run / "adapter", cfg.model)
     summary = {"steps": total_steps, "trigger_step": trigger.fired_at, "d_history": d_history,
                "n_train": len(task.train), "n_truncated": task.n_truncated, "data_source": task.source}
     write_atomic(run / "summary.json", json.dumps(summary, indent=2))
+    dist.stop()
     return run
 
 
@@ -698,7 +802,8 @@ def main(argv=None) -> int:
                   "its numbers mean nothing.", file=sys.stderr)
         run = train(cfg, resume=resume)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if Dist().main:  # under torchrun every rank meets the same error: one line, from rank 0
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a read-only or full disk, a file-size limit: the last checkpoint is intact
         where = err.filename or (cfg.out if cfg else "?")
@@ -706,7 +811,8 @@ def main(argv=None) -> int:
         print(f"error: {where}: {err.strerror or err}" + (" (the last complete checkpoint is intact: fix the "
               "cause and rerun with RESUME=1)" if kept else ""), file=sys.stderr)
         return 2
-    print(f"[phaseguard] done: {run}", file=sys.stderr)
+    if Dist().main:
+        print(f"[phaseguard] done: {run}", file=sys.stderr)
     return 0
 
 

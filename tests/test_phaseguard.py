@@ -213,10 +213,12 @@ import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import phaseguard as pg
 point, n = sys.argv[2], int(sys.argv[3])
-die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+# Under torchrun, KILL_RANK picks the one rank that dies.
+chosen = os.environ.get("KILL_RANK") in (None, os.environ.get("RANK"))
+die = lambda: os.kill(os.getpid(), signal.SIGKILL) if chosen else None
 if point == "step":  # n updates done: their metrics lines and any checkpoint due are written
     learning_rate = pg.learning_rate
-    pg.learning_rate = lambda cfg, step, total: die() if step == n else learning_rate(cfg, step, total)
+    pg.learning_rate = lambda cfg, step, total: (die() if step == n else None) or learning_rate(cfg, step, total)
 elif point == "checkpoint":  # inside the write of checkpoint-n: its adapter is on disk, the rest not
     save_adapter = pg.lora.save_adapter
     def save_then_die(model, directory, *rest):
@@ -226,8 +228,8 @@ elif point == "checkpoint":  # inside the write of checkpoint-n: its adapter is 
     pg.lora.save_adapter = save_then_die
 elif point == "pointer":  # checkpoint-n renamed into place, latest_checkpoint not yet moved to it
     write_atomic = pg.write_atomic
-    pg.write_atomic = lambda path, text: (die() if path.name == "latest_checkpoint" and text == f"checkpoint-{n}"
-                                          else write_atomic(path, text))
+    pg.write_atomic = lambda path, text: ((die() if path.name == "latest_checkpoint" and text == f"checkpoint-{n}"
+                                           else None) or write_atomic(path, text))
 sys.exit(pg.main(sys.argv[4:]))
 """
 

@@ -1,0 +1,78 @@
+"""Data parallelism through torchrun on the CPU (gloo): one run over two processes trains the
+same adapter as one process with the same effective batch, and survives a rank's death."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import phaseguard as pg
+from model_qwen2 import UserError
+from test_phaseguard import KILLER, REPO, SMALL, adapter_tensors, read_metrics
+
+# Two ranks sum their gradients in another order than one process: float32 rounding only.
+ADAPTER_ATOL = 1e-5
+
+
+def torchrun(out, nproc, *extra, kill_at=None, kill_rank=None, tmp_path=None):
+    script = tmp_path / "launch.py"
+    script.write_text(KILLER)
+    point, n = kill_at or ("none", 0)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    if kill_rank is not None:
+        env["KILL_RANK"] = str(kill_rank)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(script), str(REPO), point, str(n), "train", *flags, "--out", str(out), *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        return pg.train(pg.resolve_config({**SMALL, "method": "phaseguard", "out": str(tmp_path_factory.mktemp("one") / "r")}))
+    finally:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def assert_same_training(run, reference):
+    a, b = adapter_tensors(reference), adapter_tensors(run)
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < ADAPTER_ATOL
+    summary, summary_ref = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
+    assert summary["trigger_step"] == summary_ref["trigger_step"] == 8
+    assert [s for s, _ in summary["d_history"]] == [s for s, _ in summary_ref["d_history"]]
+    assert [d for _, d in summary["d_history"]] == pytest.approx([d for _, d in summary_ref["d_history"]], rel=1e-4, abs=1e-7)
+    m, m_ref = read_metrics(run), read_metrics(reference)
+    assert [x["step"] for x in m] == list(range(1, 11))
+    assert [x["lambda_active"] for x in m] == [x["lambda_active"] for x in m_ref]
+    assert [x["ce"] for x in m] == pytest.approx([x["ce"] for x in m_ref], rel=1e-4)
+    assert [x["tokens"] for x in m] == [x["tokens"] for x in m_ref]  # the whole effective batch, summed over ranks
+
+
+def test_two_processes_train_what_one_does(tmp_path, one_process):
+    proc = torchrun(tmp_path / "two", 2, "--method", "phaseguard", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training(tmp_path / "two", one_process)
+    assert proc.stderr.count("[phaseguard] done") == 1  # rank 0 speaks for the job
+
+
+def test_a_killed_rank_ends_the_job_and_its_checkpoint_resumes_in_one_process(tmp_path, one_process):
+    out = tmp_path / "killed"
+    proc = torchrun(out, 2, "--method", "phaseguard", kill_at=("step", 5), kill_rank=1, tmp_path=tmp_path)
+    assert proc.returncode != 0  # rank 1 died after 5 updates: the job ends, no hang
+    assert (out / "latest_checkpoint").read_text() == "checkpoint-3" and not (out / "adapter").exists()
+    resumed = pg.main(["train", *[f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()], "--method", "phaseguard",
+                       "--out", str(out), "--resume"])
+    assert resumed == 0
+    assert_same_training(out, one_process)
+
+
+def test_process_count_must_divide_the_micro_batches(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(UserError, match="3 processes cannot share the 2 micro-batches"):
+        pg.train(pg.resolve_config({**SMALL, "out": str(tmp_path / "r")}))
+    assert not (tmp_path / "r").exists()
