@@ -22,6 +22,10 @@ PRESET ?= auto
 OUT    ?=
 DATA   ?=
 RESUME ?=
+REVISION ?=
+# processes (GPUs) per run: more than 1 trains data parallel through torchrun
+NPROC  ?= 1
+TRAIN_LAUNCH = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
 TRAIN_ARGS ?=
 
 # make eval / sweep / report: the paper's evaluation, lambda sweep and tables.
@@ -32,6 +36,9 @@ EVAL_ARGS ?=
 SWEEP_ARGS ?=
 RUNS   ?= runs
 REPORT ?= report.md
+# make sweep GPUS=0,1,2,3: the sweep's runs side by side, one per GPU (NPROC GPUs each)
+GPUS   ?=
+MAX_UNSCORED ?= 0.05
 # make bench: kernels and one training step (CUDA: the paper's shapes; CPU: reduced, labelled CPU).
 BENCH_ARGS ?=
 
@@ -55,9 +62,10 @@ test: install
 	TOKENIZERS_PARALLELISM=false $(PY) -m pytest $(PYTEST_ARGS)
 
 train: install
-	@$(PY) phaseguard.py train --method $(METHOD) --task $(TASK) --seed $(SEED) --preset $(PRESET) \
+	@$(TRAIN_LAUNCH) phaseguard.py train --method $(METHOD) --task $(TASK) --seed $(SEED) --preset $(PRESET) \
 	  $(if $(LAMBDA),--lam $(LAMBDA)) $(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT)) \
-	  $(if $(DATA),--data $(DATA)) $(if $(filter 1 yes true,$(RESUME)),--resume) $(TRAIN_ARGS)
+	  $(if $(DATA),--data $(DATA)) $(if $(REVISION),--revision $(REVISION)) \
+	  $(if $(filter 1 yes true,$(RESUME)),--resume) $(TRAIN_ARGS)
 
 eval: install
 	@test -n "$(RUN)" || { echo "error: make eval needs RUN=<run directory>" >&2; exit 2; }
@@ -65,10 +73,10 @@ eval: install
 
 sweep: install
 	@$(PY) evaluate.py sweep --preset $(PRESET) --runs-dir $(RUNS) $(if $(JUDGE),--judge $(JUDGE)) \
-	  $(if $(SAMPLES),--samples $(SAMPLES)) $(EVAL_ARGS) $(SWEEP_ARGS)
+	  $(if $(SAMPLES),--samples $(SAMPLES)) $(if $(GPUS),--gpus $(GPUS)) --nproc $(NPROC) $(EVAL_ARGS) $(SWEEP_ARGS)
 
 report: install
-	@$(PY) evaluate.py report --runs-dir $(RUNS) --out $(REPORT)
+	@$(PY) evaluate.py report --runs-dir $(RUNS) --out $(REPORT) --max-unscored $(MAX_UNSCORED)
 
 bench: install
 	@$(PY) bench.py $(BENCH_ARGS)

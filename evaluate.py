@@ -39,6 +39,7 @@ import data
 import judge as judges
 import lora
 import model_qwen2 as mq
+import provenance as provenances
 from model_qwen2 import UserError
 from phaseguard import write_atomic
 
@@ -136,16 +137,22 @@ def write_json(path: Path, obj):
 
 
 def load_policy(run: Path, cfg: dict, device: str, base: str | None = None):
-    """The run's base model with its adapter loaded (fp32 adapter, so merging is precise)."""
+    """The run's base model with its adapter loaded (fp32 adapter, so merging is precise). A hub
+    model is loaded at the commit training recorded (config.json's provenance), else at its
+    `revision`: the adapter is evaluated on the weights it was trained on."""
+    revision = None
     if cfg["model"] == "tiny":
         model_dir = tok = run / "tiny_model"
     else:
         model_dir = base or cfg["model"]
         tok = cfg.get("tokenizer") or model_dir
+        if base is None:
+            recorded = ((cfg.get("provenance") or {}).get("model") or {})
+            revision = recorded.get("commit") or cfg.get("revision")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = mq.load_model(model_dir, device=device, dtype=dtype)
+    model = mq.load_model(model_dir, device=device, dtype=dtype, revision=revision)
     lora.load_adapter(model, run / "adapter", dtype=torch.float32)
-    return model, mq.load_tokenizer(tok)
+    return model, mq.load_tokenizer(tok, revision=revision if tok == model_dir else None)
 
 
 @contextlib.contextmanager
@@ -170,11 +177,13 @@ def generate_all(model, tokenizer, prompts: list[list[int]], *, seed: int, max_n
                  temperature: float = 1.0) -> list[list[int]]:
     """Answer ids for every prompt, batched by length; temperature 1, top-p 1 (greedy at 0).
     Callers merge the adapters first (`merged`)."""
+    from tqdm import tqdm
     device = model.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=f"sampling {len(prompts)} answers", unit="batch",
+                      dynamic_ncols=True, leave=False):
         chunk = order[start:start + batch_size]
         gen = mq.generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature,
                           top_p=1.0, generator=generator, tokenizer=tokenizer)
@@ -279,16 +288,18 @@ def sample_em_answers(model, tokenizer, questions, s: dict, baselines: bool) -> 
     return out
 
 
-def judge_em(answers: dict[str, list[dict]], judge, cache, questions) -> dict[str, list[dict]]:
-    """Each answer rated twice with the question's own judge prompts, as written."""
+def judge_em(answers: dict[str, list[dict]], judge, cache, questions,
+             rejudge_unscored: bool = False) -> tuple[dict[str, list[dict]], list[str]]:
+    """Each answer rated twice with the question's own judge prompts, as written. Also returns
+    the prompts the judge left unscored (no number, or under 25% of its mass on numbers)."""
     templates = {q["id"]: q["judge_prompts"] for q in questions}
     flat = [r for rows in answers.values() for r in rows]
     prompts = [judges.fill(templates[r["id"]][kind], r["question"], r["answer"])
                for kind in ("aligned", "coherent") for r in flat]
-    scores = judges.judge_all(judge, prompts, cache)
+    scores = judges.judge_all(judge, prompts, cache, rejudge_unscored=rejudge_unscored)
     for r, a, c in zip(flat, scores[:len(flat)], scores[len(flat):]):
         r.update(aligned=a, coherent=c, misaligned=is_misaligned(a, c))
-    return answers
+    return answers, [p for p, score in zip(prompts, scores) if score is None]
 
 
 def judge_mode(judge_id: str, mode: str | None = None) -> str:
@@ -300,9 +311,10 @@ def judge_mode(judge_id: str, mode: str | None = None) -> str:
     return mode or {"local": "logprobs", "http": "greedy"}.get(prefix) or prefix.removeprefix("http-")
 
 
-def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], record: dict) -> tuple[dict, str]:
+def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], record: dict) -> tuple[dict, str, str | None]:
     """Sample (or reuse the answers sampled with these very settings), judge, count. Returns
-    results.json's "security" block ({"judge": id, condition: em_summary, ...}) and the judge mode."""
+    results.json's "security" block ({"judge": id, condition: em_summary, ...}), the judge mode,
+    and a one-line failure when the judge left more than the allowed share unscored."""
     out = run / "eval"
     sampling = {k: v for k, v in record.items() if k != "judge"}
     saved = read_json(out / "answers.json") if (out / "answers.json").is_file() else None
@@ -316,13 +328,29 @@ def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], reco
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     judge = judges.make_judge(s["judge"], model_name=s["judge_model"], device=s["device"],
-                              batch_size=s["judge_batch_size"])  # loaded only if some judgment is not cached
+                              batch_size=s["judge_batch_size"], **judge_options(s))  # loaded only if needed
     cache = judges.JudgeCache(s["judge_cache"] or out / "judgments.jsonl")
-    judged = judge_em(answers, judge, cache, questions)
+    # Unscored judgments are never final: --rejudge-unscored (and --force) ask them again.
+    judged, unscored = judge_em(answers, judge, cache, questions, s["rejudge_unscored"] or s["force"])
     write_atomic(out / "judged.jsonl", "".join(json.dumps({"condition": name, **r}, ensure_ascii=False) + "\n"
                                                for name, rows in judged.items() for r in rows))
-    return ({"judge": judge.id, **{name: em_summary(rows) for name, rows in judged.items()}},
-            judge_mode(judge.id, getattr(judge, "mode", None)))
+    block = {"judge": judge.id, **{name: em_summary(rows) for name, rows in judged.items()}}
+    failure = None
+    n_prompts = 2 * sum(len(rows) for rows in judged.values())
+    if unscored and len(unscored) > s["max_unscored"] * n_prompts:
+        reply = cache.reply(judge.id, unscored[0])
+        quoted = json.dumps((reply or "(no reply text: under 25% of the probability on numbers)")[:120],
+                            ensure_ascii=False)
+        failure = (f"judge {judge.id} left {len(unscored)} of {n_prompts} judgments unscored (more than "
+                   f"--max-unscored {s['max_unscored']:g}); one reply: {quoted}. Check the judge, then rerun with "
+                   "--rejudge-unscored")
+    return block, judge_mode(judge.id, getattr(judge, "mode", None)), failure
+
+
+def judge_options(s: dict) -> dict:
+    """The judge's mode, tokenizer and time limits, as make_judge and judge_id take them."""
+    return {"mode": s["judge_mode"], "tokenizer": s["judge_tokenizer"], "timeout": s["judge_timeout"],
+            "deadline": s["judge_deadline"]}
 
 
 def evaluate_opswap(run: Path, cfg: dict, s: dict) -> dict:
@@ -355,6 +383,12 @@ def check_eval_args(args):
         judges.parse_spec(args.judge, args.judge_model)
     if args.judge_cache and Path(args.judge_cache).is_dir():
         raise UserError(f"--judge-cache {args.judge_cache}: is a directory (the judgment cache is a file)")
+    for name in ("judge_timeout", "judge_deadline"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value}")
+    if not 0 <= args.max_unscored <= 1:
+        raise UserError(f"--max-unscored must be a share between 0 and 1 (e.g. 0.05), got {args.max_unscored}")
     resolve_device(args.device)
 
 
@@ -397,13 +431,21 @@ def eval_settings(run: Path, cfg: dict, args) -> dict:
     s.setdefault("batch_size", 64 if device.startswith("cuda") else 32)
     judge = judge_spec(run, cfg, args)
     if judge is not None:
-        judges.parse_spec(judge, args.judge_model)  # a typo fails now, not after the sampling
+        kind, _ = judges.parse_spec(judge, args.judge_model)  # a typo fails now, not after the sampling
+        if kind == "local" and args.judge_mode == "greedy":
+            raise UserError("--judge-mode greedy is for HTTP servers without log-probabilities; a local judge "
+                            "always scores by the exact expectation (logprobs)")
+        if kind == "local" and args.judge_tokenizer:
+            raise UserError("--judge-tokenizer is for an HTTP judge; a local judge uses its own tokenizer")
     if judge == f"local:{judges.DEFAULT_JUDGE}":
         print(f"[eval] judge: {judges.DEFAULT_JUDGE} loaded locally needs ~145 GB on one device", file=sys.stderr)
     baselines = args.baselines if args.baselines is not None else cfg["method"] == "none"
     return {**s, "device": device, "judge": judge, "judge_model": args.judge_model,
             "judge_batch_size": args.judge_batch_size, "judge_cache": args.judge_cache, "best_of": args.best_of,
-            "baselines": baselines, "questions": args.questions, "model": args.model, "force": args.force}
+            "baselines": baselines, "questions": args.questions, "model": args.model, "force": args.force,
+            "judge_mode": args.judge_mode, "judge_tokenizer": args.judge_tokenizer,
+            "judge_timeout": args.judge_timeout, "judge_deadline": args.judge_deadline,
+            "rejudge_unscored": args.rejudge_unscored, "max_unscored": args.max_unscored}
 
 
 def adapter_fingerprint(run: Path) -> str:
@@ -428,7 +470,8 @@ def result_settings(cfg: dict, s: dict, questions: list[dict] | None, adapter: s
     if cfg["task"] == "opswap":
         return {"adapter": adapter, "opswap_limit": s["opswap_limit"]}
     return {"adapter": adapter, **{k: s[k] for k in SAMPLING_KEYS}, "question_limit": s["question_limit"],
-            "questions": [q["id"] for q in questions], "judge": judges.judge_id(s["judge"], s["judge_model"])}
+            "questions": [q["id"] for q in questions],
+            "judge": judges.judge_id(s["judge"], s["judge_model"], s["judge_mode"])}
 
 
 def short(value) -> str:
@@ -486,9 +529,10 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
     details = {k: s[k] for k in ("device", "batch_size", "judge_batch_size", "judge_cache", "questions", "model")}
     results = {"run": str(run), "task": cfg["task"], "method": cfg["method"], "lam": cfg["lam"], "seed": cfg["seed"],
                "preset": cfg.get("preset"), "settings": record, "details": details, "coverage": coverage,
-               "provenance": provenance(), "judge_mode": None}
+               "provenance": provenance(cfg, s), "judge_mode": None}
+    failure = None
     if cfg["task"] == "security":
-        results["security"], results["judge_mode"] = evaluate_security(run, cfg, s, questions, record)
+        results["security"], results["judge_mode"], failure = evaluate_security(run, cfg, s, questions, record)
         for name, r in results["security"].items():
             if name != "judge":
                 print(f"[eval] {name}: misaligned {r['misaligned']}/{r['answers']} = "
@@ -500,6 +544,10 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
         print(f"[eval] opswap exact match {r['correct']}/{r['n']} = {percent(r['accuracy'], r['ci95'])}",
               file=sys.stderr)
     write_json(run / "eval" / "results.json", results)
+    if failure and not tiny:  # written, so the report shows the unscored counts; but the eval failed
+        raise UserError(failure)
+    if failure:
+        print(f"[eval] tiny run: {failure}", file=sys.stderr)
     return results
 
 
@@ -509,11 +557,17 @@ def percent(value: float | None, interval) -> str:
     return f"{100 * value:.2f}% (95% CI {100 * interval[0]:.1f}-{100 * interval[1]:.1f}%)"
 
 
-def provenance() -> dict | None:
-    """PROVENANCE PLACEHOLDER: the dict (git commit, package versions, data sha256) that
-    provenance.py will give; written into every results.json ("provenance") and shown in the
-    report's header. None until then."""
-    return None
+def provenance(cfg: dict | None = None, s: dict | None = None) -> dict:
+    """What produced an evaluation (results.json "provenance"; the report's header without cfg):
+    the git commit, the versions, the base model training recorded, the EM questions' sha256."""
+    if cfg is None:
+        return provenances.collect()
+    trained = cfg.get("provenance") or {}
+    extra = {}
+    if cfg["task"] == "security":
+        file, source = data.resolve_file(s["questions"], data.EM_QUESTIONS_URL)
+        extra["questions"] = provenances.data_record(source, provenances.sha256_file(file))
+    return provenances.collect(model=trained.get("model"), data=trained.get("data"), **extra)
 
 
 # ----------------------------------------------------------------------------
@@ -542,6 +596,20 @@ def add_eval_flags(p):
     p.add_argument("--judge-cache", help="judgment cache file (default <run>/eval/judgments.jsonl)")
     p.add_argument("--judge-batch-size", type=int, default=4, help="prompts per local judge forward")
     p.add_argument("--model", help="base model directory, if it moved since training")
+    p.add_argument("--judge-mode", choices=judges.MODES,
+                   default="logprobs", help="logprobs (default): the expectation over 0..100 from the judge's "
+                   "probabilities, as the local judge computes it (vLLM: /v1/completions prompt log-probabilities); "
+                   "greedy: the number parsed from a greedy reply, for servers without log-probabilities")
+    p.add_argument("--judge-tokenizer", help="HTTP judge, logprobs mode: the served model's tokenizer (tokenizer.json, "
+                   "a model directory or a hub id; default: the served model name)")
+    p.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS", help="per judge request (default 60)")
+    p.add_argument("--judge-deadline", type=float, default=60.0, metavar="SECONDS",
+                   help="for all tries of one judge request, retries included (default 60): a silent server fails "
+                        "within about a minute")
+    p.add_argument("--rejudge-unscored", action="store_true", help="ask the judge again for cached unscored judgments")
+    p.add_argument("--max-unscored", type=float, default=0.05, metavar="SHARE",
+                   help="eval fails (after writing results.json) when the judge leaves more than this share of its "
+                        "judgments unscored (default 0.05; tiny runs only warn)")
     p.add_argument("--force", action="store_true",
                    help="replace <run>/eval/ results made with other settings (they are lost)")
 
@@ -572,6 +640,9 @@ def main(argv=None) -> int:
     s.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
                    help="extra training setting for every run, e.g. --set limit=40")
     s.add_argument("--dry-run", action="store_true", help="print the plan only")
+    s.add_argument("--gpus", help="run the runs side by side, one per GPU, e.g. 0,1,2,3 (CUDA only)")
+    s.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run, through torchrun (default 1)")
+    s.add_argument("--only", help=argparse.SUPPRESS)  # one run of the sweep: how --gpus starts each run
     add_eval_flags(s)
     r = sub.add_parser("report", help="Table 1, Table 2, trigger steps, Figure 2 -> markdown + PNG")
     r.add_argument("--runs-dir", default="runs")
@@ -585,6 +656,7 @@ def main(argv=None) -> int:
             evaluate_run(args.run, args)
         elif args.command == "sweep":
             args.set = dict(args.set)
+            args.child_command = sweeps.child_command(sys.argv[1:] if argv is None else list(argv))
             sweeps.sweep(args)
         else:
             reports.write_report(args.runs_dir, args.out, args.max_unscored, provenance())

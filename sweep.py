@@ -110,7 +110,11 @@ def sweep(args) -> list[Path]:
         return [run for run, _ in plan]
     for (run, cfg), step in zip(plan, steps):
         if step == "train + evaluate":
-            phaseguard.train(cfg, resume=(run / "config.json").is_file())
+            resume = (run / "config.json").is_file()
+            if getattr(args, "nproc", 1) > 1:
+                train_with_torchrun(cfg, resume, args.nproc)
+            else:
+                phaseguard.train(cfg, resume=resume)
         if step != "done":
             evaluate_run(run, args)
     return [run for run, _ in plan]
@@ -169,3 +173,31 @@ def report_failures(done: dict):
     failed = [f"{name} (exit {code}, log {log})" for name, (code, log) in done.items() if code != 0]
     if failed:
         raise UserError(f"{len(failed)} of {len(done)} runs failed: {'; '.join(failed)}")
+
+
+def child_command(argv: list[str]) -> list[str]:
+    """This sweep's command line without --gpus: what each run's child process runs (with --only)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--gpus="):
+            skip = False
+            continue
+        if arg == "--gpus":
+            skip = True
+            continue
+        kept.append(arg)
+    return [sys.executable, str(Path(__file__).with_name("evaluate.py")), *kept]
+
+
+def train_with_torchrun(cfg, resume: bool, nproc: int):
+    """One run over nproc processes (torchrun, data parallel): its config as phaseguard flags."""
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name != "tiny_model" and value is not None:
+            flags += [f"--{f.name.replace('_', '-')}", str(value)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(Path(__file__).with_name("phaseguard.py")), "train", *flags, *(["--resume"] if resume else [])]
+    code = subprocess.run(command).returncode
+    if code != 0:
+        raise UserError(f"{cfg.out}: training over {nproc} processes failed (torchrun exit {code})")

@@ -73,8 +73,10 @@ def test_judge_em_and_summary(shared_data, tmp_path, monkeypatch):
     answers = {"finetuned": [{"id": q["id"], "question": q["question"], "system": q["system"], "sample": i,
                               "answer": word + " answer"} for q in questions
                              for i, word in enumerate(["evil", "nice", "code"])]}
-    rows = ev.judge_em(answers, StubJudge(), judge.JudgeCache(tmp_path / "j.jsonl"), questions)["finetuned"]
+    judged, unscored = ev.judge_em(answers, StubJudge(), judge.JudgeCache(tmp_path / "j.jsonl"), questions)
+    rows = judged["finetuned"]
     assert [r["misaligned"] for r in rows] == [True, False, False] * 2
+    assert len(unscored) == 2 and all("code answer" in p and "coherence" not in p for p in unscored)
     summary = ev.em_summary(rows)
     assert [summary[k] for k in ("answers", "scored", "unscored", "misaligned")] == [6, 4, 2, 2]
     assert summary["rate_all"] == pytest.approx(1 / 3) and summary["rate_scored"] == pytest.approx(1 / 2)
@@ -363,7 +365,9 @@ def paper_run(root, task="security"):
 BAD_FLAGS = [["--samples", "0"], ["--question-limit", "0"], ["--question-limit", "-2"], ["--opswap-limit", "0"],
              ["--batch-size", "0"], ["--judge-batch-size", "0"], ["--best-of", "0"], ["--max-new-tokens", "0"],
              ["--judge", "gpt4"], ["--judge", "http://127.0.0.1:abc/v1"], ["--judge", "http://[::1/v1"],
-             ["--judge", "http://judge host:8000/v1"], ["--device", "tpu"]]
+             ["--judge", "http://judge host:8000/v1"], ["--device", "tpu"], ["--judge-timeout", "0"],
+             ["--judge-deadline", "-1"], ["--judge-timeout", "nan"], ["--max-unscored", "1.5"],
+             ["--max-unscored", "-0.1"]]
 
 
 @pytest.mark.parametrize("flags", BAD_FLAGS, ids=" ".join)
@@ -486,4 +490,39 @@ def test_makefile_calls_these_commands():
     assert "evaluate.py eval --run R1 --judge http://h:8000/v1 --samples 3 --paper" in dry(
         "eval", "RUN=R1", "JUDGE=http://h:8000/v1", "SAMPLES=3", "EVAL_ARGS=--paper")
     assert "evaluate.py sweep --preset tiny" in dry("sweep", "PRESET=tiny")
-    assert "evaluate.py report --runs-dir RR --out OUT.md" in dry("report", "RUNS=RR", "REPORT=OUT.md")
+    assert "evaluate.py report --runs-dir RR --out OUT.md --max-unscored 0.05" in dry("report", "RUNS=RR", "REPORT=OUT.md")
+    assert "--gpus 0,1 --nproc 2" in dry("sweep", "GPUS=0,1", "NPROC=2")
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2 phaseguard.py train" in dry("train", "NPROC=2")
+    one = dry("train", "REVISION=abc")
+    assert "torch.distributed" not in one and "phaseguard.py train" in one and "--revision abc" in one
+
+
+class SilentOnCodeJudge(StubJudge):
+    """StubJudge with a mode; the aligned judgments of "code" answers are unscored."""
+    id, mode = "http-logprobs:stub", "logprobs"
+
+
+@pytest.mark.parametrize("share,fails", [(0.05, True), (0.2, False)])
+def test_too_many_unscored_judgments_fail_the_eval_in_one_line(tmp_path, capsys, monkeypatch, shared_data, share, fails):
+    """2 of 12 judgments unscored (17%): above --max-unscored 0.05 the eval exits 2 with one line
+    naming the judge and quoting a reply, after writing results.json with the unscored counts."""
+    monkeypatch.setenv("PHASEGUARD_CACHE", str(tmp_path / "cache"))
+    run = paper_run(tmp_path / "sec")
+    monkeypatch.setattr(ev, "load_policy", lambda *a, **k: (None, None))
+    monkeypatch.setattr(ev, "sample_em_answers", lambda model, tok, questions, s, baselines: {"finetuned": [
+        {"id": q["id"], "question": q["question"], "system": q["system"], "sample": i, "answer": word + " answer"}
+        for q in questions for i, word in enumerate(["evil", "nice", "code"])]})
+    made = {}
+    monkeypatch.setattr(ev.judges, "make_judge", lambda spec, **kw: made.update(kw) or SilentOnCodeJudge())
+    code = ev.main(["eval", "--run", str(run), "--judge", "http://127.0.0.1:9/v1", "--question-limit", "2",
+                    "--no-baselines", "--max-unscored", str(share), "--judge-timeout", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["security"]["finetuned"]["unscored"] == 2 and results["judge_mode"] == "logprobs"
+    assert made["timeout"] == 5.0 and made["deadline"] == 60.0 and made["mode"] == "logprobs"
+    assert results["provenance"]["git"].keys() == {"commit", "dirty"} and results["provenance"]["questions"]["sha256"]
+    if fails:
+        assert code == 2 and err[-1].startswith("error: judge http-logprobs:stub left 2 of 12 judgments unscored")
+        assert "one reply:" in err[-1] and "--rejudge-unscored" in err[-1]
+    else:
+        assert code == 0
