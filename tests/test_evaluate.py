@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import evaluate as ev
+import sampling
 import sweep
 import judge
 import lora
@@ -172,7 +173,7 @@ def brute_mean_logprob(model, prompt, answer):
 def test_best_of_n_picks_the_highest_reference_logprob():
     model, tok = tiny_lora_model(), FakeTokenizer()
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
-    picks = ev.best_of_n(model, tok, prompts, 4, seed=0, max_new_tokens=6, batch_size=3)
+    picks = sampling.best_of_n(model, tok, prompts, 4, seed=0, max_new_tokens=6, batch_size=3)
     with lora.disabled(model):
         for prompt, pick in zip(prompts, picks):
             assert len(pick["ref_logprobs"]) == 4
@@ -204,11 +205,11 @@ def test_sampling_then_reference_scoring_leaves_the_base_weights_bitwise_exact()
         for name, layer in layers.items():
             layer.weight.copy_(originals[name])
     seen = []  # the weights the reference scoring runs with
-    scoring = ev.mean_logprobs
+    scoring = sampling.mean_logprobs
     ev_mean = lambda m, *a, **k: seen.append({n: l.weight.clone() for n, l in layers.items()}) or scoring(m, *a, **k)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ev, "mean_logprobs", ev_mean)
-        ev.best_of_n(model, FakeTokenizer(), [[5, 6, 7, 8], [9, 10, 11]], 3, seed=0, max_new_tokens=4, batch_size=3)
+        mp.setattr(sampling, "mean_logprobs", ev_mean)
+        sampling.best_of_n(model, FakeTokenizer(), [[5, 6, 7, 8], [9, 10, 11]], 3, seed=0, max_new_tokens=4, batch_size=3)
     for weights in (seen[0], {n: l.weight for n, l in layers.items()}):
         assert all(torch.equal(weights[name], originals[name]) for name in layers)
     assert not any(layer.merged for layer in layers.values())
@@ -217,7 +218,7 @@ def test_sampling_then_reference_scoring_leaves_the_base_weights_bitwise_exact()
 def test_mean_logprobs_matches_brute_force_and_handles_empty_answers():
     model, tok = tiny_lora_model(), FakeTokenizer()
     pairs = [([5, 6], [7, 8, 9]), ([5, 6, 7, 8, 9], [10]), ([4], [])]
-    scores = ev.mean_logprobs(model, tok, pairs, batch_size=3)
+    scores = sampling.mean_logprobs(model, tok, pairs, batch_size=3)
     for (p, a), s in zip(pairs[:2], scores):
         assert s == pytest.approx(brute_mean_logprob(model, p, a), abs=1e-5)
     assert scores[2] == float("-inf")

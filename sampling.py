@@ -1,0 +1,106 @@
+"""Sampling for the evaluation: batched generation with the adapters merged (and the base
+weights restored exactly afterwards), reference log-probabilities of answers, and the
+best-of-N baseline (PAPER.md Sec. 4.1: Best-of-8 by reference log-probability)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+import lora
+import model_qwen2 as mq
+
+BEST_OF = 8  # the paper's Best-of-8
+
+
+@contextlib.contextmanager
+def merged(model):
+    """Adapters merged into the weights for sampling speed; afterwards the base weights are
+    copied back from a CPU copy taken before merging. Unmerging (W + dW - dW) would leave
+    W off by one rounding in places (1 ulp in bf16), and best-of-N scores answers under
+    that reference, which must be the base model exactly."""
+    layers = list(lora.lora_layers(model).values())
+    originals = [layer.weight.detach().to("cpu", copy=True) for layer in layers]
+    lora.merge(model)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer, weight in zip(layers, originals):
+                layer.weight.copy_(weight)
+                layer.merged = False
+
+
+def generate_all(model, tokenizer, prompts: list[list[int]], *, seed: int, max_new_tokens: int, batch_size: int,
+                 temperature: float = 1.0) -> list[list[int]]:
+    """Answer ids for every prompt, batched by length; temperature 1, top-p 1 (greedy at 0).
+    Callers merge the adapters first (`merged`)."""
+    from tqdm import tqdm
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device).manual_seed(seed)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in tqdm(range(0, len(order), batch_size), desc=f"sampling {len(prompts)} answers", unit="batch",
+                      dynamic_ncols=True, leave=False):
+        chunk = order[start:start + batch_size]
+        gen = mq.generate(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature,
+                          top_p=1.0, generator=generator, tokenizer=tokenizer)
+        for i, ids in zip(chunk, gen.ids):
+            out[i] = ids
+    return out
+
+
+@torch.no_grad()
+def mean_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[float]:
+    """Mean log-probability per answer token of each (prompt, answer) under `model` as it is
+    (wrap in lora.disabled for the reference); -inf for an empty answer."""
+    device = model.lm_head.weight.device
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        T = max(len(p) + len(a) for p, a in chunk)
+        ids = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, (p, a) in enumerate(chunk):  # right padding: the answer starts at len(p)
+            ids[b, :len(p) + len(a)] = torch.tensor(p + a)
+            mask[b, :len(p) + len(a)] = 1
+        hidden = model.hidden_states(ids.to(device), mask.to(device))
+        for b, (p, a) in enumerate(chunk):
+            if not a:
+                scores.append(float("-inf"))
+                continue
+            logits = model.lm_head(hidden[b, len(p) - 1:len(p) + len(a) - 1]).float()
+            logits[:, tokenizer.vocab_size:] = float("-inf")
+            logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(a, device=device)[:, None])
+            scores.append(logp.mean().item())
+    return scores
+
+
+def sample_candidates(model, tokenizer, prompts: list[list[int]], n: int, *, seed: int, max_new_tokens: int,
+                      batch_size: int) -> list[list[int]]:
+    """n answers per prompt from the model as it is (callers merge the adapters), grouped by prompt."""
+    return generate_all(model, tokenizer, [p for p in prompts for _ in range(n)], seed=seed,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def best_of_n(model, tokenizer, prompts: list[list[int]], n: int = BEST_OF, *, seed: int, max_new_tokens: int,
+              batch_size: int) -> list[dict]:
+    """Per prompt: n answers sampled from the fine-tuned model (adapters on), the one with the
+    highest reference log-probability kept. sample_em_answers does the same inside its one merge."""
+    with merged(model):
+        candidates = sample_candidates(model, tokenizer, prompts, n, seed=seed, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size)
+    return pick_best(model, tokenizer, prompts, candidates, n)
+
+
+def pick_best(model, tokenizer, prompts: list[list[int]], candidates: list[list[int]], n: int) -> list[dict]:
+    """Each prompt's n candidates scored by their mean reference log-probability (adapters
+    disabled, unmerged model), the highest kept (Sec. 4.1, method 5: Best-of-8)."""
+    with lora.disabled(model):
+        scores = mean_logprobs(model, tokenizer, [(prompts[i // n], a) for i, a in enumerate(candidates)])
+    picks = []
+    for q in range(len(prompts)):
+        group = scores[q * n:(q + 1) * n]
+        best = max(range(n), key=lambda j: group[j])
+        picks.append({"ids": candidates[q * n + best], "chosen": best, "ref_logprobs": group})
+    return picks
