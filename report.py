@@ -386,13 +386,22 @@ def runs_table(runs, mark_tiny: bool = False) -> list[str]:
 # The report
 
 
+def commit_of(provenance) -> str | None:
+    """The git commit in a provenance dict (provenance.collect: under "git", "+dirty" when the
+    tree had uncommitted changes); a flat {"commit": ...} is read too."""
+    if not isinstance(provenance, dict):
+        return None
+    git = provenance.get("git") if isinstance(provenance.get("git"), dict) else {}
+    commit = provenance.get("commit") or git.get("commit")
+    return f"{commit}+dirty" if commit and git.get("dirty") else commit
+
+
 def header(all_runs, runs, runs_dir: Path, max_unscored: float, provenance: dict | None) -> list[str]:
     """Date, commit and provenance, judge and judge mode, the runs used, the criteria."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     provenance = provenance or {}
-    commits = sorted({r["provenance"]["commit"] for r in runs
-                      if isinstance(r["provenance"], dict) and r["provenance"].get("commit")})
-    commit = f"`{provenance['commit']}`" if provenance.get("commit") else "not recorded (no provenance)"
+    commits = sorted({c for r in runs if (c := commit_of(r["provenance"]))})
+    commit = f"`{commit_of(provenance)}`" if commit_of(provenance) else "not recorded (no provenance)"
     if commits:
         commit += f"; the runs were evaluated at {', '.join(f'`{c}`' for c in commits)}"
     judges = Counter(f"{r['security']['judge']} (mode {run_judge_mode(r)})" for r in runs if r["security"])
@@ -402,7 +411,7 @@ def header(all_runs, runs, runs_dir: Path, max_unscored: float, provenance: dict
     lines = ["# PhaseGuard-KL: results", "", f"- **Date:** {now}", f"- **Commit:** {commit}"]
     # PROVENANCE: every key of the dict provenance.py gives, but the commit (above), as given.
     lines += [f"- **{key}:** {value if isinstance(value, str) else json.dumps(value, sort_keys=True)}"
-              for key, value in provenance.items() if key != "commit"]
+              for key, value in provenance.items() if key not in ("commit", "git") and value is not None]
     lines += [f"- **Judge:** {judge or 'none (no Security EM results)'}",
               f"- **Runs:** {len(all_runs)} under `{runs_dir}`; the tables and figures use {len(runs)} "
               f"({tasks['security']} security, {tasks['opswap']} opswap), {evaluated} of them evaluated",

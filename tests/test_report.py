@@ -250,6 +250,11 @@ def test_the_header_says_when_what_and_with_which_judge(tmp_path):
     assert "- **Runs:** 28 under" in head and "use 28 (21 security, 7 opswap), 28 of them evaluated" in head
     assert "at most 5% of the answers unscored" in head
     assert "- **Commit:** not recorded (no provenance)" in write(root, tmp_path)
+    # The layout provenance.collect() gives: the commit under "git", dirty trees marked.
+    import provenance as provenances
+    collected = provenances.collect()
+    head = write(root, tmp_path, provenance={**collected, "git": {"commit": "def5678", "dirty": True}}).split("## Table 1")[0]
+    assert "- **Commit:** `def5678+dirty`" in head and "- **versions:** {" in head and "**git:**" not in head
 
 
 def test_tiny_runs_are_left_out_when_real_ones_exist(tmp_path):
