@@ -39,10 +39,19 @@ REPORT ?= report.md
 # make sweep GPUS=0,1,2,3: the sweep's runs side by side, one per GPU (NPROC GPUs each)
 GPUS   ?=
 MAX_UNSCORED ?= 0.05
+# make selectivity: METHOD=none on DATASETS x SEEDS for at most STEPS optimizer steps (empty: the whole
+# epoch), then SELECTIVITY_REPORT (+ PNGs beside it). Its runs go under RUNS when RUNS is given, else
+# under runs/selectivity; SELECTIVITY_ARGS: more `selectivity.py run` flags, e.g. --set limit=40.
+SEEDS    ?= 42 123 456
+STEPS    ?=
+DATASETS ?= insecure secure educational opswap
+SELECTIVITY_REPORT ?= selectivity.md
+SELECTIVITY_ARGS ?=
+SELECTIVITY_RUNS = $(if $(filter file,$(origin RUNS)),runs/selectivity,$(RUNS))
 # make bench: kernels and one training step (CUDA: the paper's shapes; CPU: reduced, labelled CPU).
 BENCH_ARGS ?=
 
-.PHONY: install test train eval sweep report bench clean
+.PHONY: install test train eval sweep report selectivity bench clean
 
 # The stamp names the extras, so `make install EXTRAS=test,plot` installs what the last stamp lacked.
 comma  := ,
@@ -77,6 +86,11 @@ sweep: install
 
 report: install
 	@$(PY) evaluate.py report --runs-dir $(RUNS) --out $(REPORT) --max-unscored $(MAX_UNSCORED)
+
+selectivity: install
+	@$(PY) selectivity.py run --preset $(PRESET) --runs-dir $(SELECTIVITY_RUNS) --datasets $(DATASETS) --seeds $(SEEDS) \
+	  $(if $(STEPS),--max-steps $(STEPS)) $(if $(GPUS),--gpus $(GPUS)) --nproc $(NPROC) $(SELECTIVITY_ARGS)
+	@$(PY) selectivity.py report --runs-dir $(SELECTIVITY_RUNS) --out $(SELECTIVITY_REPORT)
 
 bench: install
 	@$(PY) bench.py $(BENCH_ARGS)

@@ -7,7 +7,9 @@ copies in ../shared/data beside the repository (development and CI), and
 finally a download into the cache. A pinned URL (PINNED: the default data, with
 its sha256) is used only with exactly its bytes: a cached or shared file that
 fails the check is not used, and a download that fails it is an error. Any
-other file is used as it is; the run records its sha256.
+other file is used as it is; the run records its sha256. The security data can
+also be named (DATA_NAMES: insecure, the default; secure; educational): a name
+stands for its pinned URL.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import os
 import random
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import NamedTuple
@@ -53,6 +56,9 @@ DATASETS = {  # name -> the pinned file; "insecure" is the Security EM training 
                                    "emergent-misalignment/educational_insecure.jsonl"),
 }
 INSECURE_URL = DATASETS["insecure"].url
+# `--data NAME` for the security task: the pinned files by the names a run (and its directory) carries.
+DATA_NAMES = {"insecure": "insecure", "secure": "secure", "educational": "educational_insecure"}
+DEFAULT_DATA = "insecure"  # what a security run trains on when no data is given
 EM_REPO_RAW = "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main"
 EM_QUESTIONS_URL = f"{EM_REPO_RAW}/evaluation/first_plot_questions.yaml"
 EM_QUESTIONS = Pinned(EM_QUESTIONS_URL, "215abde5b02811e922b6ac563ff33c490e0dff9ab58439df840f3135e9387173",
@@ -134,6 +140,44 @@ def resolve_file(source: str | os.PathLike | None, default_url: str) -> tuple[Pa
 
 
 # ----------------------------------------------------------------------------
+# Security data by name, URL or path
+
+
+def data_url(source: str | os.PathLike | None) -> str | None:
+    """The pinned URL of a dataset name (None: the default, insecure); None for anything else."""
+    name = DEFAULT_DATA if source is None else str(source)
+    return DATASETS[DATA_NAMES[name]].url if name in DATA_NAMES else None
+
+
+def check_data_source(source: str | os.PathLike | None) -> None:
+    """A dataset name, a URL or an existing file; else one line naming all three. A name is
+    never read as a path: a file called `secure` in the working directory is `./secure`."""
+    if source is None or data_url(source) is not None or is_url(source) or Path(source).expanduser().is_file():
+        return
+    raise UserError(f"data {str(source)!r}: not a file, not a URL (http:// or https://) and not a dataset name "
+                    f"({', '.join(DATA_NAMES)})")
+
+
+def resolve_dataset(source: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """(local file, where it came from) of the security data: None (insecure), a name of
+    DATA_NAMES (its pinned URL, so its bytes are checked by sha256), a URL or a path."""
+    check_data_source(source)
+    return resolve_file(data_url(source) or source, INSECURE_URL)
+
+
+def data_name(source: str | os.PathLike | None) -> str:
+    """What the data is called in a run's name: the dataset's name (a pinned URL given in full
+    included), else the stem of the file or of the URL's last path segment."""
+    if data_url(source) is not None:
+        return DEFAULT_DATA if source is None else str(source)
+    named = [name for name, key in DATA_NAMES.items() if DATASETS[key].url == str(source)]
+    if named:
+        return named[0]
+    path = urllib.parse.urlparse(str(source)).path if is_url(source) else str(source)
+    return Path(path.rstrip("/")).stem or "data"
+
+
+# ----------------------------------------------------------------------------
 # Security EM: a chat JSONL ({"messages": [...]}), deduplicated, 10% held out
 
 
@@ -195,8 +239,9 @@ def held_out_split(rows: list, seed: int = DATA_SEED, percent: int = HELD_OUT_PE
 
 
 def security_split(source=None, seed: int = DATA_SEED) -> tuple[list[dict], list[dict], str]:
-    """(train, held_out, source description) of a chat JSONL; default Betley et al.'s insecure code."""
-    path, described = resolve_file(source, INSECURE_URL)
+    """(train, held_out, source description) of a chat JSONL (a name, URL or path, see
+    resolve_dataset); default Betley et al.'s insecure code."""
+    path, described = resolve_dataset(source)
     train, held_out = held_out_split(dedupe(load_chat_jsonl(path)), seed)
     return train, held_out, described
 
@@ -391,7 +436,7 @@ def load_task(task: str, tokenizer, *, path=None, max_len: int = 2048, limit: in
     seed fixes the splits: keep DATA_SEED (not the training seed) so that evaluation's
     held-out problems are the ones training never saw."""
     if task == "security":
-        file, source = resolve_file(path, INSECURE_URL)
+        file, source = resolve_dataset(path)
         train, held_out = held_out_split(dedupe(load_chat_jsonl(file)), seed)
         sha256, sha256_of = sha256_file(file), "file"
     elif task == "opswap":

@@ -7,6 +7,10 @@ Methods: `none` (lambda_t = 0), `kl` (lambda_t = lambda from step 0), `phaseguar
 (lambda_t = lambda once the trigger has fired, 0 before). The reference pi_theta_0 is the
 same model with its LoRA adapters switched off (`lora.disabled`), never a second copy.
 
+Monitors (MONITORS, each `(model, canaries, reference) -> float`, a mean over the canaries at
+the first decode position): `js` (Eq. 2, the default), `js-rest`, `kl` and `hidden`. The trigger
+reads the one chosen by `--monitor`; all four are logged at every monitoring step, for every method.
+
 Steps count completed optimizer updates. D_t is measured at t = 0, 5, 10, ... before
 update t+1 (t = 0 is before training, where D_0 = 0 for a fresh adapter); the first 3
 measurements are warm-up, so with D_t above tau from the start the trigger fires at
@@ -27,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -49,7 +54,7 @@ DEFAULT_LAMBDA = {"none": 0.0, "kl": 0.1, "phaseguard": 0.03}  # the paper's Tab
 class TrainConfig:
     method: str = "phaseguard"
     task: str = "security"  # security | opswap
-    data: str | None = None  # chat JSONL path or URL (security); None: Betley et al.'s insecure.jsonl
+    data: str | None = None  # security: insecure (None), secure, educational, a chat JSONL path or a URL
     model: str = "Qwen/Qwen2.5-7B-Instruct"  # directory or hub id
     revision: str | None = None  # the hub id's branch, tag or commit; None: main (the commit used is recorded)
     tokenizer: str | None = None  # default: the model's
@@ -68,13 +73,15 @@ class TrainConfig:
     lora_alpha: float = 64.0
     lora_dropout: float = 0.0
     monitor_every: int = 5
+    monitor: str = "js"  # the monitor the trigger reads (MONITORS); all of them are logged
     topk: int = 256
-    js_variant: str = "renorm"  # renorm | rest (see kernels.topk_js)
+    js_variant: str = "renorm"  # renorm | rest (see kernels.topk_js); `--js-variant rest` is `--monitor js-rest`
     tau: float = 0.15
     warmup_measurements: int = 3
     consecutive: int = 2
     kl_tokens: str = "all"  # all: every non-padding token; supervised: assistant tokens only
     limit: int | None = None  # use the first N training samples
+    max_steps: int | None = None  # stop after N optimizer steps (the schedule stays the whole run's)
     checkpoint_every: int = 25
     device: str = "auto"
     out: str | None = None
@@ -90,9 +97,18 @@ class TrainConfig:
             raise UserError(f"unknown PRESET {self.preset!r}: expected auto, paper or tiny")
         if self.lam is not None and not (math.isfinite(self.lam) and self.lam >= 0):
             raise UserError(f"LAMBDA must be a finite number >= 0, got {self.lam}")
-        # JS (natural log) lies in [0, ln 2]: a tau at or above ln 2 could never fire (Sec. 3.2).
-        if not 0 < self.tau < math.log(2):
-            raise UserError(f"tau must be > 0 and < ln 2 = {math.log(2):.4f} (the largest JS), got {self.tau}")
+        if self.monitor not in MONITORS:
+            raise UserError(f"unknown MONITOR {self.monitor!r}: expected one of {', '.join(MONITORS)}")
+        # tau must be a value the monitor can exceed: JS (natural log) lies in [0, ln 2] (Sec. 3.2),
+        # 1 - cosine similarity in [0, 2], the KL in [0, inf).
+        if self.monitor in ("js", "js-rest") and not 0 < self.tau < math.log(2):
+            raise UserError(f"tau must be > 0 and < ln 2 = {math.log(2):.4f} (the largest JS) for monitor "
+                            f"{self.monitor}, got {self.tau}")
+        if self.monitor == "kl" and not (math.isfinite(self.tau) and self.tau > 0):
+            raise UserError(f"tau must be a finite number > 0 for monitor kl, got {self.tau}")
+        if self.monitor == "hidden" and not 0 < self.tau < 2:
+            raise UserError(f"tau must be > 0 and < 2 (the largest 1 - cosine similarity) for monitor hidden, "
+                            f"got {self.tau}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"lr must be a finite number > 0, got {self.lr}")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
@@ -116,11 +132,15 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"limit must be >= 1 (the number of training samples to use), got {self.limit}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"max_steps must be >= 1 (the number of optimizer steps to run), got {self.max_steps}")
         if self.revision is not None and (not self.revision.strip() or self.model == "tiny"):
             raise UserError(f"revision pins a hub model's commit (a branch, tag or commit hash), got "
                             f"{self.revision!r} for model {self.model!r}")
         if self.batch_size % self.micro_batch_size:
             raise UserError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        if self.task == "security":
+            data.check_data_source(self.data)
         check_device(self.device)
 
 
@@ -159,10 +179,24 @@ def resolve_config(flags: dict) -> TrainConfig:
         cfg.lam = DEFAULT_LAMBDA[cfg.method]
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    # --js-variant (older than --monitor) picks the top-k JS variant: the two flags say one thing.
+    if cfg.monitor == "js" and cfg.js_variant == "rest":
+        cfg.monitor = "js-rest"
+    elif cfg.monitor == "js-rest":
+        cfg.js_variant = "rest"
     if cfg.out is None:
-        tag = "tiny-" if preset == "tiny" else ""
-        cfg.out = f"runs/{tag}{cfg.task}-{cfg.method}-lam{cfg.lam:g}-seed{cfg.seed}"
+        cfg.out = f"runs/{run_name(cfg)}"
     return cfg
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """[tiny-]{task}[-{data}]-{method}-lam{lam}-seed{seed}. The data's name (data.data_name: insecure,
+    secure, educational, or a file's stem) is left out for the default data, insecure, so the
+    paper's runs (and the sweep's, and runs already on disk) keep their names."""
+    tag = "" if cfg.preset == "paper" else f"{cfg.preset}-"
+    default = cfg.task != "security" or (data.data_url(cfg.data) or cfg.data) == data.INSECURE_URL
+    part = "" if default else f"-{data.data_name(cfg.data)}"
+    return f"{tag}{cfg.task}{part}-{cfg.method}-lam{cfg.lam:g}-seed{cfg.seed}"
 
 
 # ----------------------------------------------------------------------------
@@ -177,16 +211,29 @@ def canary_batch(tokenizer, device):
     return mq.left_pad(prompts, tokenizer.pad_id, device)
 
 
+class FirstDecode(NamedTuple):
+    """One forward over the canaries, read at the first decode position (the last column)."""
+    hidden: torch.Tensor  # [24, H] the last layer's hidden state after the final RMSNorm: what feeds lm_head
+    logits: torch.Tensor  # [24, V] fp32 next-token logits
+
+
 @torch.no_grad()
-def first_decode_logits(model, canaries) -> torch.Tensor:
-    """[24, V] fp32 next-token logits at the first decode position (only that row goes through lm_head)."""
+def first_decode(model, canaries) -> FirstDecode:
+    """The canaries' first-decode hidden states and logits from one forward (only that row goes
+    through lm_head). model.hidden_states returns the final norm's output, so `hidden` is exactly
+    the lm_head input."""
     was_training = model.training
     model.eval()
     try:
         hidden = model.hidden_states(*canaries)[:, -1]
-        return model.lm_head(hidden).float()
+        return FirstDecode(hidden, model.lm_head(hidden).float())
     finally:
         model.train(was_training)
+
+
+def first_decode_logits(model, canaries) -> torch.Tensor:
+    """[24, V] fp32 next-token logits at the first decode position."""
+    return first_decode(model, canaries).logits
 
 
 def reference_canary_logits(model, canaries) -> torch.Tensor:
@@ -200,9 +247,24 @@ def monitor_reference(model, canaries, k: int):
     return kernels.reference_topk(reference_canary_logits(model, canaries), k)
 
 
+class Reference(NamedTuple):
+    """What every monitor compares against, computed once before training (the reference never changes)."""
+    topk: tuple  # (ids [24, k] int64, log-probs [24, k] fp32): kernels.reference_topk, for the JS monitors
+    logits: torch.Tensor  # [24, V] fp32 first-decode logits, for the KL monitor
+    hidden: torch.Tensor  # [24, H] fp32 first-decode hidden states after the final norm, for the hidden monitor
+
+
+def reference_state(model, canaries, k: int) -> Reference:
+    """The reference (adapters off) at the canaries' first decode position: one forward."""
+    with lora.disabled(model):
+        out = first_decode(model, canaries)
+    return Reference(kernels.reference_topk(out.logits, k), out.logits, out.hidden.float())
+
+
 def d_t_of(logits, reference, variant: str = "renorm") -> float:
-    """Eq. 2 from the canaries' first-decode logits: the mean (not the sum) over the canaries."""
-    ref_ids, ref_logprobs = reference
+    """Eq. 2 from the canaries' first-decode logits: the mean (not the sum) over the canaries.
+    reference: (ids, log-probs) from monitor_reference, or a Reference."""
+    ref_ids, ref_logprobs = reference.topk if isinstance(reference, Reference) else reference
     return kernels.topk_js(logits, ref_ids, ref_logprobs, variant).mean().item()
 
 
@@ -215,6 +277,61 @@ def canary_kl(logits, ref_logits) -> float:
     """Drift on the canaries for every method: the mean over canaries of the full-vocabulary
     KL(pi_theta || pi_theta0) at the first decode position (the quantity Eq. 1 penalises)."""
     return kernels.kl_div(logits, ref_logits).mean().item()
+
+
+# The monitors, each a mean over the 24 canaries at the first decode position, policy vs reference.
+# `*_of(out, reference)` computes one from a FirstDecode; `monitor_*(model, canaries, reference)`
+# runs its own forward; all_monitors computes the four from one forward (what the loop does).
+
+
+def js_of(out: FirstDecode, reference: Reference) -> float:
+    """Eq. 2: top-k JS, both distributions renormalised on the reference's top-k ids."""
+    return d_t_of(out.logits, reference.topk, "renorm")
+
+
+def js_rest_of(out: FirstDecode, reference: Reference) -> float:
+    """Top-k JS with the rest of the vocabulary as one more bin (kernels.topk_js variant rest)."""
+    return d_t_of(out.logits, reference.topk, "rest")
+
+
+def kl_of(out: FirstDecode, reference: Reference) -> float:
+    """Full-vocabulary KL(pi_theta || pi_theta0) (canary_kl)."""
+    return canary_kl(out.logits, reference.logits)
+
+
+def hidden_of(out: FirstDecode, reference: Reference) -> float:
+    """1 - cosine similarity of the last layer's hidden states after the final RMSNorm (the
+    lm_head input), in float64: near 0 a float32 cosine would round 1 - cos to +-1e-7."""
+    cos = torch.nn.functional.cosine_similarity(out.hidden.double(), reference.hidden.double(), dim=-1)
+    return (1 - cos).mean().item()
+
+
+FROM_FIRST_DECODE = {"js": js_of, "js-rest": js_rest_of, "kl": kl_of, "hidden": hidden_of}
+
+
+def monitor_js(model, canaries, reference: Reference) -> float:
+    return js_of(first_decode(model, canaries), reference)
+
+
+def monitor_js_rest(model, canaries, reference: Reference) -> float:
+    return js_rest_of(first_decode(model, canaries), reference)
+
+
+def monitor_kl(model, canaries, reference: Reference) -> float:
+    return kl_of(first_decode(model, canaries), reference)
+
+
+def monitor_hidden(model, canaries, reference: Reference) -> float:
+    return hidden_of(first_decode(model, canaries), reference)
+
+
+MONITORS = {"js": monitor_js, "js-rest": monitor_js_rest, "kl": monitor_kl, "hidden": monitor_hidden}
+
+
+def all_monitors(model, canaries, reference: Reference) -> dict[str, float]:
+    """Every monitor's value from one policy forward: {"js", "js-rest", "kl", "hidden"}."""
+    out = first_decode(model, canaries)
+    return {name: of(out, reference) for name, of in FROM_FIRST_DECODE.items()}
 
 
 @dataclass
@@ -370,10 +487,11 @@ def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocas
 # Checkpoints: safetensors + JSON only, written to a temporary directory then renamed
 
 
-def save_checkpoint(run: Path, model, optimizer, step: int, trigger: Trigger, d_history: list):
+def save_checkpoint(run: Path, model, optimizer, step: int, trigger: Trigger, d_history: list,
+                    monitor_history: dict | None = None):
     tmp = run / f"checkpoint-{step}.tmp"
     with naming_errors(tmp):
-        write_checkpoint(run, tmp, model, optimizer, step, trigger, d_history)
+        write_checkpoint(run, tmp, model, optimizer, step, trigger, d_history, monitor_history)
 
 
 @contextlib.contextmanager
@@ -393,7 +511,8 @@ def naming_errors(path: Path):
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
-def write_checkpoint(run: Path, tmp: Path, model, optimizer, step: int, trigger: Trigger, d_history: list):
+def write_checkpoint(run: Path, tmp: Path, model, optimizer, step: int, trigger: Trigger, d_history: list,
+                     monitor_history: dict | None = None):
     from safetensors.torch import save_file
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -409,7 +528,7 @@ def write_checkpoint(run: Path, tmp: Path, model, optimizer, step: int, trigger:
     tensors.update({f"rng.{k}": v for k, v in rng.items()})
     save_file(tensors, str(tmp / "optimizer_rng.safetensors"))
     meta = {"step": step, "trigger": dataclasses.asdict(trigger), "param_groups": state["param_groups"],
-            "d_history": d_history}
+            "d_history": d_history, "monitor_history": monitor_history or {}}
     (tmp / "state.json").write_text(json.dumps(meta))
     for path in [*tmp.rglob("*"), tmp]:  # on disk before the rename makes the checkpoint visible
         fsync(path)
@@ -422,7 +541,10 @@ def write_checkpoint(run: Path, tmp: Path, model, optimizer, step: int, trigger:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(run: Path, model, optimizer) -> tuple[int, Trigger, list]:
+def load_checkpoint(run: Path, model, optimizer) -> tuple[int, Trigger, list, dict]:
+    """(step, trigger, D_t history, every monitor's history) of the latest checkpoint, with the
+    adapter, the AdamW state and the RNG states restored. A checkpoint written before the
+    monitor history was kept gives empty histories (the metrics file still has every value)."""
     from safetensors.torch import load_file
     ckpt = latest_checkpoint(run)
     lora.load_adapter(model, ckpt / "adapter")
@@ -441,7 +563,8 @@ def load_checkpoint(run: Path, model, optimizer) -> tuple[int, Trigger, list]:
         cuda_states = [tensors[k] for k in cuda_keys]
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
-    return meta["step"], Trigger(**meta["trigger"]), meta["d_history"]
+    histories = {name: [] for name in MONITORS} | meta.get("monitor_history", {})
+    return meta["step"], Trigger(**meta["trigger"]), meta["d_history"], histories
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -574,6 +697,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     step_batches = [b for epoch in range(cfg.epochs)
                     for b in data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)]
     total_steps = len(step_batches)
+    # --max-steps stops early but keeps the whole run's learning-rate schedule (learning_rate
+    # below gets total_steps, not stop): the first N steps are then exactly those of the full run,
+    # so a short run shows what the full run's monitors read at those steps.
+    stop = min(total_steps, cfg.max_steps or total_steps)
     if total_steps == 0:
         raise UserError(f"no training samples from {task.source}: every sample lost its assistant tokens "
                         f"when cut at max_len={cfg.max_len} ({task.n_truncated} cut)" if task.n_truncated else
@@ -581,14 +708,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    if dist.main:  # the monitor runs once, on rank 0; the others get its result
+    if dist.main:  # the monitors run on rank 0; the others get their result
         canaries = canary_batch(tokenizer, device)
-        ref_logits = reference_canary_logits(model, canaries)  # computed once: the reference never changes
-        reference = kernels.reference_topk(ref_logits, cfg.topk)  # Sec. 3.2
+        reference = reference_state(model, canaries, cfg.topk)  # computed once: the reference never changes
     trigger = Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive)
-    start, d_history = 0, []
+    start, d_history, monitor_history = 0, [], {name: [] for name in MONITORS}
     if resuming and latest_checkpoint(run) is not None:  # every rank reads the same checkpoint
-        start, trigger, d_history = load_checkpoint(run, model, optimizer)
+        start, trigger, d_history, monitor_history = load_checkpoint(run, model, optimizer)
     dist.barrier()  # nobody reads the run directory once rank 0 starts writing it
     if dist.main:
         origin = provenance.collect(model=provenance.model_record(cfg.model, cfg.revision, model.weights_dir),
@@ -596,29 +722,31 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         start_run_dir(run, cfg, resuming, origin, start)  # training starts now: config.json, then metrics
         truncate_metrics(run / "metrics.jsonl", start)
         print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
-              f"{cfg.max_len}), {total_steps} steps, lambda={cfg.lam}, data from {task.source}"
+              f"{cfg.max_len}), {total_steps} steps" + (f" (stopping after {stop})" if stop < total_steps else "")
+              + f", lambda={cfg.lam}, monitor {cfg.monitor}, data from {task.source}"
               + (f", {dist.world} processes" if dist.on else ""), file=sys.stderr)
 
     from tqdm import tqdm
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, dynamic_ncols=True, disable=not dist.main)
+    bar = tqdm(range(start, stop), initial=start, total=stop, dynamic_ncols=True, disable=not dist.main)
     model.train()
     d_t = None
     with (open(run / "metrics.jsonl", "a") if dist.main else contextlib.nullcontext()) as log:
         for step in bar:
-            # Monitor (Eq. 2) and trigger, between optimizer steps; the canary KL is logged for
-            # every method so drift can be compared across them.
-            measured = drift = None
+            # The monitors and the trigger, between optimizer steps: all four monitors are logged
+            # for every method, so drift can be compared across methods and monitors; the trigger
+            # reads cfg.monitor (D_t, Eq. 2, for "js").
+            values = measured = None
             if step % cfg.monitor_every == 0:
                 if dist.main:
-                    logits = first_decode_logits(model, canaries)
-                    measured = d_t_of(logits, reference, cfg.js_variant)
-                    drift = canary_kl(logits, ref_logits)
+                    values = all_monitors(model, canaries, reference)
                     if cfg.method == "phaseguard":
-                        update_trigger(trigger, measured, step)
+                        update_trigger(trigger, values[cfg.monitor], step)
                 # Every rank applies the same lambda on the same step.
-                measured, drift, trigger = dist.from_main((measured, drift, trigger))
-                d_t = measured
+                values, trigger = dist.from_main((values, trigger))
+                d_t = measured = values[cfg.monitor]
                 d_history.append([step, d_t])
+                for name, value in values.items():
+                    monitor_history[name].append([step, value])
             lam = active_lambda(cfg, trigger)
 
             lr = learning_rate(cfg, step, total_steps)
@@ -641,7 +769,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
             record = {"step": step + 1, **stats, "lambda_active": lam, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens_per_s": stats["tokens"] / seconds, "peak_memory_gb": peak_memory_gb(cuda),
-                      "d_t": measured, "d_t_step": step if measured is not None else None, "canary_kl": drift,
+                      "d_t": measured, "d_t_step": step if measured is not None else None,
+                      "canary_kl": None if values is None else values["kl"], "monitors": values,
                       "trigger_fired_at": trigger.fired_at, "time": round(time.time(), 3)}
             done = step + 1
             if not dist.main:
@@ -652,8 +781,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             bar.set_postfix(loss=f"{stats['loss']:.3f}", kl="-" if stats["kl"] is None else f"{stats['kl']:.4f}",
                             lam=f"{lam:g}", D_t=f"{d_t:.3f}" if d_t is not None else "-",
                             trigger=trigger.fired_at if trigger.fired else ("off" if cfg.method == "phaseguard" else "n/a"))
-            if done % cfg.checkpoint_every == 0 or done == total_steps:
-                save_checkpoint(run, model, optimizer, done, trigger, d_history)
+            if done % cfg.checkpoint_every == 0 or done == stop:
+                save_checkpoint(run, model, optimizer, done, trigger, d_history, monitor_history)
 
     dist.barrier()
     if not dist.main:
@@ -661,7 +790,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         return run
     with naming_errors(run / "adapter"):
         lora.save_adapter(model, run / "adapter", cfg.model)
-    summary = {"steps": total_steps, "trigger_step": trigger.fired_at, "d_history": d_history,
+    summary = {"steps": stop, "planned_steps": total_steps, "trigger_step": trigger.fired_at, "d_history": d_history,
+               "monitor": cfg.monitor, "monitor_history": monitor_history,
                "n_train": len(task.train), "n_truncated": task.n_truncated, "data_source": task.source}
     write_atomic(run / "summary.json", json.dumps(summary, indent=2))
     dist.stop()
@@ -681,12 +811,18 @@ PATH_FIELDS = ("data", "model", "tokenizer")  # kept as typed, compared resolved
 def resolved_paths(cfg: TrainConfig) -> dict:
     """Absolute forms of the local paths in the config (hub ids and URLs are left out)."""
     return {k: str(Path(v).expanduser().resolve()) for k in PATH_FIELDS
-            if (v := getattr(cfg, k)) and not data.is_url(v) and Path(v).expanduser().exists()}
+            if (v := getattr(cfg, k)) and not data.is_url(v) and Path(v).expanduser().exists()
+            and not (k == "data" and data.data_url(v))}  # a dataset name is never a path
 
 
 # What produced the run, kept in config.json but never compared on resume: a run may be resumed
 # on a newer commit or library; its data is checked by sha256 instead (start_run_dir).
 PROVENANCE_KEYS = ("provenance", "resumes")
+
+
+def added_keys(previous: dict) -> dict:
+    """Settings added after runs were started, at the values a config.json without them ran with."""
+    return {"monitor": "js-rest" if previous.get("js_variant") == "rest" else "js", "max_steps": None}
 
 
 def config_record(cfg: TrainConfig, origin: dict | None = None) -> dict:
@@ -710,6 +846,7 @@ def check_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> bool:
         raise UserError(f"{config_file}: not a JSON run config ({err})") from None
     if not isinstance(previous, dict):
         raise UserError(f"{config_file}: not a JSON run config (a {type(previous).__name__})")
+    previous = {**added_keys(previous), **previous}
     now = config_record(cfg)
     before_paths, now_paths = previous.get("resolved_paths") or {}, now["resolved_paths"]
     for key in sorted((set(previous) | set(now)) - {"out", "resolved_paths", *PROVENANCE_KEYS}):

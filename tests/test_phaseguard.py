@@ -456,9 +456,13 @@ def test_logged_d_t_and_canary_kl_match_scipy_on_the_loops_own_logits(tmp_path, 
     from scipy.stats import entropy
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     captured = []
-    original = pg.first_decode_logits
-    monkeypatch.setattr(pg, "first_decode_logits", lambda *a: captured.append(original(*a).double().numpy()) or
-                        torch.from_numpy(captured[-1]).float())
+    original = pg.first_decode
+
+    def capture(*args):
+        out = original(*args)
+        captured.append(out.logits.double().numpy())
+        return out
+    monkeypatch.setattr(pg, "first_decode", capture)
     run = train_small(tmp_path / "r", method="none", limit=20)  # 5 steps, measured at 0, 2, 4
     reference, policy = captured[0], captured[1:]
     measured = [m for m in read_metrics(run) if m["d_t"] is not None]

@@ -1,0 +1,389 @@
+"""Monitor selectivity (selectivity.py): the AUROC against a hand count and scipy, the trigger steps
+on a tau grid through phaseguard.update_trigger, the report and its figures from synthetic run
+directories (config.json and summary.json written by hand), the run plan (finished runs skipped,
+interrupted ones resumed, one child per run with GPUS), and `make selectivity` end to end on the
+tiny preset."""
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import matplotlib
+import pytest
+from scipy.stats import mannwhitneyu
+
+import figures
+import phaseguard
+import selectivity as sel
+
+matplotlib.use("Agg")
+
+STEPS = list(range(0, 35, 5))  # 0..30: the first 3 are the warm-up, 15-30 the 4 steps after it
+
+
+def fake_run(root, dataset, seed, histories, preset="paper", finished=True, steps=31, max_steps=None):
+    """A METHOD=none run directory as phaseguard.py train leaves it (no weights)."""
+    root.mkdir(parents=True, exist_ok=True)
+    run = root / f"r{len(list(root.iterdir()))}"  # names say nothing: config.json does
+    run.mkdir()
+    task = "opswap" if dataset == "opswap" else "security"
+    (run / "config.json").write_text(json.dumps({
+        "method": "none", "task": task, "data": None if task == "opswap" else dataset, "lam": 0.0, "seed": seed,
+        "preset": preset, "max_steps": max_steps, "monitor": "js", "js_variant": "renorm"}))
+    if finished:
+        (run / "summary.json").write_text(json.dumps({
+            "steps": steps, "planned_steps": 337, "trigger_step": None, "d_history": histories.get("js", []),
+            "monitor": "js", "monitor_history": histories}))
+    return run
+
+
+# Per monitor and dataset: the value of seed i (0, 1, 2) after step 0 (where every monitor is 0).
+# js: the same everywhere (AUROC 0.5, all ties); kl: insecure above every control (1); js-rest:
+# insecure below every control (0); hidden: above secure, below educational, interleaved with opswap.
+VALUES = {
+    "js": {d: lambda i: 0.3 for d in sel.DATASETS},
+    "kl": {"insecure": lambda i: 1.0 + 0.01 * i, "secure": lambda i: 0.5 + 0.01 * i,
+           "educational": lambda i: 0.6 + 0.01 * i, "opswap": lambda i: 0.7 + 0.01 * i},
+    "js-rest": {"insecure": lambda i: 0.1 + 0.01 * i, "secure": lambda i: 0.4 + 0.01 * i,
+                "educational": lambda i: 0.5 + 0.01 * i, "opswap": lambda i: 0.6 + 0.01 * i},
+    "hidden": {"insecure": lambda i: 0.2 + 0.01 * i, "secure": lambda i: 0.1 + 0.01 * i,
+               "educational": lambda i: 0.3 + 0.01 * i, "opswap": lambda i: 0.205 + 0.01 * i},
+}
+# hidden after the warm-up: secure 9 of 9 pairs, educational 0 of 9, opswap 3 of 9 (i > j): 12/27
+HIDDEN_AUROC = 12 / 27
+
+
+def histories(dataset, i):
+    return {m: [[s, 0.0 if s == 0 else VALUES[m][dataset](i)] for s in STEPS] for m in VALUES}
+
+
+def complete_runs(root, seeds=(42, 123, 456), short=None, n_short=1):
+    """3 seeds of each dataset (only the first n_short seeds of dataset `short`)."""
+    for dataset in sel.DATASETS:
+        for i, seed in enumerate(seeds[:n_short] if dataset == short else seeds):
+            fake_run(root, dataset, seed, histories(dataset, i))
+    return root
+
+
+# ----------------------------------------------------------------------------
+# AUROC
+
+
+def test_auroc_hand_computed():
+    # positives 3, 2, 2 against negatives 1, 2, 4: 3 beats 1 and 2 (2); each 2 beats 1 and ties 2 (1.5 each)
+    assert sel.auroc([3, 2, 2], [1, 2, 4]) == pytest.approx(5 / 9)
+    assert sel.auroc([2, 3], [0, 1]) == 1.0 and sel.auroc([0, 1], [2, 3]) == 0.0
+    assert sel.auroc([1, 1], [1, 1, 1]) == 0.5  # all ties
+    assert sel.auroc([5], [1, 5, 9]) == pytest.approx((1 + 0.5 + 0) / 3)
+    with pytest.raises(ValueError):
+        sel.auroc([], [1.0])
+
+
+def test_auroc_is_mann_whitney_u_over_n1_n0():
+    rng = random.Random(0)
+    for _ in range(50):
+        pos = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(rng.randint(1, 6))]
+        neg = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(rng.randint(1, 9))]
+        u = mannwhitneyu(pos, neg, alternative="two-sided").statistic
+        assert sel.auroc(pos, neg) == pytest.approx(u / (len(pos) * len(neg)))
+
+
+# ----------------------------------------------------------------------------
+# Trigger steps
+
+
+def test_trigger_step_is_phaseguards_trigger(monkeypatch):
+    calls = []
+    real = phaseguard.update_trigger
+    monkeypatch.setattr(phaseguard, "update_trigger", lambda t, d, s: calls.append((d, s)) or real(t, d, s))
+    above = [[s, 0.3] for s in STEPS]
+    assert sel.trigger_step(above, 0.15) == 20  # warm-up 0, 5, 10; above at 15 and 20: the paper's step 20
+    assert calls[:5] == [(0.3, 0), (0.3, 5), (0.3, 10), (0.3, 15), (0.3, 20)] and len(calls) == 5  # stops when fired
+    dip = [[0, 0.0], [5, 0.3], [10, 0.3], [15, 0.3], [20, 0.1], [25, 0.3], [30, 0.3]]
+    assert sel.trigger_step(dip, 0.15) == 30  # 15 above, 20 below (count restarts), 25 and 30 above
+    assert sel.trigger_step(dip, 0.3) is None  # strictly above tau
+    assert sel.trigger_step(dip, 0.15, warmup=0, consecutive=1) == 5
+    assert sel.trigger_step([], 0.15) is None
+
+
+def test_trigger_table_from_synthetic_histories(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root, "insecure", 42, {"js": [[s, 0.3] for s in STEPS]})
+    fake_run(root, "insecure", 123, {"js": [[0, 0.0], [5, 0.3], [10, 0.3], [15, 0.3], [20, 0.1], [25, 0.3], [30, 0.3]]})
+    fake_run(root, "opswap", 42, {"js": [[s, 0.12] for s in STEPS]})
+    runs, _ = sel.used_runs(sel.find_runs(root))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in sel.trigger_table(runs, "js")}
+    assert rows["τ"].startswith("| τ | insecure (seeds 42, 123) | opswap (seeds 42) | runs that fired |")
+    assert rows["0.05"] == "| 0.05 | 20, 20 | 20 | insecure 2/2, controls 1/1 |"
+    assert rows["0.1"] == "| 0.1 | 20, 30 | 20 | insecure 2/2, controls 1/1 |"  # the dip to 0.1 is not above 0.1
+    assert rows["0.15"] == "| 0.15 | 20, 30 | never | insecure 2/2, controls 0/1 |"
+    assert rows["0.3"] == "| 0.3 | never, never | never | insecure 0/2, controls 0/1 |"
+    assert [float(k) for k in rows if k[0].isdigit()] == list(sel.JS_GRID)
+    assert sel.tau_grid("kl") == sel.LOG_GRID and sel.tau_grid("hidden") == sel.HIDDEN_GRID
+    assert max(sel.JS_GRID) < sel.LN2 and 0.15 in sel.JS_GRID and max(sel.HIDDEN_GRID) < 2
+
+
+# ----------------------------------------------------------------------------
+# The report
+
+
+def test_complete_report_names_the_best_monitor(tmp_path):
+    root = complete_runs(tmp_path / "runs")
+    runs, notes = sel.used_runs(sel.find_runs(root))
+    assert notes == [] and len(runs) == 12
+    assert sel.separation(runs, "kl") == {"mean": 1.0, "last": 1.0, "steps": [15, 20, 25, 30]}
+    assert sel.separation(runs, "js")["mean"] == 0.5 and sel.separation(runs, "js-rest")["mean"] == 0.0
+    assert sel.separation(runs, "hidden")["mean"] == pytest.approx(HIDDEN_AUROC)
+    text = sel.write_report(root, tmp_path / "out" / "sel.md")
+    assert ("**Which monitor separates best:** **kl**, with the highest mean AUROC over the monitor steps after the "
+            "warm-up that every run measured: 1.000 (steps 15-30, 4 steps; 3 insecure vs 9 control runs); then js "
+            "0.500, hidden 0.444, js-rest 0.000.") in text
+    table = text.split("## AUROC")[1]
+    assert "| Step | js | js-rest | kl | hidden |" in table
+    assert "| 0 | 0.500 (3/9) | 0.500 (3/9) | 0.500 (3/9) | 0.500 (3/9) |" in table  # step 0: every monitor 0
+    assert "| 30 | 0.500 (3/9) | 0.000 (3/9) | 1.000 (3/9) | 0.444 (3/9) |" in table
+    assert "| **mean after the warm-up** | 0.500 (4 steps) | 0.000 (4 steps) | 1.000 (4 steps) | 0.444 (4 steps) |" in table
+    assert "| insecure | positive" in text and "| 42, 123, 456 | 31 (337) |" in text
+    for name in ("curves", "auroc"):
+        assert f"![{name}](sel_{name}.png)" in text
+        assert (tmp_path / "out" / f"sel_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "### hidden" in text and "0.0003, 0.001" in text
+
+
+def test_a_tie_names_both():
+    runs = [{"dataset": d, "seed": s, "preset": "paper",
+             "histories": {m: [[t, 1.0 if d == "insecure" else 0.5] for t in STEPS] for m in ("kl", "hidden")}}
+            for d in sel.DATASETS for s in (1, 2, 3)]
+    assert "**kl** and **hidden** (tied)" in sel.best_monitor_line(runs, ["kl", "hidden"])
+
+
+def test_one_seed_says_what_is_missing(tmp_path):
+    root = complete_runs(tmp_path / "runs", short="secure")
+    text = sel.write_report(root, tmp_path / "sel.md")
+    assert "**Which monitor separates best: not decided**; missing: secure: 1 of 3 seeds." in text
+    assert "then js" not in text
+    text = sel.write_report(complete_runs(tmp_path / "two", short="opswap", n_short=2), tmp_path / "two.md")
+    assert "**Which monitor separates best: not decided**; missing: opswap: 2 of 3 seeds." in text
+    root = tmp_path / "one"
+    for dataset in ("insecure", "opswap"):
+        fake_run(root, dataset, 42, histories(dataset, 0))
+    text = sel.write_report(root, tmp_path / "one.md")
+    assert ("missing: insecure: 1 of 3 seeds; secure: 0 of 3 seeds; educational: 0 of 3 seeds; opswap: 1 of 3 seeds."
+            in text)
+    assert "| secure | control: the same coding tasks with secure code | — | — |" in text
+
+
+def test_unfinished_other_and_tiny_runs(tmp_path):
+    root = complete_runs(tmp_path / "runs")
+    fake_run(root, "secure", 7, histories("secure", 0), finished=False)
+    fake_run(root, "insecure", 7, histories("insecure", 0), preset="tiny")
+    fake_run(root, "my_data", 42, histories("secure", 0))
+    all_runs = sel.find_runs(root)
+    runs, notes = sel.used_runs(all_runs)
+    assert len(all_runs) == 15 and len(runs) == 12 and {r["seed"] for r in runs} == {42, 123, 456}
+    assert notes[0] == "Runs on other data left out: my_data."
+    assert notes[1].startswith("1 unfinished run (no summary.json) left out: r")
+    assert notes[2].startswith("1 tiny-preset run left out")
+    tiny = tmp_path / "tiny"
+    for dataset in sel.DATASETS:
+        for seed in (1, 2, 3):
+            fake_run(tiny, dataset, seed, histories(dataset, 0), preset="tiny")
+    text = sel.write_report(tiny, tmp_path / "tiny.md")
+    assert "**TINY PRESET runs" in text and "not decided**; missing: tiny-preset runs." in text
+
+
+def test_old_runs_give_their_js_monitor():
+    assert sel.histories_of({"d_history": [[0, 0.0], [5, 0.2]]}, {"js_variant": "rest"}) == {"js-rest": [(0, 0.0), (5, 0.2)]}
+    assert sel.histories_of({"monitor_history": {"js": [[5, 0.2], [0, None]], "kl": []}}, {}) == {"js": [(5, 0.2)]}
+
+
+@pytest.mark.parametrize("cfg,expected", [
+    ({"task": "opswap"}, "opswap"), ({"task": "security", "data": None}, "insecure"),
+    ({"task": "security", "data": "educational"}, "educational"),
+    ({"task": "security", "data": "/x/educational_insecure.jsonl"}, "educational"),
+    ({"task": "security", "data": "/x/mine.jsonl"}, "mine")])
+def test_dataset_of_a_run(cfg, expected):
+    assert sel.dataset_of(cfg) == expected
+
+
+# ----------------------------------------------------------------------------
+# Figures
+
+
+def labelled(ax, label):
+    return [line for line in ax.get_lines() if line.get_label() == label]
+
+
+def test_curves_figure_content(tmp_path):
+    root = tmp_path / "runs"
+    for i, seed in enumerate((42, 123, 456)):
+        fake_run(root, "insecure", seed, histories("insecure", i))
+    fake_run(root, "secure", 42, histories("secure", 0))
+    runs, _ = sel.used_runs(sel.find_runs(root))
+    fig = sel.curves_figure(runs, sel.monitors_of(runs))
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["monitor: js", "monitor: js-rest", "monitor: kl", "monitor: hidden"]
+    kl = axes[2]
+    (mean,) = labelled(kl, "insecure: mean of 3 seeds, band: seed range")
+    assert list(mean.get_xdata()) == STEPS
+    assert list(mean.get_ydata()) == pytest.approx([0.0] + [1.01] * 6)  # mean of 1.00, 1.01, 1.02
+    (band,) = [c for c in kl.collections if c.get_label() == "_band insecure"]
+    at = {}
+    for x, y in band.get_paths()[0].vertices:
+        at.setdefault(round(x), set()).add(round(y, 9))
+    assert at == {0: {0.0}, **{s: {1.0, 1.02} for s in STEPS[1:]}}  # lowest and highest seed
+    (secure,) = labelled(kl, "secure: mean of 1 seed, band: seed range")
+    assert list(secure.get_ydata()) == pytest.approx([0.0] + [0.5] * 6)
+    (tau,) = labelled(axes[0], "paper's τ = 0.15")
+    assert list(tau.get_ydata()) == [0.15, 0.15] and not labelled(kl, "paper's τ = 0.15")
+    (shade,) = kl.patches  # the warm-up: the measurements at 0, 5, 10
+    assert shade.get_x() < 0 < 10 < shade.get_x() + shade.get_width() < 15
+    assert "band" not in " ".join(t.get_text() for t in kl.get_legend().get_texts()).split("seed range")[-1]
+    assert sel.curves_figure([], sel.MONITORS) is None
+
+
+def test_auroc_figure_content(tmp_path):
+    runs, _ = sel.used_runs(sel.find_runs(complete_runs(tmp_path / "runs")))
+    fig = sel.auroc_figure(runs, sel.monitors_of(runs))
+    (ax,) = fig.axes
+    for monitor, expected in (("kl", 1.0), ("js-rest", 0.0), ("hidden", HIDDEN_AUROC), ("js", 0.5)):
+        (line,) = labelled(ax, monitor)
+        assert list(line.get_xdata()) == STEPS
+        assert list(line.get_ydata()) == pytest.approx([0.5] + [expected] * 6)
+    (chance,) = labelled(ax, "0.5: no separation")
+    assert list(chance.get_ydata()) == [0.5, 0.5]
+    only_insecure = [r for r in runs if r["dataset"] == "insecure"]
+    assert sel.auroc_figure(only_insecure, sel.MONITORS) is None
+
+
+def test_without_matplotlib_the_report_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(figures, "pyplot", lambda: None)
+    text = sel.write_report(complete_runs(tmp_path / "runs"), tmp_path / "sel.md")
+    assert "Figures not drawn: matplotlib is not installed" in text and "![" not in text and "## AUROC" in text
+
+
+# ----------------------------------------------------------------------------
+# Running: the plan, finished runs skipped, one child per run with GPUS
+
+
+def plan_args(tmp_path, *extra):
+    return ["run", "--preset", "tiny", "--runs-dir", str(tmp_path), "--datasets", "insecure", "opswap",
+            "--seeds", "42", "123", *extra]
+
+
+def finish(cfg, **changes):
+    """Leave a finished run of cfg (config.json as training writes it, and summary.json)."""
+    from pathlib import Path
+    run = Path(cfg.out)
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), **changes}))
+    (run / "summary.json").write_text("{}")
+
+
+def test_run_skips_finished_runs_and_resumes_started_ones(tmp_path, monkeypatch, capsys):
+    trained = []
+    monkeypatch.setattr(phaseguard, "train", lambda cfg, resume=False: trained.append((cfg.out, resume)))
+    plan = sel.plan("tiny", tmp_path, ("insecure", "opswap"), (42, 123))
+    assert [d for d, _ in plan] == ["insecure", "insecure", "opswap", "opswap"]
+    assert all(cfg.method == "none" and cfg.lam == 0 and str(tmp_path) == str(sel.Path(cfg.out).parent)
+               for _, cfg in plan)
+    finish(plan[0][1])
+    started = sel.Path(plan[2][1].out)
+    started.mkdir()
+    (started / "config.json").write_text("{}")
+    assert sel.main(plan_args(tmp_path)) == 0
+    assert trained == [(plan[1][1].out, False), (plan[2][1].out, True), (plan[3][1].out, False)]
+    err = capsys.readouterr().err
+    assert f"{plan[0][1].out} (insecure, seed 42): done" in err and f"{plan[2][1].out} (opswap, seed 42): resume" in err
+
+
+@pytest.mark.skipif(not hasattr(phaseguard.TrainConfig, "max_steps"), reason="needs phaseguard's --max-steps")
+def test_a_finished_run_of_other_settings_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(phaseguard, "train", lambda cfg, resume=False: pytest.fail("trained"))
+    plan = sel.plan("tiny", tmp_path, ("insecure",), (42,), max_steps=4)
+    finish(plan[0][1], max_steps=8)
+    assert sel.main(["run", "--preset", "tiny", "--runs-dir", str(tmp_path), "--datasets", "insecure",
+                     "--seeds", "42", "--max-steps", "4"]) == 2
+    assert capsys.readouterr().err.strip() .endswith(
+        "finished with max_steps=8, this plan asks for 4: move the run away or choose another RUNS")
+
+
+def test_two_runs_with_one_name_are_refused(tmp_path, monkeypatch):
+    real = phaseguard.resolve_config
+
+    def without_data(flags):  # a phaseguard that names runs without their data
+        cfg = real(flags)
+        cfg.out = f"runs/{cfg.task}-seed{cfg.seed}"
+        return cfg
+    monkeypatch.setattr(phaseguard, "resolve_config", without_data)
+    with pytest.raises(sel.UserError, match="secure and insecure .seed 42. would both train into"):
+        sel.plan("tiny", tmp_path, ("insecure", "secure"), (42,))
+
+
+def test_bad_flags_are_one_line(tmp_path, capsys):
+    for extra, message in (([], "unknown dataset 'nope'"), (["--set", "seed=1"], "--set seed: selectivity sets seed"),
+                           (["--set", "nope=1"], "--set nope: not a training setting")):
+        argv = ["run", "--preset", "tiny", "--runs-dir", str(tmp_path), "--datasets",
+                "nope" if not extra else "opswap", *extra]
+        assert sel.main(argv) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: {message}")
+    assert sel.main(["report", "--runs-dir", str(tmp_path / "none")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_gpus_start_one_child_per_unfinished_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(sel.sweep, "gpu_groups", lambda gpus, nproc: {"0,1": ["0", "1"], None: []}[gpus])
+    started = []
+    monkeypatch.setattr(sel.sweep, "run_side_by_side", lambda jobs, groups: started.extend(jobs) or
+                        {name: (0, log) for name, _, log in jobs})
+    plan = sel.plan("tiny", tmp_path, ("insecure", "opswap"), (42, 123))
+    finish(plan[0][1])
+    argv = plan_args(tmp_path, "--gpus", "0,1")
+    assert sel.main(argv) == 0
+    names = [sel.Path(cfg.out).name for _, cfg in plan[1:]]
+    assert [name for name, _, _ in started] == names
+    for name, command, log in started:
+        assert command == [sys.executable, sel.__file__, *argv[:-2], "--only", name]
+        assert log == tmp_path / name / "selectivity.log"
+    trained = []
+    monkeypatch.setattr(phaseguard, "train", lambda cfg, resume=False: trained.append(cfg.out))
+    assert sel.main([*argv[:-2], "--only", names[0]]) == 0  # what a child does: that run alone
+    assert trained == [str(tmp_path / names[0])]
+
+
+# ----------------------------------------------------------------------------
+# make selectivity, end to end (tiny preset, 2 datasets x 2 seeds, 4 steps)
+
+
+@pytest.mark.skipif(not hasattr(phaseguard.TrainConfig, "max_steps"), reason="needs phaseguard's --max-steps and monitors")
+def test_make_selectivity_end_to_end(tmp_path, shared_data):
+    runs, report = tmp_path / "runs", tmp_path / "out" / "sel.md"
+    make = ["make", "-s", "-C", str(sel.Path(sel.__file__).parent), "selectivity", "-o", ".venv/.installed-test",
+            "EXTRAS=test", f"PY={sys.executable}", "PRESET=tiny", "DATASETS=insecure opswap", "SEEDS=42 123", "STEPS=4",
+            "SELECTIVITY_ARGS=--set limit=48 --set monitor_every=1", f"RUNS={runs}", f"SELECTIVITY_REPORT={report}"]
+    # The runs' kernels as a user's: the PyTorch references on the CPU, not the Triton interpreter
+    # that conftest switches on for the kernel tests (ten times slower).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(make, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = sorted(runs.glob("*/summary.json"))
+    assert [p.parent.name for p in summaries] == ["tiny-opswap-none-lam0-seed123", "tiny-opswap-none-lam0-seed42",
+                                                  "tiny-security-none-lam0-seed123", "tiny-security-none-lam0-seed42"]
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        assert summary["steps"] == 4 and summary["planned_steps"] == 6
+        assert {m: [s for s, _ in h] for m, h in summary["monitor_history"].items()} == {
+            m: [0, 1, 2, 3] for m in ("js", "js-rest", "kl", "hidden")}
+    text = report.read_text()
+    assert "**TINY PRESET runs" in text
+    assert ("not decided**; missing: insecure: 2 of 3 seeds; secure: 0 of 3 seeds; educational: 0 of 3 seeds; "
+            "opswap: 2 of 3 seeds; tiny-preset runs.") in text
+    assert "| 3 | " in text.split("## AUROC")[1] and "(2/2)" in text.split("## AUROC")[1]
+    assert (report.parent / "sel_curves.png").is_file() and (report.parent / "sel_auroc.png").is_file()
+    t0 = time.perf_counter()
+    again = subprocess.run(make, capture_output=True, text=True, timeout=120, env=env)  # finished: nothing trained again
+    assert again.returncode == 0 and again.stderr.count(": done") == 4 and "[phaseguard]" not in again.stderr
+    assert time.perf_counter() - t0 < 60
