@@ -41,13 +41,13 @@ GPUS   ?=
 MAX_UNSCORED ?= 0.05
 # make selectivity: METHOD=none on DATASETS x SEEDS for at most STEPS optimizer steps (empty: the whole
 # epoch), then SELECTIVITY_REPORT (+ PNGs beside it). Its runs go under RUNS when RUNS is given, else
-# under runs/selectivity; SELECTIVITY_ARGS: more `selectivity.py run` flags, e.g. --set limit=40.
+# under selectivity-runs; SELECTIVITY_ARGS: more `selectivity.py run` flags, e.g. --set limit=40.
 SEEDS    ?= 42 123 456
 STEPS    ?=
 DATASETS ?= insecure secure educational opswap
 SELECTIVITY_REPORT ?= selectivity.md
 SELECTIVITY_ARGS ?=
-SELECTIVITY_RUNS = $(if $(filter file,$(origin RUNS)),runs/selectivity,$(RUNS))
+SELECTIVITY_RUNS = $(if $(filter file,$(origin RUNS)),selectivity-runs,$(RUNS))
 # make bench: kernels and one training step (CUDA: the paper's shapes; CPU: reduced, labelled CPU).
 BENCH_ARGS ?=
 

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import data
 from evaluate import BEST_OF, judge_mode, mean_std, read_json, wilson_interval
 from model_qwen2 import UserError
 from phaseguard import DEFAULT_LAMBDA
@@ -58,14 +59,37 @@ def find_runs(runs_dir: Path) -> list[dict]:
                      "d_history": summary.get("d_history", []), "security": results.get("security"),
                      "opswap": results.get("opswap"), "settings": results.get("settings") or {},
                      "coverage": results.get("coverage"), "judge_mode": results.get("judge_mode"),
-                     "provenance": results.get("provenance")})
+                     "provenance": results.get("provenance"), "off_protocol": off_protocol(cfg, summary)})
     return runs
+
+
+def off_protocol(cfg: dict, summary: dict) -> str | None:
+    """Why a run is not one of the paper's (Tables 1-2, Figure 2), or None: other training data,
+    another monitor driving the trigger, or training stopped early by --max-steps."""
+    if cfg["task"] == "security" and data.data_name(cfg.get("data")) != "insecure":
+        return f"data {data.data_name(cfg.get('data'))}"
+    if cfg.get("monitor", "js") != "js":
+        return f"monitor {cfg['monitor']}"
+    if summary.get("planned_steps") is not None and summary.get("steps") != summary["planned_steps"]:
+        return f"stopped at step {summary.get('steps')} of {summary['planned_steps']}"
+    return None
 
 
 def table_runs(runs) -> tuple[list[dict], list[str]]:
     """The runs of the tables and figures, and the lines that say which were left out: tiny
     runs are left out when real ones exist (their numbers mean nothing); a tiny-only report
-    keeps them under the TINY banner (and gives them no pass mark)."""
+    keeps them under the TINY banner (and gives them no pass mark). Runs outside the paper's
+    protocol (other data, another monitor, stopped early) are left out and named."""
+    outside = [r for r in runs if r.get("off_protocol")]
+    runs = [r for r in runs if not r.get("off_protocol")]
+    note = [f"{len(outside)} run{'s' if len(outside) > 1 else ''} outside the paper's protocol left out of the "
+            "tables and figures: " + ", ".join(f"`{r['dir'].name}` ({r['off_protocol']})" for r in outside), ""
+            ] if outside else []
+    tiny_runs, tiny_note = tiny_split(runs)
+    return tiny_runs, note + tiny_note
+
+
+def tiny_split(runs) -> tuple[list[dict], list[str]]:
     tiny = [r for r in runs if r["preset"] == "tiny"]
     if not tiny:
         return runs, []

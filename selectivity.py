@@ -592,7 +592,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train every unfinished METHOD=none run of datasets x seeds")
     r.add_argument("--preset", default="auto", help="auto, paper, tiny (or any preset phaseguard.py knows)")
-    r.add_argument("--runs-dir", default="runs/selectivity")
+    r.add_argument("--runs-dir", default="selectivity-runs")
     r.add_argument("--datasets", nargs="+", default=list(DATASETS), help=f"some of {', '.join(DATASETS)}")
     r.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     r.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (default: the whole epoch)")
@@ -603,7 +603,7 @@ def main(argv=None) -> int:
     r.add_argument("--dry-run", action="store_true", help="print the plan only")
     r.add_argument("--only", help=argparse.SUPPRESS)  # one run of the plan: how --gpus starts each run
     p = sub.add_parser("report", help="curves, trigger steps by tau, AUROC -> markdown + PNG")
-    p.add_argument("--runs-dir", default="runs/selectivity")
+    p.add_argument("--runs-dir", default="selectivity-runs")
     p.add_argument("--out", default="selectivity.md")
     args = parser.parse_args(argv)
     try:

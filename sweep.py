@@ -48,8 +48,10 @@ def check_set(settings: dict, config_class):
 def sweep_configs(args) -> list:
     configs = []
     for flags in sweep_plan(args.preset, args.lambdas, args.seeds):
+        # --set data=... names the Security EM data; OpSwap is generated and takes none.
+        settings = {k: v for k, v in args.set.items() if not (k == "data" and flags["task"] == "opswap")}
         try:
-            cfg = phaseguard.resolve_config({**flags, **args.set})
+            cfg = phaseguard.resolve_config({**flags, **settings})
         except TypeError as err:  # a --set value of the wrong type, e.g. batch_size=abc
             raise UserError(f"--set: a value has the wrong type ({err})") from None
         cfg.out = str(Path(args.runs_dir) / Path(cfg.out).name)  # phaseguard's run name, under --runs-dir

@@ -287,3 +287,21 @@ def test_bad_report_arguments_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "is a directory" in err[0] and "--max-unscored 5.0: must be a share between 0 and 1" in err[1]
     assert ev.main(argv + [str(tmp_path / "r.md"), "--max-unscored", "0.1"]) == 0
+
+
+def test_runs_outside_the_papers_protocol_are_left_out_and_named(tmp_path):
+    """Selectivity-style runs (other data, another monitor, stopped early) never enter Tables 1-2."""
+    root = paper_like_runs(tmp_path / "runs")
+    reference = write(root, tmp_path)
+    extra = {"data": "secure"}, {"monitor": "kl"}, {}
+    for i, cfg_extra in enumerate(extra):
+        run = fake_run(root, "security", "none", 0.0, 7 + i, em=24)  # all misaligned: would move the none row
+        cfg = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**cfg, **cfg_extra}))
+        if not cfg_extra:
+            (run / "summary.json").write_text(json.dumps({"steps": 10, "planned_steps": 337, "trigger_step": None}))
+    text = write(root, tmp_path)
+    assert "3 runs outside the paper's protocol left out" in text
+    assert "(data secure)" in text and "(monitor kl)" in text and "(stopped at step 10 of 337)" in text
+    tables = lambda t: t.split("## Table 1")[1].split("## Security EM")[0]  # noqa: E731
+    assert tables(text) == tables(reference)

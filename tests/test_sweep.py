@@ -97,3 +97,11 @@ def test_only_names_one_run_of_the_sweep(tmp_path, monkeypatch, capsys):
 
 def test_child_command_drops_only_the_gpus_flag():
     assert sweep.child_command(["sweep", "--gpus", "0,1", "--nproc", "2", "--gpus=3"])[2:] == ["sweep", "--nproc", "2"]
+
+
+def test_set_data_applies_to_the_security_runs_only(tmp_path):
+    import argparse
+    args = argparse.Namespace(preset="tiny", lambdas=[0.03], seeds=[42], runs_dir=str(tmp_path), set={"data": "secure"})
+    configs = sweep.sweep_configs(args)
+    assert {c.data for c in configs if c.task == "security"} == {"secure"}
+    assert {c.data for c in configs if c.task == "opswap"} == {None}
