@@ -540,7 +540,7 @@ def main(argv=None) -> int:
     e.add_argument("--run", required=True)
     add_eval_flags(e)
     s = sub.add_parser("sweep", help="train and evaluate every missing run of Tables 1-2")
-    s.add_argument("--preset", default="auto", choices=("auto", "paper", "tiny"))
+    s.add_argument("--preset", default="auto", choices=("auto", "paper", "small", "tiny"))
     s.add_argument("--runs-dir", default="runs")
     s.add_argument("--lambdas", type=float, nargs="+", default=sweeps.SWEEP_LAMBDAS)
     s.add_argument("--seeds", type=int, nargs="+", default=sweeps.SWEEP_SEEDS, help="security seeds (opswap: 42)")

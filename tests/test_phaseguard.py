@@ -486,3 +486,12 @@ def test_grad_clip_zero_means_no_clipping(tmp_path, monkeypatch):
     huge = adapter_tensors(train_small(tmp_path / "huge", method="none", limit=8, grad_clip=1e30))
     assert all(torch.equal(off[k], huge[k]) for k in off)
     assert any(v.abs().max() > 0 for k, v in off.items() if "lora_B" in k)
+
+
+def test_small_preset_is_a_real_instruct_model_at_laptop_sizes():
+    cfg = pg.resolve_config({"preset": "small", "method": "none"})
+    assert (cfg.model, cfg.device, cfg.batch_size, cfg.micro_batch_size, cfg.lora_r) == (
+        "Qwen/Qwen2.5-0.5B-Instruct", "cpu", 2, 1, 8)
+    assert cfg.out == "runs/small-security-none-lam0-seed42" and cfg.tau == 0.15 and cfg.topk == 256
+    with pytest.raises(UserError, match="expected auto, paper, small, tiny"):
+        pg.resolve_config({"preset": "huge"})
