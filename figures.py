@@ -137,9 +137,16 @@ def draw_figures(runs, out_dir: Path, stem: str, max_unscored: float = MAX_UNSCO
     if plt is None:
         return ["Figures not drawn: matplotlib is not installed (`pip install -e '.[plot]'` installs the "
                 "optional `plot` extra). Table 2 holds the numbers of Figure 2."]
+    drawn = ((name, figure2(runs, max_unscored) if name == "figure2" else dt_figure(runs, name.split("_")[1]),
+              caption, empty) for name, caption, empty in FIGURES)
+    return save_pngs(plt, drawn, out_dir, stem)
+
+
+def save_pngs(plt, drawn, out_dir: Path, stem: str) -> list[str]:
+    """Each (name, figure or None, caption, line for no figure) as <stem>_<name>.png beside the
+    report, linked with its caption; no figure: that line instead, and an old PNG removed."""
     lines = []
-    for name, caption, empty in FIGURES:
-        fig = figure2(runs, max_unscored) if name == "figure2" else dt_figure(runs, name.split("_")[1])
+    for name, fig, caption, empty in drawn:
         path = out_dir / f"{stem}_{name}.png"
         if fig is None:
             path.unlink(missing_ok=True)

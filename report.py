@@ -446,15 +446,21 @@ def header(all_runs, runs, runs_dir: Path, max_unscored: float, provenance: dict
     return lines
 
 
+def check_report_paths(runs_dir, out, example: str, how: str) -> tuple[Path, Path]:
+    """A report reads an existing runs directory and writes a file, not into a directory."""
+    runs_dir, out = Path(runs_dir), Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; name the markdown file to write, e.g. {out / example}")
+    if not runs_dir.is_dir():
+        raise UserError(f"{runs_dir}: no such directory (train the runs first: {how})")
+    return runs_dir, out
+
+
 def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike, max_unscored: float = MAX_UNSCORED,
                  provenance: dict | None = None) -> str:
-    runs_dir, out = Path(runs_dir), Path(out)
     if not 0 <= max_unscored <= 1:
         raise UserError(f"--max-unscored {max_unscored}: must be a share between 0 and 1 (e.g. 0.05)")
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a directory; name the markdown file to write, e.g. {out / 'report.md'}")
-    if not runs_dir.is_dir():
-        raise UserError(f"{runs_dir}: no such directory (train runs first: make train / make sweep)")
+    runs_dir, out = check_report_paths(runs_dir, out, "report.md", "make train / make sweep")
     all_runs = find_runs(runs_dir)
     if not all_runs:
         raise UserError(f"{runs_dir}: no run directories (a run holds the config.json written by phaseguard.py train)")

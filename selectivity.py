@@ -31,6 +31,7 @@ from pathlib import Path
 
 import data
 import phaseguard
+import report
 import sweep
 from model_qwen2 import UserError
 
@@ -497,18 +498,8 @@ def draw_figures(runs, monitors, out_dir: Path, stem: str) -> list[str]:
     if plt is None:
         return ["Figures not drawn: matplotlib is not installed (`pip install -e '.[plot]'`); the tables hold the "
                 "numbers.", ""]
-    lines = []
-    for name, draw, caption, empty in FIGURES:
-        fig = draw(runs, monitors)
-        path = out_dir / f"{stem}_{name}.png"
-        if fig is None:
-            path.unlink(missing_ok=True)
-            lines += [empty, ""]
-            continue
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        lines += [f"![{name}]({path.name})", "", caption, ""]
-    return lines
+    drawn = ((name, draw(runs, monitors), caption, empty) for name, draw, caption, empty in FIGURES)
+    return figures.save_pngs(plt, drawn, out_dir, stem)
 
 
 # ----------------------------------------------------------------------------
@@ -539,11 +530,7 @@ def header(all_runs, runs, runs_dir: Path, provenance: dict | None) -> list[str]
 
 
 def write_report(runs_dir, out, provenance: dict | None = None, min_seeds: int = MIN_SEEDS) -> str:
-    runs_dir, out = Path(runs_dir), Path(out)
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a directory; name the markdown file to write, e.g. {out / 'selectivity.md'}")
-    if not runs_dir.is_dir():
-        raise UserError(f"{runs_dir}: no such directory (train the runs first: make selectivity)")
+    runs_dir, out = report.check_report_paths(runs_dir, out, "selectivity.md", "make selectivity")
     all_runs = find_runs(runs_dir)
     if not all_runs:
         raise UserError(f"{runs_dir}: no METHOD=none run directories (a run holds the config.json written by "
