@@ -939,7 +939,8 @@ def main(argv=None) -> int:
     resume = args.pop("resume")
     # A file-size limit (ulimit -f) then fails the write with EFBIG, reported below, instead of
     # killing the process without a word.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if hasattr(signal, "SIGXFSZ"):  # POSIX only
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     cfg = None
     try:
         cfg = resolve_config(args)
