@@ -41,7 +41,7 @@ import model_qwen2 as mq
 import provenance as provenances
 from sampling import BEST_OF, generate_all, merged, pick_best, sample_candidates
 from model_qwen2 import UserError
-from phaseguard import write_atomic
+from rundir import write_atomic
 
 # Written for this project (the paper does not give its prompt). For a question with its own
 # system prompt (the JSON-format ones) the safety prompt goes first, then the question's.

@@ -25,7 +25,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 import time
@@ -39,6 +38,8 @@ import data
 import kernels
 import lora
 import model_qwen2 as mq
+from rundir import (check_run_dir, latest_checkpoint, load_checkpoint, naming_errors, save_checkpoint,
+                    start_run_dir, truncate_metrics, write_atomic)
 import provenance
 from model_qwen2 import UserError
 
@@ -493,119 +494,6 @@ def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocas
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON only, written to a temporary directory then renamed
-
-
-def save_checkpoint(run: Path, model, optimizer, step: int, trigger: Trigger, d_history: list,
-                    monitor_history: dict | None = None):
-    tmp = run / f"checkpoint-{step}.tmp"
-    with naming_errors(tmp):
-        write_checkpoint(run, tmp, model, optimizer, step, trigger, d_history, monitor_history)
-
-
-@contextlib.contextmanager
-def naming_errors(path: Path):
-    """A failed write (ENOSPC, EFBIG) names no file by itself, and safetensors reports it as
-    "os error N" in an exception of its own: raise an OSError naming the path being written."""
-    try:
-        yield
-    except OSError as err:
-        if err.filename is None:
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
-        raise
-    except Exception as err:
-        code = re.search(r"os error (\d+)", str(err))
-        if code is None:
-            raise
-        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
-
-
-def write_checkpoint(run: Path, tmp: Path, model, optimizer, step: int, trigger: Trigger, d_history: list,
-                     monitor_history: dict | None = None):
-    from safetensors.torch import save_file
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    lora.save_adapter(model, tmp / "adapter")
-    state = optimizer.state_dict()
-    tensors = {}
-    for idx, slots in state["state"].items():
-        for name, value in slots.items():
-            tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    tensors.update({f"rng.{k}": v for k, v in rng.items()})
-    save_file(tensors, str(tmp / "optimizer_rng.safetensors"))
-    meta = {"step": step, "trigger": dataclasses.asdict(trigger), "param_groups": state["param_groups"],
-            "d_history": d_history, "monitor_history": monitor_history or {}}
-    (tmp / "state.json").write_text(json.dumps(meta))
-    for path in [*tmp.rglob("*"), tmp]:  # on disk before the rename makes the checkpoint visible
-        fsync(path)
-    final = run / f"checkpoint-{step}"
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_atomic(run / "latest_checkpoint", final.name)
-    for old in run.glob("checkpoint-*"):  # keep only the newest complete checkpoint
-        if old != final and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(run: Path, model, optimizer) -> tuple[int, Trigger, list, dict]:
-    """(step, trigger, D_t history, every monitor's history) of the latest checkpoint, with the
-    adapter, the AdamW state and the RNG states restored. A checkpoint written before the
-    monitor history was kept gives empty histories (the metrics file still has every value)."""
-    from safetensors.torch import load_file
-    ckpt = latest_checkpoint(run)
-    lora.load_adapter(model, ckpt / "adapter")
-    meta = json.loads((ckpt / "state.json").read_text())
-    tensors = load_file(str(ckpt / "optimizer_rng.safetensors"))
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("rng."):
-            continue
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda")), key=lambda k: int(k[len("rng.cuda"):]))
-        cuda_states = [tensors[k] for k in cuda_keys]
-        if cuda_states:
-            torch.cuda.set_rng_state_all(cuda_states)
-    histories = {name: [] for name in MONITORS} | meta.get("monitor_history", {})
-    return meta["step"], Trigger(**meta["trigger"]), meta["d_history"], histories
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    """The checkpoint named by <run>/latest_checkpoint: a `checkpoint-N` directory of this run."""
-    pointer = run / "latest_checkpoint"
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text().strip()
-    if re.fullmatch(r"checkpoint-\d+", name) is None:
-        raise UserError(f"{pointer}: expected a name 'checkpoint-N' of a directory in {run}, got {name[:60]!r}")
-    if not (run / name / "state.json").is_file():
-        raise UserError(f"{pointer}: names {name}, which is not a complete checkpoint in {run}")
-    return run / name
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with naming_errors(tmp):
-        tmp.write_text(text)
-        fsync(tmp)
-    os.replace(tmp, path)
-
-
-def fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ----------------------------------------------------------------------------
 # Model and data for a run
 
 
@@ -723,7 +611,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     trigger = Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive)
     start, d_history, monitor_history = 0, [], {name: [] for name in MONITORS}
     if resuming and latest_checkpoint(run) is not None:  # every rank reads the same checkpoint
-        start, trigger, d_history, monitor_history = load_checkpoint(run, model, optimizer)
+        start, trigger_state, d_history, saved_histories = load_checkpoint(run, model, optimizer)
+        trigger = Trigger(**trigger_state)
+        # A checkpoint from before monitor histories were kept: empty (metrics.jsonl has the values).
+        monitor_history = {name: [] for name in MONITORS} | saved_histories
     dist.barrier()  # nobody reads the run directory once rank 0 starts writing it
     if dist.main:
         origin = provenance.collect(model=provenance.model_record(cfg.model, cfg.revision, model.weights_dir),
@@ -812,110 +703,6 @@ def peak_memory_gb(cuda: bool) -> float:
         return torch.cuda.max_memory_allocated() / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-PATH_FIELDS = ("data", "model", "tokenizer")  # kept as typed, compared resolved
-
-
-def resolved_paths(cfg: TrainConfig) -> dict:
-    """Absolute forms of the local paths in the config (hub ids and URLs are left out)."""
-    return {k: str(Path(v).expanduser().resolve()) for k in PATH_FIELDS
-            if (v := getattr(cfg, k)) and not data.is_url(v) and Path(v).expanduser().exists()
-            and not (k == "data" and data.data_url(v))}  # a dataset name is never a path
-
-
-# What produced the run, kept in config.json but never compared on resume: a run may be resumed
-# on a newer commit or library; its data is checked by sha256 instead (start_run_dir).
-PROVENANCE_KEYS = ("provenance", "resumes")
-
-
-def added_keys(previous: dict) -> dict:
-    """Settings added after runs were started, at the values a config.json without them ran with."""
-    return {"monitor": "js-rest" if previous.get("js_variant") == "rest" else "js", "max_steps": None}
-
-
-def config_record(cfg: TrainConfig, origin: dict | None = None) -> dict:
-    """config.json: every field, `resolved_paths`, and `provenance` (provenance.collect) when given."""
-    record = {**dataclasses.asdict(cfg), "resolved_paths": resolved_paths(cfg)}
-    return {**record, "provenance": origin} if origin is not None else record
-
-
-def check_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> bool:
-    """Refuse to touch another run; writes nothing. True when resuming a started run, which
-    needs the same config: paths compared resolved (a run resumed from another working
-    directory, or moved with `mv`, continues), and `out` not at all (it is where the run is)."""
-    config_file = run / "config.json"
-    if not config_file.is_file():
-        return False
-    if not resume:
-        raise UserError(f"{run} already holds a run: pass RESUME=1 to continue it, or choose another OUT")
-    try:
-        previous = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{config_file}: not a JSON run config ({err})") from None
-    if not isinstance(previous, dict):
-        raise UserError(f"{config_file}: not a JSON run config (a {type(previous).__name__})")
-    previous = {**added_keys(previous), **previous}
-    now = config_record(cfg)
-    before_paths, now_paths = previous.get("resolved_paths") or {}, now["resolved_paths"]
-    for key in sorted((set(previous) | set(now)) - {"out", "resolved_paths", *PROVENANCE_KEYS}):
-        if key in PATH_FIELDS and key in before_paths and key in now_paths:
-            same = before_paths[key] == now_paths[key]
-        else:
-            same = previous.get(key) == now.get(key)
-        if not same:
-            raise UserError(f"{config_file}: cannot resume with a different config ({key}: "
-                            f"{previous.get(key)!r} there, {now.get(key)!r} now)")
-    return True
-
-
-def start_run_dir(run: Path, cfg: TrainConfig, resuming: bool, origin: dict | None = None, step: int = 0):
-    """Training really starts: a new run writes its config.json with its provenance. A resumed
-    run keeps its config and provenance; this start's provenance (which may be a newer commit)
-    is appended to config.json's `resumes` list, with the step it resumes from. Data whose
-    sha256 differs from the run's is refused: it changed under the run."""
-    config_file = run / "config.json"
-    if not resuming:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "metrics.jsonl").unlink(missing_ok=True)  # a failed start never wrote one; be sure
-        write_atomic(config_file, json.dumps(config_record(cfg, origin), indent=2))
-        return
-    if origin is None:
-        return
-    previous = json.loads(config_file.read_text())
-    before = previous.get("provenance") or {}
-    check_same_data(config_file, before.get("data") or {}, origin.get("data") or {})
-    was, now = (before.get("model") or {}).get("commit"), (origin.get("model") or {}).get("commit")
-    if was is not None and now is not None and was != now:
-        # Not refused: the revision is part of the compared config, so there would be no way to
-        # pin the old commit now. Recorded in `resumes`, and said.
-        print(f"[phaseguard] warning: {cfg.model} at revision {cfg.revision or 'main'} is now commit {now}; "
-              f"the run started on {was}: the base weights may differ", file=sys.stderr)
-    previous["resumes"] = [*previous.get("resumes", []), {"step": step, **origin}]
-    write_atomic(config_file, json.dumps(previous, indent=2))
-
-
-def check_same_data(config_file: Path, before: dict, now: dict):
-    """A resume must train on the bytes the run started on (a run started before provenance
-    was recorded has no sha256 to compare and is let through)."""
-    if before.get("sha256") is not None and before["sha256"] != now.get("sha256"):
-        raise UserError(f"{config_file}: cannot resume: the training data changed under the run (sha256 "
-                        f"{before['sha256']} there, {now.get('sha256')} now, from {now.get('source')})")
-
-
-def truncate_metrics(path: Path, step: int):
-    """On resume, drop lines logged after the checkpoint: they are about to be recomputed."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the last line, cut by the kill
-            break
-        if record["step"] <= step:
-            kept.append(line)
-    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------

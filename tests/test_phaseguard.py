@@ -227,9 +227,10 @@ elif point == "checkpoint":  # inside the write of checkpoint-n: its adapter is 
             die()
     pg.lora.save_adapter = save_then_die
 elif point == "pointer":  # checkpoint-n renamed into place, latest_checkpoint not yet moved to it
-    write_atomic = pg.write_atomic
-    pg.write_atomic = lambda path, text: ((die() if path.name == "latest_checkpoint" and text == f"checkpoint-{n}"
-                                           else None) or write_atomic(path, text))
+    import rundir
+    write_atomic = rundir.write_atomic
+    rundir.write_atomic = lambda path, text: ((die() if path.name == "latest_checkpoint" and text == f"checkpoint-{n}"
+                                               else None) or write_atomic(path, text))
 sys.exit(pg.main(sys.argv[4:]))
 """
 
