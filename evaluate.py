@@ -146,7 +146,7 @@ def load_policy(run: Path, cfg: dict, device: str, base: str | None = None):
     else:
         model_dir = base or cfg["model"]
         tok = cfg.get("tokenizer") or model_dir
-        if base is None:
+        if base is None and not Path(model_dir).expanduser().exists():  # a hub id; a local directory is as it is
             recorded = ((cfg.get("provenance") or {}).get("model") or {})
             revision = recorded.get("commit") or cfg.get("revision")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -450,6 +450,7 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
         results["opswap"] = r = evaluate_opswap(run, cfg, s)
         print(f"[eval] opswap exact match {r['correct']}/{r['n']} = {percent(r['accuracy'], r['ci95'])}",
               file=sys.stderr)
+    results["failed"] = failure if failure and not tiny else None  # a sweep evaluates a failed run again
     write_json(run / "eval" / "results.json", results)
     if failure and not tiny:  # written, so the report shows the unscored counts; but the eval failed
         raise UserError(failure)

@@ -73,12 +73,23 @@ def sweep_step(run: Path, cfg, args, questions) -> str:
     qs = questions(s) if on_disk["task"] == "security" else None
     record = result_settings(on_disk, s, qs, adapter_fingerprint(run))
     results = run / "eval" / "results.json"
-    if results.is_file() and saved_settings(results) == record:
+    if results.is_file() and saved_settings(results) == record and not needs_judging_again(results, s):
         return "done"
     problem = conflict(run / "eval", record)
     if problem and not s["force"]:
         raise UserError(problem)
     return "evaluate"
+
+
+def needs_judging_again(results: Path, s: dict) -> bool:
+    """An evaluation that failed (too many unscored judgments) is not done; with
+    --rejudge-unscored, neither is one that has any unscored answer."""
+    saved = read_json(results)
+    if saved.get("failed"):
+        return True
+    security = saved.get("security") or {}
+    return bool(s["rejudge_unscored"]) and any(isinstance(block, dict) and block.get("unscored")
+                                                for block in security.values())
 
 
 def sweep(args) -> list[Path]:
@@ -181,13 +192,13 @@ def child_command(argv: list[str]) -> list[str]:
     """This sweep's command line without --gpus: what each run's child process runs (with --only)."""
     kept, skip = [], False
     for arg in argv:
-        if skip or arg.startswith("--gpus="):
+        name = arg.split("=", 1)[0]
+        if skip:
             skip = False
-            continue
-        if arg == "--gpus":
-            skip = True
-            continue
-        kept.append(arg)
+        elif len(name) >= 3 and "--gpus".startswith(name):  # argparse takes --gpu, --gp, --g for --gpus too
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
     return [sys.executable, str(Path(__file__).with_name("evaluate.py")), *kept]
 
 

@@ -520,6 +520,7 @@ def test_too_many_unscored_judgments_fail_the_eval_in_one_line(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["security"]["finetuned"]["unscored"] == 2 and results["judge_mode"] == "logprobs"
+    assert (results["failed"] is not None) == fails  # a sweep evaluates a failed run again
     assert made["timeout"] == 5.0 and made["deadline"] == 60.0 and made["mode"] == "logprobs"
     assert results["provenance"]["git"].keys() == {"commit", "dirty"} and results["provenance"]["questions"]["sha256"]
     if fails:
@@ -527,3 +528,19 @@ def test_too_many_unscored_judgments_fail_the_eval_in_one_line(tmp_path, capsys,
         assert "one reply:" in err[-1] and "--rejudge-unscored" in err[-1]
     else:
         assert code == 0
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_the_base_model_is_loaded_at_the_recorded_commit_only_from_the_hub(tmp_path, monkeypatch, local):
+    """A hub id is loaded at the commit training recorded; a local directory (even an HF cache
+    snapshot path, whose name holds a commit) is loaded as it is: it has no revision to pin."""
+    snapshot = tmp_path / "models--org--m" / "snapshots" / ("0123456789" * 4)
+    snapshot.mkdir(parents=True)
+    model = str(snapshot) if local else "org/m"
+    seen = {}
+    monkeypatch.setattr(ev.mq, "load_model", lambda d, **kw: seen.update(kw) or torch.nn.Linear(1, 1))
+    monkeypatch.setattr(ev.mq, "load_tokenizer", lambda t, **kw: seen.update(tokenizer_revision=kw.get("revision")))
+    monkeypatch.setattr(ev.lora, "load_adapter", lambda *a, **k: None)
+    cfg = {"model": model, "provenance": {"model": {"commit": "0123456789" * 4}}}
+    ev.load_policy(tmp_path, cfg, "cpu")
+    assert seen["revision"] == (None if local else "0123456789" * 4) == seen["tokenizer_revision"]

@@ -105,3 +105,25 @@ def test_set_data_applies_to_the_security_runs_only(tmp_path):
     configs = sweep.sweep_configs(args)
     assert {c.data for c in configs if c.task == "security"} == {"secure"}
     assert {c.data for c in configs if c.task == "opswap"} == {None}
+
+
+@pytest.mark.parametrize("spelled", [["--gpu", "0,1"], ["--gpu=0,1"], ["--gp", "0"], ["--g=3"], ["--gpus", "2"]])
+def test_child_command_drops_every_spelling_of_gpus(spelled):
+    """argparse reads any unambiguous prefix as --gpus: a child given one would fan out again."""
+    assert sweep.child_command(["sweep", *spelled, "--seeds", "42"])[2:] == ["sweep", "--seeds", "42"]
+
+
+def test_a_failed_or_unscored_evaluation_is_not_done(tmp_path, monkeypatch):
+    """results.json of an eval that failed on unscored judgments (it is written, then eval exits 2)
+    sends the run back to evaluation; with --rejudge-unscored, so does any unscored answer."""
+    import json
+    results = tmp_path / "results.json"
+    base = {"settings": {}, "security": {"judge": "j", "finetuned": {"answers": 24, "unscored": 3}}}
+    results.write_text(json.dumps({**base, "failed": "judge j left 6 of 48 judgments unscored"}))
+    assert sweep.needs_judging_again(results, {"rejudge_unscored": False})
+    results.write_text(json.dumps({**base, "failed": None}))
+    assert not sweep.needs_judging_again(results, {"rejudge_unscored": False})
+    assert sweep.needs_judging_again(results, {"rejudge_unscored": True})
+    base["security"]["finetuned"]["unscored"] = 0
+    results.write_text(json.dumps({**base, "failed": None}))
+    assert not sweep.needs_judging_again(results, {"rejudge_unscored": True})
