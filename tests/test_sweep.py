@@ -12,7 +12,7 @@ from model_qwen2 import UserError
 STUB = r"""
 import json, os, sys, time
 record = {"name": sys.argv[1], "gpus": os.environ["CUDA_VISIBLE_DEVICES"], "argv": sys.argv[2:], "start": time.time()}
-time.sleep(0.4)
+time.sleep(1.0)  # long enough that the two groups overlap even on a slow start
 record["end"] = time.time()
 with open(sys.argv[2], "a") as f:
     f.write(json.dumps(record) + "\n")
