@@ -447,13 +447,28 @@ def header(all_runs, runs, runs_dir: Path, max_unscored: float, provenance: dict
 
 
 def check_report_paths(runs_dir, out, example: str, how: str) -> tuple[Path, Path]:
-    """A report reads an existing runs directory and writes a file, not into a directory."""
+    """A report reads an existing runs directory and writes a file (not a directory), whose
+    folder is made here."""
     runs_dir, out = Path(runs_dir), Path(out)
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; name the markdown file to write, e.g. {out / example}")
     if not runs_dir.is_dir():
         raise UserError(f"{runs_dir}: no such directory (train the runs first: {how})")
+    try:  # the figures are drawn beside the report
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create {out.parent} ({type(err).__name__})") from None
     return runs_dir, out
+
+
+def write_markdown(out: Path, lines: list[str]) -> str:
+    """The report's text, written to out; a refused write is one line."""
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    try:
+        out.write_text(text)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot write ({type(err).__name__}: {err.strerror or err})") from None
+    return text
 
 
 def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike, max_unscored: float = MAX_UNSCORED,
@@ -465,10 +480,6 @@ def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike, max_unscor
     if not all_runs:
         raise UserError(f"{runs_dir}: no run directories (a run holds the config.json written by phaseguard.py train)")
     runs, note = table_runs(all_runs)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot create {out.parent} ({type(err).__name__})") from None
     t2, verdict_line = table2(runs, max_unscored)
     lines = header(all_runs, runs, runs_dir, max_unscored, provenance) + note
     lines += ["## Table 1: main results", ""] + table1(runs, max_unscored)
@@ -478,9 +489,4 @@ def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike, max_unscor
     lines += ["", "## Misaligned rate per question (%, pooled over seeds)", ""] + per_question_table(runs)
     import figures  # it imports this module: imported here, when the report is written
     lines += ["", "## Figure 2 and D_t curves", ""] + figures.draw_figures(runs, out.parent, out.stem, max_unscored)
-    text = "\n".join(lines).rstrip("\n") + "\n"
-    try:
-        out.write_text(text)
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot write ({type(err).__name__}: {err.strerror or err})") from None
-    return text
+    return write_markdown(out, lines)

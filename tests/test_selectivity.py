@@ -18,6 +18,7 @@ from scipy.stats import mannwhitneyu
 import figures
 import phaseguard
 import selectivity as sel
+import selectivity_report as selr
 
 matplotlib.use("Agg")
 
@@ -74,12 +75,12 @@ def complete_runs(root, seeds=(42, 123, 456), short=None, n_short=1):
 
 def test_auroc_hand_computed():
     # positives 3, 2, 2 against negatives 1, 2, 4: 3 beats 1 and 2 (2); each 2 beats 1 and ties 2 (1.5 each)
-    assert sel.auroc([3, 2, 2], [1, 2, 4]) == pytest.approx(5 / 9)
-    assert sel.auroc([2, 3], [0, 1]) == 1.0 and sel.auroc([0, 1], [2, 3]) == 0.0
-    assert sel.auroc([1, 1], [1, 1, 1]) == 0.5  # all ties
-    assert sel.auroc([5], [1, 5, 9]) == pytest.approx((1 + 0.5 + 0) / 3)
+    assert selr.auroc([3, 2, 2], [1, 2, 4]) == pytest.approx(5 / 9)
+    assert selr.auroc([2, 3], [0, 1]) == 1.0 and selr.auroc([0, 1], [2, 3]) == 0.0
+    assert selr.auroc([1, 1], [1, 1, 1]) == 0.5  # all ties
+    assert selr.auroc([5], [1, 5, 9]) == pytest.approx((1 + 0.5 + 0) / 3)
     with pytest.raises(ValueError):
-        sel.auroc([], [1.0])
+        selr.auroc([], [1.0])
 
 
 def test_auroc_is_mann_whitney_u_over_n1_n0():
@@ -88,7 +89,7 @@ def test_auroc_is_mann_whitney_u_over_n1_n0():
         pos = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(rng.randint(1, 6))]
         neg = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(rng.randint(1, 9))]
         u = mannwhitneyu(pos, neg, alternative="two-sided").statistic
-        assert sel.auroc(pos, neg) == pytest.approx(u / (len(pos) * len(neg)))
+        assert selr.auroc(pos, neg) == pytest.approx(u / (len(pos) * len(neg)))
 
 
 # ----------------------------------------------------------------------------
@@ -100,13 +101,13 @@ def test_trigger_step_is_phaseguards_trigger(monkeypatch):
     real = phaseguard.update_trigger
     monkeypatch.setattr(phaseguard, "update_trigger", lambda t, d, s: calls.append((d, s)) or real(t, d, s))
     above = [[s, 0.3] for s in STEPS]
-    assert sel.trigger_step(above, 0.15) == 20  # warm-up 0, 5, 10; above at 15 and 20: the paper's step 20
+    assert selr.trigger_step(above, 0.15) == 20  # warm-up 0, 5, 10; above at 15 and 20: the paper's step 20
     assert calls[:5] == [(0.3, 0), (0.3, 5), (0.3, 10), (0.3, 15), (0.3, 20)] and len(calls) == 5  # stops when fired
     dip = [[0, 0.0], [5, 0.3], [10, 0.3], [15, 0.3], [20, 0.1], [25, 0.3], [30, 0.3]]
-    assert sel.trigger_step(dip, 0.15) == 30  # 15 above, 20 below (count restarts), 25 and 30 above
-    assert sel.trigger_step(dip, 0.3) is None  # strictly above tau
-    assert sel.trigger_step(dip, 0.15, warmup=0, consecutive=1) == 5
-    assert sel.trigger_step([], 0.15) is None
+    assert selr.trigger_step(dip, 0.15) == 30  # 15 above, 20 below (count restarts), 25 and 30 above
+    assert selr.trigger_step(dip, 0.3) is None  # strictly above tau
+    assert selr.trigger_step(dip, 0.15, warmup=0, consecutive=1) == 5
+    assert selr.trigger_step([], 0.15) is None
 
 
 def test_trigger_table_from_synthetic_histories(tmp_path):
@@ -114,16 +115,16 @@ def test_trigger_table_from_synthetic_histories(tmp_path):
     fake_run(root, "insecure", 42, {"js": [[s, 0.3] for s in STEPS]})
     fake_run(root, "insecure", 123, {"js": [[0, 0.0], [5, 0.3], [10, 0.3], [15, 0.3], [20, 0.1], [25, 0.3], [30, 0.3]]})
     fake_run(root, "opswap", 42, {"js": [[s, 0.12] for s in STEPS]})
-    runs, _ = sel.used_runs(sel.find_runs(root))
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in sel.trigger_table(runs, "js")}
+    runs, _ = selr.used_runs(selr.find_runs(root))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in selr.trigger_table(runs, "js")}
     assert rows["τ"].startswith("| τ | insecure (seeds 42, 123) | opswap (seeds 42) | runs that fired |")
     assert rows["0.05"] == "| 0.05 | 20, 20 | 20 | insecure 2/2, controls 1/1 |"
     assert rows["0.1"] == "| 0.1 | 20, 30 | 20 | insecure 2/2, controls 1/1 |"  # the dip to 0.1 is not above 0.1
     assert rows["0.15"] == "| 0.15 | 20, 30 | never | insecure 2/2, controls 0/1 |"
     assert rows["0.3"] == "| 0.3 | never, never | never | insecure 0/2, controls 0/1 |"
-    assert [float(k) for k in rows if k[0].isdigit()] == list(sel.JS_GRID)
-    assert sel.tau_grid("kl") == sel.LOG_GRID and sel.tau_grid("hidden") == sel.HIDDEN_GRID
-    assert max(sel.JS_GRID) < sel.LN2 and 0.15 in sel.JS_GRID and max(sel.HIDDEN_GRID) < 2
+    assert [float(k) for k in rows if k[0].isdigit()] == list(selr.JS_GRID)
+    assert selr.tau_grid("kl") == selr.LOG_GRID and selr.tau_grid("hidden") == selr.HIDDEN_GRID
+    assert max(selr.JS_GRID) < selr.LN2 and 0.15 in selr.JS_GRID and max(selr.HIDDEN_GRID) < 2
 
 
 # ----------------------------------------------------------------------------
@@ -132,12 +133,12 @@ def test_trigger_table_from_synthetic_histories(tmp_path):
 
 def test_complete_report_names_the_best_monitor(tmp_path):
     root = complete_runs(tmp_path / "runs")
-    runs, notes = sel.used_runs(sel.find_runs(root))
+    runs, notes = selr.used_runs(selr.find_runs(root))
     assert notes == [] and len(runs) == 12
-    assert sel.separation(runs, "kl") == {"mean": 1.0, "last": 1.0, "steps": [15, 20, 25, 30]}
-    assert sel.separation(runs, "js")["mean"] == 0.5 and sel.separation(runs, "js-rest")["mean"] == 0.0
-    assert sel.separation(runs, "hidden")["mean"] == pytest.approx(HIDDEN_AUROC)
-    text = sel.write_report(root, tmp_path / "out" / "sel.md")
+    assert selr.separation(runs, "kl") == {"mean": 1.0, "last": 1.0, "steps": [15, 20, 25, 30]}
+    assert selr.separation(runs, "js")["mean"] == 0.5 and selr.separation(runs, "js-rest")["mean"] == 0.0
+    assert selr.separation(runs, "hidden")["mean"] == pytest.approx(HIDDEN_AUROC)
+    text = selr.write_report(root, tmp_path / "out" / "sel.md")
     assert ("**Which monitor separates best:** **kl**, with the highest mean AUROC over the monitor steps after the "
             "warm-up that every run measured: 1.000 (steps 15-30, 4 steps; 3 insecure vs 9 control runs); then js "
             "0.500, hidden 0.444, js-rest 0.000.") in text
@@ -157,20 +158,20 @@ def test_a_tie_names_both():
     runs = [{"dataset": d, "seed": s, "preset": "paper",
              "histories": {m: [[t, 1.0 if d == "insecure" else 0.5] for t in STEPS] for m in ("kl", "hidden")}}
             for d in sel.DATASETS for s in (1, 2, 3)]
-    assert "**kl** and **hidden** (tied)" in sel.best_monitor_line(runs, ["kl", "hidden"])
+    assert "**kl** and **hidden** (tied)" in selr.best_monitor_line(runs, ["kl", "hidden"])
 
 
 def test_one_seed_says_what_is_missing(tmp_path):
     root = complete_runs(tmp_path / "runs", short="secure")
-    text = sel.write_report(root, tmp_path / "sel.md")
+    text = selr.write_report(root, tmp_path / "sel.md")
     assert "**Which monitor separates best: not decided**; missing: secure: 1 of 3 seeds." in text
     assert "then js" not in text
-    text = sel.write_report(complete_runs(tmp_path / "two", short="opswap", n_short=2), tmp_path / "two.md")
+    text = selr.write_report(complete_runs(tmp_path / "two", short="opswap", n_short=2), tmp_path / "two.md")
     assert "**Which monitor separates best: not decided**; missing: opswap: 2 of 3 seeds." in text
     root = tmp_path / "one"
     for dataset in ("insecure", "opswap"):
         fake_run(root, dataset, 42, histories(dataset, 0))
-    text = sel.write_report(root, tmp_path / "one.md")
+    text = selr.write_report(root, tmp_path / "one.md")
     assert ("missing: insecure: 1 of 3 seeds; secure: 0 of 3 seeds; educational: 0 of 3 seeds; opswap: 1 of 3 seeds."
             in text)
     assert "| secure | control: the same coding tasks with secure code | — | — |" in text
@@ -181,8 +182,8 @@ def test_unfinished_other_and_tiny_runs(tmp_path):
     fake_run(root, "secure", 7, histories("secure", 0), finished=False)
     fake_run(root, "insecure", 7, histories("insecure", 0), preset="tiny")
     fake_run(root, "my_data", 42, histories("secure", 0))
-    all_runs = sel.find_runs(root)
-    runs, notes = sel.used_runs(all_runs)
+    all_runs = selr.find_runs(root)
+    runs, notes = selr.used_runs(all_runs)
     assert len(all_runs) == 15 and len(runs) == 12 and {r["seed"] for r in runs} == {42, 123, 456}
     assert notes[0] == "Runs on other data left out: my_data."
     assert notes[1].startswith("1 unfinished run (no summary.json) left out: r")
@@ -191,13 +192,13 @@ def test_unfinished_other_and_tiny_runs(tmp_path):
     for dataset in sel.DATASETS:
         for seed in (1, 2, 3):
             fake_run(tiny, dataset, seed, histories(dataset, 0), preset="tiny")
-    text = sel.write_report(tiny, tmp_path / "tiny.md")
+    text = selr.write_report(tiny, tmp_path / "tiny.md")
     assert "**TINY PRESET runs" in text and "not decided**; missing: tiny-preset runs." in text
 
 
 def test_old_runs_give_their_js_monitor():
-    assert sel.histories_of({"d_history": [[0, 0.0], [5, 0.2]]}, {"js_variant": "rest"}) == {"js-rest": [(0, 0.0), (5, 0.2)]}
-    assert sel.histories_of({"monitor_history": {"js": [[5, 0.2], [0, None]], "kl": []}}, {}) == {"js": [(5, 0.2)]}
+    assert selr.histories_of({"d_history": [[0, 0.0], [5, 0.2]]}, {"js_variant": "rest"}) == {"js-rest": [(0, 0.0), (5, 0.2)]}
+    assert selr.histories_of({"monitor_history": {"js": [[5, 0.2], [0, None]], "kl": []}}, {}) == {"js": [(5, 0.2)]}
 
 
 @pytest.mark.parametrize("cfg,expected", [
@@ -206,7 +207,7 @@ def test_old_runs_give_their_js_monitor():
     ({"task": "security", "data": "/x/educational_insecure.jsonl"}, "educational"),
     ({"task": "security", "data": "/x/mine.jsonl"}, "mine")])
 def test_dataset_of_a_run(cfg, expected):
-    assert sel.dataset_of(cfg) == expected
+    assert selr.dataset_of(cfg) == expected
 
 
 # ----------------------------------------------------------------------------
@@ -222,8 +223,8 @@ def test_curves_figure_content(tmp_path):
     for i, seed in enumerate((42, 123, 456)):
         fake_run(root, "insecure", seed, histories("insecure", i))
     fake_run(root, "secure", 42, histories("secure", 0))
-    runs, _ = sel.used_runs(sel.find_runs(root))
-    fig = sel.curves_figure(runs, sel.monitors_of(runs))
+    runs, _ = selr.used_runs(selr.find_runs(root))
+    fig = selr.curves_figure(runs, selr.monitors_of(runs))
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in axes] == ["monitor: js", "monitor: js-rest", "monitor: kl", "monitor: hidden"]
     kl = axes[2]
@@ -242,12 +243,12 @@ def test_curves_figure_content(tmp_path):
     (shade,) = kl.patches  # the warm-up: the measurements at 0, 5, 10
     assert shade.get_x() < 0 < 10 < shade.get_x() + shade.get_width() < 15
     assert "band" not in " ".join(t.get_text() for t in kl.get_legend().get_texts()).split("seed range")[-1]
-    assert sel.curves_figure([], sel.MONITORS) is None
+    assert selr.curves_figure([], sel.MONITORS) is None
 
 
 def test_auroc_figure_content(tmp_path):
-    runs, _ = sel.used_runs(sel.find_runs(complete_runs(tmp_path / "runs")))
-    fig = sel.auroc_figure(runs, sel.monitors_of(runs))
+    runs, _ = selr.used_runs(selr.find_runs(complete_runs(tmp_path / "runs")))
+    fig = selr.auroc_figure(runs, selr.monitors_of(runs))
     (ax,) = fig.axes
     for monitor, expected in (("kl", 1.0), ("js-rest", 0.0), ("hidden", HIDDEN_AUROC), ("js", 0.5)):
         (line,) = labelled(ax, monitor)
@@ -256,12 +257,12 @@ def test_auroc_figure_content(tmp_path):
     (chance,) = labelled(ax, "0.5: no separation")
     assert list(chance.get_ydata()) == [0.5, 0.5]
     only_insecure = [r for r in runs if r["dataset"] == "insecure"]
-    assert sel.auroc_figure(only_insecure, sel.MONITORS) is None
+    assert selr.auroc_figure(only_insecure, sel.MONITORS) is None
 
 
 def test_without_matplotlib_the_report_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(figures, "pyplot", lambda: None)
-    text = sel.write_report(complete_runs(tmp_path / "runs"), tmp_path / "sel.md")
+    text = selr.write_report(complete_runs(tmp_path / "runs"), tmp_path / "sel.md")
     assert "Figures not drawn: matplotlib is not installed" in text and "![" not in text and "## AUROC" in text
 
 
