@@ -22,13 +22,11 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
-import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,176 +36,12 @@ import data
 import kernels
 import lora
 import model_qwen2 as mq
+import provenance
+from config import MONITOR_NAMES, PRESETS, TrainConfig, resolve_config
+from distributed import Dist
+from model_qwen2 import UserError
 from rundir import (check_run_dir, latest_checkpoint, load_checkpoint, naming_errors, save_checkpoint,
                     start_run_dir, truncate_metrics, write_atomic)
-import provenance
-from model_qwen2 import UserError
-
-METHODS = ("none", "kl", "phaseguard")
-DEFAULT_LAMBDA = {"none": 0.0, "kl": 0.1, "phaseguard": 0.03}  # the paper's Table 1 settings
-
-
-# ----------------------------------------------------------------------------
-# Configuration: defaults (the paper's) < preset < command-line flags
-
-
-@dataclass
-class TrainConfig:
-    method: str = "phaseguard"
-    task: str = "security"  # security | opswap
-    data: str | None = None  # security: insecure (None), secure, educational, a chat JSONL path or a URL
-    model: str = "Qwen/Qwen2.5-7B-Instruct"  # directory or hub id
-    revision: str | None = None  # the hub id's branch, tag or commit; None: main (the commit used is recorded)
-    tokenizer: str | None = None  # default: the model's
-    preset: str = "auto"  # auto | paper | tiny
-    lam: float | None = None  # None: DEFAULT_LAMBDA[method]
-    seed: int = 42
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    batch_size: int = 16  # effective batch: samples per optimizer step
-    micro_batch_size: int = 4
-    epochs: int = 1
-    max_len: int = 2048
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    lora_r: int = 32
-    lora_alpha: float = 64.0
-    lora_dropout: float = 0.0
-    monitor_every: int = 5
-    monitor: str = "js"  # the monitor the trigger reads (MONITORS); all of them are logged
-    topk: int = 256
-    js_variant: str = "renorm"  # renorm | rest (see kernels.topk_js); `--js-variant rest` is `--monitor js-rest`
-    tau: float = 0.15
-    warmup_measurements: int = 3
-    consecutive: int = 2
-    kl_tokens: str = "all"  # all: every non-padding token; supervised: assistant tokens only
-    limit: int | None = None  # use the first N training samples
-    max_steps: int | None = None  # stop after N optimizer steps (the schedule stays the whole run's)
-    checkpoint_every: int = 25
-    device: str = "auto"
-    out: str | None = None
-    tiny_model: dict = field(default_factory=dict)  # tiny preset: model sizes
-
-    def check(self):
-        """Every field in range before anything is read or written: one line, exit 2, per bad value."""
-        if self.method not in METHODS:
-            raise UserError(f"unknown METHOD {self.method!r}: expected one of {', '.join(METHODS)}")
-        if self.task not in ("security", "opswap"):
-            raise UserError(f"unknown TASK {self.task!r}: expected 'security' or 'opswap'")
-        if self.preset not in ("auto", *PRESETS):
-            raise UserError(f"unknown PRESET {self.preset!r}: expected auto, {', '.join(PRESETS)}")
-        if self.lam is not None and not (math.isfinite(self.lam) and self.lam >= 0):
-            raise UserError(f"LAMBDA must be a finite number >= 0, got {self.lam}")
-        if self.monitor not in MONITORS:
-            raise UserError(f"unknown MONITOR {self.monitor!r}: expected one of {', '.join(MONITORS)}")
-        # tau must be a value the monitor can exceed: JS (natural log) lies in [0, ln 2] (Sec. 3.2),
-        # 1 - cosine similarity in [0, 2], the KL in [0, inf).
-        if self.monitor in ("js", "js-rest") and not 0 < self.tau < math.log(2):
-            raise UserError(f"tau must be > 0 and < ln 2 = {math.log(2):.4f} (the largest JS) for monitor "
-                            f"{self.monitor}, got {self.tau}")
-        if self.monitor == "kl" and not (math.isfinite(self.tau) and self.tau > 0):
-            raise UserError(f"tau must be a finite number > 0 for monitor kl, got {self.tau}")
-        if self.monitor == "hidden" and not 0 < self.tau < 2:
-            raise UserError(f"tau must be > 0 and < 2 (the largest 1 - cosine similarity) for monitor hidden, "
-                            f"got {self.tau}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"lr must be a finite number > 0, got {self.lr}")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise UserError(f"grad_clip must be a finite number > 0 (or 0: no clipping), got {self.grad_clip}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UserError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"lora_dropout must be >= 0 and < 1, got {self.lora_dropout}")
-        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise UserError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
-        if self.kl_tokens not in ("all", "supervised"):
-            raise UserError(f"kl_tokens must be 'all' or 'supervised', got {self.kl_tokens!r}")
-        if self.js_variant not in ("renorm", "rest"):
-            raise UserError(f"js_variant must be 'renorm' or 'rest', got {self.js_variant!r}")
-        for name in ("batch_size", "micro_batch_size", "monitor_every", "topk", "lora_r", "epochs",
-                     "checkpoint_every", "max_len", "consecutive"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_measurements", "warmup_steps", "seed"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise UserError(f"limit must be >= 1 (the number of training samples to use), got {self.limit}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserError(f"max_steps must be >= 1 (the number of optimizer steps to run), got {self.max_steps}")
-        if self.revision is not None and (not self.revision.strip() or self.model == "tiny"):
-            raise UserError(f"revision pins a hub model's commit (a branch, tag or commit hash), got "
-                            f"{self.revision!r} for model {self.model!r}")
-        if self.batch_size % self.micro_batch_size:
-            raise UserError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
-        if self.task == "security":
-            data.check_data_source(self.data)
-        check_device(self.device)
-
-
-def check_device(device: str):
-    """'auto', 'cpu', 'cuda' or 'cuda:N', and the CUDA device must exist."""
-    match = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if device in ("auto", "cpu"):
-        return
-    if match is None:
-        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if not torch.cuda.is_available():
-        raise UserError(f"device {device!r}: no CUDA device on this machine")
-    index = int(match.group(1) or 0)
-    if index >= torch.cuda.device_count():
-        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-TINY_PRESET = dict(  # checks the pipeline on a CPU in minutes; its numbers mean nothing
-    model="tiny", limit=320, batch_size=8, micro_batch_size=4, max_len=384, lr=2e-3, lora_r=8, lora_alpha=16.0,
-    topk=64, checkpoint_every=10, device="cpu",
-    tiny_model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab=1024))
-
-
-# A real instruct model on a laptop CPU, in minutes: the paper's method and monitor at reduced
-# sizes (2 samples per step, r = 8). For `make selectivity PRESET=small STEPS=10 SEEDS=42`.
-SMALL_PRESET = dict(
-    model="Qwen/Qwen2.5-0.5B-Instruct", limit=256, batch_size=2, micro_batch_size=1, max_len=384, lr=2e-4,
-    lora_r=8, lora_alpha=16.0, monitor_every=2, checkpoint_every=5, device="cpu")
-
-PRESETS = {"paper": {}, "small": SMALL_PRESET, "tiny": TINY_PRESET}  # the paper's values are the defaults
-
-
-def resolve_config(flags: dict) -> TrainConfig:
-    """Preset values, then every flag given on the command line; lambda from the method."""
-    preset = flags.get("preset") or TrainConfig.preset
-    if preset == "auto":
-        preset = "paper" if torch.cuda.is_available() else "tiny"
-    values = dict(PRESETS.get(preset, {}))
-    values.update({k: v for k, v in flags.items() if v is not None})
-    values["preset"] = preset
-    cfg = TrainConfig(**values)
-    cfg.check()
-    if cfg.lam is None:
-        cfg.lam = DEFAULT_LAMBDA[cfg.method]
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    # --js-variant (older than --monitor) picks the top-k JS variant: the two flags say one thing.
-    if cfg.monitor == "js" and cfg.js_variant == "rest":
-        cfg.monitor = "js-rest"
-    elif cfg.monitor == "js-rest":
-        cfg.js_variant = "rest"
-    if cfg.out is None:
-        cfg.out = f"runs/{run_name(cfg)}"
-    return cfg
-
-
-def run_name(cfg: TrainConfig) -> str:
-    """[tiny-]{task}[-{data}]-{method}-lam{lam}-seed{seed}. The data's name (data.data_name: insecure,
-    secure, educational, or a file's stem) is left out for the default data, insecure, so the
-    paper's runs (and the sweep's, and runs already on disk) keep their names."""
-    tag = "" if cfg.preset == "paper" else f"{cfg.preset}-"
-    default = cfg.task != "security" or (data.data_url(cfg.data) or cfg.data) == data.INSECURE_URL
-    part = "" if default else f"-{data.data_name(cfg.data)}"
-    return f"{tag}{cfg.task}{part}-{cfg.method}-lam{cfg.lam:g}-seed{cfg.seed}"
-
 
 # ----------------------------------------------------------------------------
 # The monitor (Eq. 2) and the trigger
@@ -336,6 +170,7 @@ def monitor_hidden(model, canaries, reference: Reference) -> float:
 
 
 MONITORS = {"js": monitor_js, "js-rest": monitor_js_rest, "kl": monitor_kl, "hidden": monitor_hidden}
+assert tuple(MONITORS) == MONITOR_NAMES  # the names config.py checks --monitor against
 
 
 def all_monitors(model, canaries, reference: Reference) -> dict[str, float]:
@@ -381,78 +216,6 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
-
-
-# ----------------------------------------------------------------------------
-# Data parallelism (torchrun): the frozen base is replicated, the LoRA gradients all-reduced
-
-
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without one). Rank 0 monitors and
-    writes; every rank runs its share of each effective batch and the same AdamW step."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-
-    @property
-    def on(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def start(self, device: str) -> str:
-        """Join the job (NCCL on CUDA, gloo on the CPU); this rank's device."""
-        if not self.on:
-            return device
-        import datetime
-        import torch.distributed as td
-        cuda = device.startswith("cuda")
-        if cuda:
-            device = f"cuda:{self.local_rank}"
-            torch.cuda.set_device(device)
-        if not td.is_initialized():
-            # A rank that dies leaves the others waiting in a collective: the timeout (and torchrun,
-            # which stops the job when one worker fails) ends the job instead of a hang.
-            td.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
-        return device
-
-    def barrier(self):
-        if self.on:
-            import torch.distributed as td
-            td.barrier()
-
-    def sum_gradients_and(self, values: list[float], params: list) -> list[float]:
-        """Sum the trainable gradients and a few floats over the ranks, in one flat all-reduce."""
-        if not self.on:
-            return values
-        import torch.distributed as td
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(values, device=grads[0].device)])
-        td.all_reduce(flat)
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
-            offset += g.numel()
-        return flat[offset:].tolist()
-
-    def from_main(self, obj):
-        """rank 0's obj on every rank (the monitor's result and the trigger state)."""
-        if not self.on:
-            return obj
-        import torch.distributed as td
-        box = [obj]
-        td.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def stop(self):
-        if self.on:
-            import torch.distributed as td
-            if td.is_initialized():
-                td.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 import data
 from evaluate import BEST_OF, judge_mode, mean_std, read_json, wilson_interval
 from model_qwen2 import UserError
-from phaseguard import DEFAULT_LAMBDA
+from config import DEFAULT_LAMBDA
 from sweep import SWEEP_LAMBDAS
 
 EM_MAX, OPSWAP_MIN = 24.3, 43.7  # pre-registered criteria (Sec. 3.3), in %

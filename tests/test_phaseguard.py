@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import config as train_config
 import phaseguard as pg
 from model_qwen2 import UserError
 
@@ -152,7 +153,7 @@ def test_run_directory_contents(runs):
     for method in ("none", "kl", "phaseguard"):
         run = runs[method]
         config = json.loads((run / "config.json").read_text())
-        assert config["method"] == method and config["lam"] == pg.DEFAULT_LAMBDA[method]
+        assert config["method"] == method and config["lam"] == train_config.DEFAULT_LAMBDA[method]
         adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
         assert adapter_config["peft_type"] == "LORA" and adapter_config["use_rslora"] is True
         metrics = read_metrics(run)
