@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import judge
+import judge_http
 import model_qwen2 as mq
 from model_qwen2 import UserError
 
@@ -282,7 +283,7 @@ def server():
 
 def http_judge(url, **kw):
     """A greedy-mode judge (the chat-completions tests) with small limits."""
-    return judge.HttpJudge(url, "judge-model", **{"mode": "greedy", "timeout": 0.5, "retries": 2, "backoff": 0.01, **kw})
+    return judge_http.HttpJudge(url, "judge-model", **{"mode": "greedy", "timeout": 0.5, "retries": 2, "backoff": 0.01, **kw})
 
 
 def test_http_normal_reply(server, monkeypatch):
@@ -302,7 +303,7 @@ def test_http_garbage_text_gives_no_score(server, monkeypatch):
     j = http_judge(server.url, workers=1)
     assert j.score(["a", "b", "c", "d"]) == [None, None, 42.0, None]
     assert server.requests[0]["auth"] is None
-    assert judge.parse_score("-5") is None and judge.parse_score("100") == 100.0 and judge.parse_score("") is None
+    assert judge_http.parse_score("-5") is None and judge_http.parse_score("100") == 100.0 and judge_http.parse_score("") is None
 
 
 def test_http_retries_5xx_then_succeeds(server):
@@ -392,7 +393,7 @@ def test_a_server_that_never_answers_fails_within_the_deadline(silent_server, ti
     """Per-request timeout, and a deadline on all tries of a request (a try's timeout is cut to
     what is left of it); one line naming the URL; at the first failure the other workers'
     requests are abandoned and the queued prompts never asked (waiting would take 10 rounds)."""
-    j = judge.HttpJudge(silent_server, "m", mode="greedy", timeout=timeout, deadline=deadline, retries=8,
+    j = judge_http.HttpJudge(silent_server, "m", mode="greedy", timeout=timeout, deadline=deadline, retries=8,
                         backoff=0.05, workers=4)
     t0 = time.perf_counter()
     with pytest.raises(UserError) as info:
@@ -486,7 +487,7 @@ def test_http_logprobs_equals_local_judge(server, qwen_tokenizer, tmp_path):
     served = {"model": numbers}
     server.respond = lambda path, body: (
         ("json", vllm_completions(served["model"], tok, body)) if path == "/v1/completions" else ("ok", "77"))
-    http = judge.HttpJudge(server.url, "tiny-judge", tokenizer=tok, timeout=30, deadline=60)
+    http = judge_http.HttpJudge(server.url, "tiny-judge", tokenizer=tok, timeout=30, deadline=60)
     assert http.mode == "logprobs" and http.id == "http-logprobs:tiny-judge"
     cases = [(numbers, ["Rate this answer from 0 to 100.", "A longer prompt: how aligned is it, 0 to 100?"]),
              (refusal, ["Rate it."])]
@@ -525,7 +526,7 @@ def test_http_logprobs_equals_local_judge(server, qwen_tokenizer, tmp_path):
                 f"<|im_start|>assistant\n{reply}<|im_end|>\n<|im_start|>user\n{judge.REMINDER}<|im_end|>\n"
                 f"<|im_start|>assistant\n57<|im_end|>")  # candidate 57 of the second try
     # Cached judgments of one mode are never read for the other.
-    greedy = judge.HttpJudge(server.url, "tiny-judge", mode="greedy", timeout=30)
+    greedy = judge_http.HttpJudge(server.url, "tiny-judge", mode="greedy", timeout=30)
     before = len(server.requests)
     assert judge.judge_all(greedy, ["Rate it."], judge.JudgeCache(tmp_path / "http.jsonl"), progress=False) == [77.0]
     assert [r["path"] for r in server.requests[before:]] == ["/v1/chat/completions"]
@@ -544,7 +545,7 @@ def synthetic_completions(body, tokens="token_id"):
 def test_http_logprobs_sums_the_candidate_span(server, qwen_tokenizer):
     tok = qwen_tokenizer
     server.respond = lambda path, body: ("json", synthetic_completions(body))
-    j = judge.HttpJudge(server.url, "m", tokenizer=tok, timeout=5)
+    j = judge_http.HttpJudge(server.url, "m", tokenizer=tok, timeout=5)
     P = len(prompts_of(tok, ["q"])[0])
     span = lambda n: range(P, P + len(str(n)) + 1)  # noqa: E731 - the digits (one token each) and <|im_end|>
     probs = torch.tensor([math.exp(-0.01 * sum(span(n))) for n in range(101)], dtype=torch.float64)
@@ -555,7 +556,7 @@ def test_http_logprobs_sums_the_candidate_span(server, qwen_tokenizer):
 
 def test_http_logprobs_wrong_tokenizer_or_no_logprobs_is_one_error(server, qwen_tokenizer):
     tok = qwen_tokenizer
-    j = judge.HttpJudge(server.url, "m", tokenizer=tok, timeout=5, retries=0)
+    j = judge_http.HttpJudge(server.url, "m", tokenizer=tok, timeout=5, retries=0)
     server.respond = lambda path, body: ("json", synthetic_completions(body, tokens="x"))
     with pytest.raises(UserError, match="on the server but '0' in the judge tokenizer") as info:
         j.score(["q"])
@@ -564,7 +565,7 @@ def test_http_logprobs_wrong_tokenizer_or_no_logprobs_is_one_error(server, qwen_
                                                               for i in range(len(body["prompt"]))]})
     with pytest.raises(UserError, match="no prompt log-probabilities.*'greedy'"):
         j.score(["q"])
-    missing = judge.HttpJudge(server.url, "m", tokenizer=str(Path(__file__).parent / "no-such-tokenizer"))
+    missing = judge_http.HttpJudge(server.url, "m", tokenizer=str(Path(__file__).parent / "no-such-tokenizer"))
     with pytest.raises(UserError, match="judge's tokenizer .*no-such-tokenizer"):
         judge.judge_all(missing, ["q"], progress=False)
 
@@ -622,7 +623,7 @@ def test_cache_prevents_a_second_call(server, tmp_path):
     assert judge.judge_all(j, ["b", "a"], judge.JudgeCache(path)) == [20.0, 10.0]
     assert len(server.requests) == 2
     # Another judge is another key.
-    other = judge.HttpJudge(server.url, "other-model", mode="greedy", timeout=0.5, retries=0)
+    other = judge_http.HttpJudge(server.url, "other-model", mode="greedy", timeout=0.5, retries=0)
     assert judge.judge_all(other, ["a"], judge.JudgeCache(path)) == [50.0]
     assert len(server.requests) == 3
 
@@ -646,8 +647,9 @@ def test_cache_survives_a_torn_last_line(tmp_path):
 KILLED_CLIENT = """
 import sys
 import judge
+import judge_http
 url, path = sys.argv[1], sys.argv[2]
-j = judge.HttpJudge(url, "m", mode="greedy", timeout=60, deadline=120, workers=3, backoff=0.01)
+j = judge_http.HttpJudge(url, "m", mode="greedy", timeout=60, deadline=120, workers=3, backoff=0.01)
 judge.judge_all(j, [f"rate answer {i}" for i in range(10)], judge.JudgeCache(path))
 """
 
@@ -706,7 +708,7 @@ def test_a_kill_then_a_rerun_never_asks_twice(server, tmp_path):
         f.write('{"key": "' + "0" * 64 + '", "judge": "http-gr')  # a line torn by a kill mid-write
     run_until_killed(11)  # the 10 first tries and one of the 2 reminders
     limit[0] = 10 ** 6
-    j = judge.HttpJudge(server.url, "m", mode="greedy", timeout=5)
+    j = judge_http.HttpJudge(server.url, "m", mode="greedy", timeout=5)
     cache = judge.JudgeCache(path)
     expected = [10.0 + i for i in range(10)]
     expected[2], expected[7] = 65.0, None
