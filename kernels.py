@@ -35,6 +35,17 @@ IGNORE_INDEX = -100
 LN2 = math.log(2.0)
 BLOCK_V = 4096  # vocabulary columns per Triton step; 152,064 = 37 full blocks + a tail
 JS_VARIANTS = ("renorm", "rest")
+NUM_WARPS = 8  # warps per row program; tests/test_compile.py checks registers, spills and shared memory at it
+
+
+def launch_config(V: int, k: int | None = None) -> dict:
+    """The launch parameters of every kernel here for a vocabulary of V (and top-k size k for the
+    monitor): BLOCK columns per step, BLOCK_K top-k lanes, num_warps. The one place they are chosen,
+    so the ahead-of-time compile check (compile_check.py) compiles exactly what runs."""
+    config = {"BLOCK": min(BLOCK_V, 1 << (V - 1).bit_length()), "num_warps": NUM_WARPS}
+    if k is not None:
+        config["BLOCK_K"] = 1 << (k - 1).bit_length()  # next power of two: tl.arange needs one
+    return config
 
 
 def _on_device(t: Tensor):
@@ -346,8 +357,7 @@ def topk_js(logits: Tensor, ref_ids: Tensor, ref_logprobs: Tensor, variant: str 
     nonfinite = torch.empty(N, dtype=torch.int32, device=logits.device)
     with _on_device(logits):  # launch on the tensors' GPU, not the current one
         _topk_js_kernel[(N,)](logits, logits.stride(0), ref_ids.contiguous(), ref_logprobs.float().contiguous(),
-                              js, nonfinite, V, k, REST_BIN=variant == "rest", BLOCK=min(BLOCK_V, triton.next_power_of_2(V)),
-                              BLOCK_K=triton.next_power_of_2(k), num_warps=8)
+                              js, nonfinite, V, k, REST_BIN=variant == "rest", **launch_config(V, k))
     _require_finite_rows(nonfinite != 0, "logits")
     return js
 
@@ -379,14 +389,14 @@ class _KLDivFunction(torch.autograd.Function):
         nonfinite = torch.empty(N, dtype=torch.int32, device=dev)
         has_mask = row_mask is not None
         mask_arg = row_mask if has_mask else kl  # never read when HAS_MASK is False
-        block = min(BLOCK_V, triton.next_power_of_2(V))
+        config = launch_config(V)
         with _on_device(policy_logits):  # launch on the tensors' GPU, not the current one
             _kl_fwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), mask_arg,
-                                 kl, *stats, nonfinite, V, HAS_MASK=has_mask, BLOCK=block, num_warps=8)
+                                 kl, *stats, nonfinite, V, HAS_MASK=has_mask, **config)
         _require_finite_rows(nonfinite % 2 != 0, "policy_logits")
         _require_finite_rows(nonfinite >= 2, "ref_logits")
         ctx.save_for_backward(policy_logits, ref_logits, mask_arg, kl, stats)
-        ctx.has_mask, ctx.block = has_mask, block
+        ctx.has_mask, ctx.config = has_mask, config
         return kl
 
     @staticmethod
@@ -397,7 +407,7 @@ class _KLDivFunction(torch.autograd.Function):
         with _on_device(policy_logits):  # launch on the tensors' GPU, not the current one
             _kl_bwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), grad,
                                  grad.stride(0), grad_kl.float().contiguous(), mask_arg, kl, *stats, V,
-                                 HAS_MASK=ctx.has_mask, BLOCK=ctx.block, num_warps=8)
+                                 HAS_MASK=ctx.has_mask, **ctx.config)
         return grad, None, None
 
 
@@ -508,7 +518,7 @@ def _ce_kl_chunk_triton(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad
         _ce_kl_chunk_kernel[(C,)](zp, zq if has_ref else zp, grad, zp.stride(0), labels,
                                   kl_rows.to(torch.int8) if has_ref else labels, ce, kl, V, float(ce_weight),
                                   float(kl_weight), HAS_REF=has_ref, COMPUTE_GRAD=need_grad,
-                                  BLOCK=min(BLOCK_V, triton.next_power_of_2(V)), num_warps=8)
+                                  **launch_config(V))
     return ce, kl, grad if need_grad else None
 
 

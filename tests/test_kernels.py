@@ -6,10 +6,6 @@ reference). Shapes stay small: the interpreter is slow. V = 5000 spans a full 40
 block plus a tail, so every kernel's loop and its masking are exercised.
 """
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -419,46 +415,5 @@ def test_masked_rows_with_non_finite_values_are_accepted(path):
     assert torch.isfinite(kl).all() and kl[1] == 0
 
 
-# ------------------------------------------------------------------ compiled (GPU) mode, without a GPU
-_COMPILE_FOR_H100 = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import kernels as K
-
-def build(fn, signature, constexprs):
-    signature = {**signature, **{name: "constexpr" for name in constexprs}}
-    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-
-f32 = "*fp32"
-rows = {name: f32 for name in ("kl_ptr", "m_p_ptr", "log_s_p_ptr", "m_q_ptr", "log_s_q_ptr")}
-for rest in (False, True):
-    build(K._topk_js_kernel, dict(logits_ptr="*bf16", row_stride="i64", ids_ptr="*i64", ref_logprobs_ptr=f32,
-                                  js_ptr=f32, nonfinite_ptr="*i32", V="i32", K="i32"),
-          dict(REST_BIN=rest, BLOCK=4096, BLOCK_K=256))
-for has_mask in (False, True):
-    pair = dict(p_ptr="*bf16", q_ptr="*bf16", p_stride="i64", q_stride="i64")
-    mask = "*i8" if has_mask else f32
-    build(K._kl_fwd_kernel, dict(**pair, row_mask_ptr=mask, **rows, nonfinite_ptr="*i32", V="i32"),
-          dict(HAS_MASK=has_mask, BLOCK=4096))
-    build(K._kl_bwd_kernel, dict(**pair, grad_ptr="*bf16", grad_stride="i64", grad_kl_ptr=f32, row_mask_ptr=mask,
-                                 **rows, V="i32"), dict(HAS_MASK=has_mask, BLOCK=4096))
-for has_ref in (False, True):
-    for grad in (False, True):
-        build(K._ce_kl_chunk_kernel, dict(zp_ptr=f32, zq_ptr=f32, grad_ptr="*bf16", stride="i64", labels_ptr="*i64",
-                                          kl_rows_ptr="*i8", ce_ptr=f32, kl_ptr=f32, V="i32", ce_weight="fp32",
-                                          kl_weight="fp32"), dict(HAS_REF=has_ref, COMPUTE_GRAD=grad, BLOCK=4096))
-print("compiled")
-"""
-
-
-def test_kernels_compile_for_h100_without_a_gpu():
-    """The interpreter is lenient about types; the real compiler is not. Compile every kernel
-    variant for sm_90 (Triton ships ptxas), in a process without TRITON_INTERPRET."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    repo = Path(K.__file__).resolve().parent
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+# Compiled (GPU) mode without a GPU: every kernel compiled for sm_80 / sm_90 / sm_100 and its resources
+# checked, in tests/test_compile.py.
