@@ -621,6 +621,24 @@ def train_step_bench(device: str, reps: int) -> tuple[dict, list[str]]:
     return out, lines
 
 
+def static_main() -> None:
+    """--static: every Triton kernel compiled (not run) for sm_80 / sm_90 / sm_100 at the paper's shapes, no
+    GPU needed: registers, spills, shared memory and blocks per SM (compile_check.py; the same check as
+    tests/test_compile.py). Exits 1 if a kernel breaks a target's limit."""
+    import compile_check
+    if not K.HAS_TRITON:
+        raise SystemExit("error: bench.py --static needs Triton (Linux x86-64)")
+    rows, skipped = compile_check.static_table(V, K_TOP)
+    markdown = compile_check.markdown(rows, skipped, V, K_TOP)
+    problems = [line for row in rows for line in compile_check.problems(row)]
+    payload = {"label": "compiled, not run", "V": V, "k": K_TOP, "rows": rows, "skipped": skipped,
+               "problems": problems, "versions": versions(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    print(markdown)
+    print(f"written: {write_results('static-compiled-not-run', payload, markdown)}.{{json,md}}")
+    if problems:
+        raise SystemExit("error: over a target's limits:\n" + "\n".join(problems))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="N for kl_div and fused (CUDA)")
@@ -631,7 +649,11 @@ def main() -> None:
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel benchmark")
     parser.add_argument("--no-train-step", action="store_true", help="skip the training-step benchmark")
     parser.add_argument("--train-reps", type=int, default=5, help="timed repetitions of the training step")
+    parser.add_argument("--static", action="store_true",
+                        help="only compile the Triton kernels for sm_80/sm_90/sm_100 and write their resources (no GPU)")
     args = parser.parse_args()
+    if args.static:
+        return static_main()
     cuda = torch.cuda.is_available() and not args.cpu
     if not args.no_kernels:
         cuda_main(args) if cuda else cpu_main(args)

@@ -226,12 +226,19 @@ def resource_table(V: int, k: int, targets=TARGETS, make_launches=paper_launches
 def markdown(rows: list[dict], skipped: dict, V: int, k: int) -> str:
     """The table, with what it rests on; 'compiled, not run' in its title."""
     import triton
+    limits = "; ".join(f"{t.name} ({t.gpu}) {t.smem_per_block // 1024} KB shared memory per block, "
+                       f"{t.smem_per_sm // 1024} KB per SM" for t in TARGETS)
     lines = [f"# Triton kernels compiled, not run (V = {V:,}, k = {k}, bf16 logits / lm_head; Triton {triton.__version__})",
              "",
-             "Ahead-of-time compiles (Triton's bundled ptxas, no GPU): registers per thread, spill bytes and stack frame",
-             "from ptxas -v, shared memory per block from Triton's allocation. Blocks per SM = the least of 64 warps / "
-             "num_warps, 32 blocks, registers (per-warp allocation rounded up to 256, of 64 K) and shared memory (the "
-             "block's + 1 KB reserved, of the largest carve-out). Nothing here ran: it says nothing about speed.",
+             "Compiled ahead of time by Triton and its bundled ptxas, without a GPU, with the block sizes and num_warps",
+             "of kernels.launch_config: registers per thread, spill bytes and stack frame from ptxas -v, shared memory",
+             "per block from Triton's allocation. Nothing here ran: it says nothing about speed.",
+             "",
+             f"Limits (CUDA C++ Programming Guide, technical specifications per compute capability): {limits};",
+             f"{REGS_PER_THREAD_MAX} registers per thread and {REGS_PER_SM // 1024} K per SM and per block; "
+             f"{MAX_WARPS_PER_SM} warps and {MAX_BLOCKS_PER_SM} blocks per SM.",
+             "Blocks per SM = the least of 64 warps / num_warps, 32 blocks, 64 K registers / (registers per warp rounded",
+             "up to 256, times num_warps) and shared memory per SM / (the block's + 1 KB the driver reserves).",
              "",
              "| kernel | target | num_warps | BLOCK | registers | spills (stores / loads, bytes) | stack frame | "
              "shared memory (bytes) | blocks per SM (limited by) | within limits |",

@@ -2,6 +2,8 @@
 # One call on a lent GPU machine (its own python3 has torch, triton, transformers, peft; no network).
 # Prepared for the device tool; not yet run (no session so far had a GPU). Aim: under 5 minutes.
 #   1. the GPU and the versions;
+#   1b. the ahead-of-time compile test (tests/test_compile.py: every kernel for sm_80/sm_90/sm_100, spills,
+#      shared memory, registers) with this machine's python3 and its Triton; a failure is logged, not fatal;
 #   2. the whole training loop on CUDA at tiny size (bf16 autocast, activation checkpointing, the
 #      Triton kernels inside the loop, the trigger), OpSwap because ../shared/data does not travel;
 #   3. make bench with that python (kernels, then one training step vs transformers + PEFT).
@@ -15,6 +17,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -m pytest tests/test_compile.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/compile_test.log" \
+  || echo "compile test FAILED: see compile_test.log" | tee -a "$OUT/gpu.txt"
 python3 phaseguard.py train --preset tiny --device cuda --task opswap --method phaseguard --out /tmp/tiny-cuda 2>&1 \
   | tr '\r' '\n' | grep -v 'it/s' | tee "$OUT/tiny_cuda.log"
 cp /tmp/tiny-cuda/summary.json "$OUT/tiny_cuda_summary.json"
