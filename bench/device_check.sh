@@ -17,7 +17,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m pytest tests/test_compile.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/compile_test.log" \
+# Not the launch-recording test: it runs the kernels in Triton's interpreter, which fails on the machine's
+# Triton 3.6 (seen here with triton==3.6.0, as tests/test_kernels.py does: "only 0-dimensional arrays can be
+# converted to Python scalars"); make test runs it with the pinned Triton.
+python3 -m pytest tests/test_compile.py -q -p no:cacheprovider -rs -k "not launch_code" 2>&1 | tee "$OUT/compile_test.log" \
   || echo "compile test FAILED: see compile_test.log" | tee -a "$OUT/gpu.txt"
 python3 phaseguard.py train --preset tiny --device cuda --task opswap --method phaseguard --out /tmp/tiny-cuda 2>&1 \
   | tr '\r' '\n' | grep -v 'it/s' | tee "$OUT/tiny_cuda.log"

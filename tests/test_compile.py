@@ -74,6 +74,8 @@ def test_register_limit_and_blocks_per_sm_arithmetic():
     assert C.register_limit(8) == 255 and C.register_limit(16) == 128 and C.register_limit(32) == 64
     assert C.blocks_per_sm(64, 32, 8, h100) == (4, "registers")      # 2,048 per warp, 16 K per block
     assert C.blocks_per_sm(65, 32, 8, h100) == (3, "registers")      # 65 x 32 rounds up to 2,304
+    assert C.blocks_per_sm(33, 32, 8, h100) == (6, "registers")      # 1,056 rounds up to 1,280 (unrounded: 7)
+    assert C.blocks_per_sm(32, 77_000, 8, h100) == (2, "shared memory")  # 233,472 // 78,024 (without the 1 KB: 3)
     assert C.blocks_per_sm(32, 0, 8, h100) == (8, "warps")           # 64 warps / 8
     assert C.blocks_per_sm(32, 65_536, 8, h100) == (3, "shared memory")  # 228 K // (64 K + 1 K)
     assert C.blocks_per_sm(32, 0, 1, h100) == (32, "blocks")
@@ -87,7 +89,8 @@ def test_a_target_without_ptxas_is_reported_skipped(monkeypatch):
     monkeypatch.setattr(C, "ptxas_for", lambda target: None if target.name == "sm_100" else "ptxas")
     rows, skipped = C.resource_table(bench.V, bench.K_TOP, targets=C.TARGETS[2:])
     assert rows == [] and list(skipped) == ["sm_100"] and "sm_100 (B200)" in skipped["sm_100"]
-    assert "Skipped: sm_100 (B200)" in C.markdown(rows, skipped, bench.V, bench.K_TOP)
+    table = C.markdown(rows, skipped, bench.V, bench.K_TOP)
+    assert "compiled, not run" in table.splitlines()[0] and "Skipped: sm_100 (B200)" in table
 
 
 # ------------------------------------------------------------------ what is compiled is what is launched
