@@ -126,7 +126,7 @@ def _keep_ptxas_log(backend=None, stages=None, options=None, language=None, capa
     stages["cubin"] = cubin_with_log
 
 
-def _compile(launch: Launch, target: Target):
+def compile_launch(launch: Launch, target: Target):
     """triton.compile exactly as a launch would: Triton's binder types and specialises the arguments
     (torch dtypes stand for tensors at 16-byte-aligned addresses, as fresh allocations are)."""
     import triton
@@ -154,7 +154,7 @@ def _ptxas_number(log: str, pattern: str) -> int:
 
 def resources(launch: Launch, target: Target) -> dict:
     """One row of the table: what ptxas and Triton allocated for this kernel on this target."""
-    compiled = _compile(launch, target)
+    compiled = compile_launch(launch, target)
     log = compiled.metadata.ptxas_log
     if "Used" not in log:
         raise RuntimeError(f"{launch.name} on {target.name}: no ptxas -v log to read:\n{log}")
