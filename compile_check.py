@@ -65,7 +65,8 @@ class Launch(NamedTuple):
 
 
 def ptxas_for(target: Target) -> str | None:
-    """The ptxas Triton would use for this target (ptxas, or ptxas-blackwell from sm_90 on), or None."""
+    """The ptxas Triton's compiler picks for this target (Triton 3.9: ptxas for sm_80, ptxas-blackwell
+    from sm_90 on), or None when the installed Triton has none."""
     from triton.backends.nvidia.compiler import get_ptxas
     try:
         return get_ptxas(target.capability).path
@@ -73,12 +74,13 @@ def ptxas_for(target: Target) -> str | None:
         return None
 
 
-def paper_launches(V: int, k: int, kernels=None) -> list[Launch]:
+def paper_launches(V: int, k: int, module=None) -> list[Launch]:
     """Every kernel variant with the arguments the launch sites in kernels.py pass for bf16 logits / bf16
-    lm_head (tests/test_compile.py checks these dtypes against recorded launches)."""
-    if kernels is None:
-        import kernels
-    K = kernels
+    lm_head (tests/test_compile.py checks them against recorded launches). module: kernels.py as imported
+    (default: import it)."""
+    if module is None:
+        import kernels as module
+    K = module
     bf16, f32, i8, i32, i64 = torch.bfloat16, torch.float32, torch.int8, torch.int32, torch.int64
     stats = dict(kl_ptr=f32, m_p_ptr=f32, log_s_p_ptr=f32, m_q_ptr=f32, log_s_q_ptr=f32)
     pair = dict(p_ptr=bf16, q_ptr=bf16, p_stride=V, q_stride=V)

@@ -131,7 +131,7 @@ def test_compiled_variants_are_what_the_launch_code_launches(monkeypatch):
     be one of compile_check's variants at that V (dtypes, ints, constexprs, num_warps), and each variant
     must be launched."""
     V, k, H, g = 300, 8, 16, torch.Generator().manual_seed(0)
-    specs = C.paper_launches(V, k, kernels=K)
+    specs = C.paper_launches(V, k, module=K)
     calls = []
     for name in ("_topk_js_kernel", "_kl_fwd_kernel", "_kl_bwd_kernel", "_ce_kl_chunk_kernel"):
         monkeypatch.setattr(K, name, _RecordLaunches(getattr(K, name), calls))
