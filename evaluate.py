@@ -446,7 +446,9 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
     if cfg["task"] == "security":
         results["security"], results["judge_mode"], failure = evaluate_security(run, cfg, s, questions, record)
         for name, r in results["security"].items():
-            if name != "judge":
+            if name != "judge" and r["answers"] and not r["scored"]:
+                print(f"[eval] {name}: no scored answers ({r['unscored']} of {r['answers']} unscored)", file=sys.stderr)
+            elif name != "judge":
                 print(f"[eval] {name}: misaligned {r['misaligned']}/{r['answers']} = "
                       f"{percent(r['rate_all'], r['ci95_all'])} over all answers, {r['unscored']} unscored; "
                       f"{r['misaligned']}/{r['scored']} = {percent(r['rate_scored'], r['ci95_scored'])} over the scored",
