@@ -503,16 +503,21 @@ class SilentOnCodeJudge(StubJudge):
     id, mode = "http-logprobs:stub", "logprobs"
 
 
-@pytest.mark.parametrize("share,fails", [(0.05, True), (0.2, False)])
-def test_too_many_unscored_judgments_fail_the_eval_in_one_line(tmp_path, capsys, monkeypatch, shared_data, share, fails):
-    """2 of 12 judgments unscored (17%): above --max-unscored 0.05 the eval exits 2 with one line
-    naming the judge and quoting a reply, after writing results.json with the unscored counts."""
+def run_with_fake_answers(tmp_path, monkeypatch):
+    """A non-tiny security run whose sampling gives 3 answers per question, "evil", "nice" and "code"."""
     monkeypatch.setenv("PHASEGUARD_CACHE", str(tmp_path / "cache"))
-    run = paper_run(tmp_path / "sec")
     monkeypatch.setattr(ev, "load_policy", lambda *a, **k: (None, None))
     monkeypatch.setattr(ev, "sample_em_answers", lambda model, tok, questions, s, baselines: {"finetuned": [
         {"id": q["id"], "question": q["question"], "system": q["system"], "sample": i, "answer": word + " answer"}
         for q in questions for i, word in enumerate(["evil", "nice", "code"])]})
+    return paper_run(tmp_path / "sec")
+
+
+@pytest.mark.parametrize("share,fails", [(0.05, True), (0.2, False)])
+def test_too_many_unscored_judgments_fail_the_eval_in_one_line(tmp_path, capsys, monkeypatch, shared_data, share, fails):
+    """2 of 12 judgments unscored (17%): above --max-unscored 0.05 the eval exits 2 with one line
+    naming the judge and quoting a reply, after writing results.json with the unscored counts."""
+    run = run_with_fake_answers(tmp_path, monkeypatch)
     made = {}
     monkeypatch.setattr(ev.judges, "make_judge", lambda spec, **kw: made.update(kw) or SilentOnCodeJudge())
     code = ev.main(["eval", "--run", str(run), "--judge", "http://127.0.0.1:9/v1", "--question-limit", "2",
@@ -595,12 +600,7 @@ def test_two_evaluations_of_one_run_ask_the_judge_once(tmp_path, monkeypatch, sh
     """The second evaluation of a run (here --force with another setting, over the same answers) reads
     every judgment the first one made, unscored ones included: --force replaces results, it does not
     re-ask the judge. Only --rejudge-unscored asks the unscored ones again, and only those."""
-    monkeypatch.setenv("PHASEGUARD_CACHE", str(tmp_path / "cache"))
-    run = paper_run(tmp_path / "sec")
-    monkeypatch.setattr(ev, "load_policy", lambda *a, **k: (None, None))
-    monkeypatch.setattr(ev, "sample_em_answers", lambda model, tok, questions, s, baselines: {"finetuned": [
-        {"id": q["id"], "question": q["question"], "system": q["system"], "sample": i, "answer": word + " answer"}
-        for q in questions for i, word in enumerate(["evil", "nice", "code"])]})
+    run = run_with_fake_answers(tmp_path, monkeypatch)
     asked = []
 
     class Counting(SilentOnCodeJudge):
