@@ -205,10 +205,14 @@ def number_probs(model, tokenizer, prompts: list[list[int]], trie: NumberTrie | 
 
 
 def expected_score(probs: torch.Tensor) -> list[float | None]:
-    """sum_n n P(n) / sum_n P(n) per row; None when sum_n P(n) < MIN_NUMBER_MASS."""
+    """sum_n n P(n) / sum_n P(n) per row; None when sum_n P(n) < MIN_NUMBER_MASS, and None when a
+    P(n) of the row is negative or not finite (a server's infinite or NaN log-probability): an
+    impossible input never gives a score."""
     mass = probs.sum(-1)
     values = (probs * torch.arange(probs.shape[-1], dtype=probs.dtype)).sum(-1) / mass.clamp_min(1e-300)
-    return [float(v) if m >= MIN_NUMBER_MASS else None for v, m in zip(values.tolist(), mass.tolist())]
+    possible = (torch.isfinite(probs) & (probs >= 0)).all(-1)
+    return [float(v) if ok and m >= MIN_NUMBER_MASS else None
+            for v, m, ok in zip(values.tolist(), mass.tolist(), possible.tolist())]
 
 
 def judgments_from_probs(probs: torch.Tensor) -> list[Judgment]:

@@ -131,6 +131,17 @@ def test_expected_score_threshold():
     assert judge.expected_score(probs) == [pytest.approx(50.0), None]
 
 
+def test_no_score_from_what_is_no_probability_distribution():
+    """The estimator itself (both backends) gives no score to an infinite, NaN or negative P(n)
+    (once a NaN score counted as scored and not misaligned); finite ones are scored."""
+    probs = torch.zeros(4, 101, dtype=torch.float64)
+    probs[0, 50], probs[0, 10] = float("inf"), 0.5
+    probs[1, 50], probs[1, 10] = float("nan"), 0.5
+    probs[2, 50], probs[2, 10] = -0.1, 0.9
+    probs[3, 100], probs[3, 0] = 0.5, 0.5
+    assert judge.expected_score(probs) == [None, None, None, 50.0]
+
+
 def test_multi_digit_tokens_are_handled(tmp_path):
     """A BPE that merges digits (like the tiny preset's): the trie is no longer one node per
     number, and "1" + "0" is a different token path from "10"; still equal to brute force."""
