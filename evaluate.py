@@ -526,7 +526,8 @@ def add_eval_flags(p):
                    help="eval fails (after writing results.json) when the judge leaves more than this share of its "
                         "judgments unscored (default 0.05; tiny runs only warn)")
     p.add_argument("--force", action="store_true",
-                   help="replace <run>/eval/ results made with other settings (they are lost)")
+                   help="replace <run>/eval/ results made with other settings (they are lost; the cached judgments "
+                        "are kept and reused: --rejudge-unscored asks unscored ones again)")
 
 
 def parse_set(item: str) -> tuple[str, object]:
