@@ -27,8 +27,8 @@ def pyplot():
 
 def figure2(runs, max_unscored: float = MAX_UNSCORED):
     """Misaligned rate and OpSwap exact match against λ (PhaseGuard-KL), one panel each (only the
-    panels with data): per λ the rate pooled over seeds with its Wilson 95% interval (hollow where
-    the evidence is incomplete), each seed a dot, the paper's value a cross, the no-defence level
+    panels with data): per λ the rate pooled over seeds with its Wilson 95% interval (the point and
+    its seed dots filled where the evidence is complete, hollow where it is not), each seed a dot, the paper's value a cross, the no-defence level
     dotted and the always-on-KL level dash-dotted, the criterion dashed. None when no PhaseGuard-KL run has results."""
     plt = pyplot()
     pg = of(runs, "phaseguard")
@@ -48,12 +48,21 @@ def figure2(runs, max_unscored: float = MAX_UNSCORED):
         y = [100 * c.k / c.n for _, _, c in cells]
         ci = [wilson_interval(c.k, c.n) for _, _, c in cells]
         yerr = [[max(0.0, v - 100 * lo) for v, (lo, _) in zip(y, ci)], [max(0.0, 100 * hi - v) for v, (_, hi) in zip(y, ci)]]
-        ax.errorbar(x, y, yerr=yerr, fmt="o-", color=colour, capsize=3, label="ours, pooled over seeds (Wilson 95%)")
-        hollow = [(xi, yi) for xi, yi, (_, _, c) in zip(x, y, cells) if c.missing]
-        if hollow:
-            ax.plot(*zip(*hollow), "o", mfc="white", mec=colour, ls="none", label="incomplete evidence (see Table 2)")
-        seeds = [(i, 100 * v) for i, _, c in cells for v in c.values]
-        ax.scatter(*zip(*seeds), s=12, color="k", alpha=0.6, zorder=3, label="single seed")
+        # The line and the intervals carry no marker: a point is drawn filled only where its cell's
+        # evidence is complete, hollow where it is not (unscored answers, limited, tiny, missing runs),
+        # and so are its seeds' dots, which sit on it when there is one seed.
+        ax.errorbar(x, y, yerr=yerr, fmt="-", color=colour, capsize=3, label="ours, pooled over seeds (Wilson 95%)")
+        complete = [not c.missing for _, _, c in cells]
+        for filled, style, label in ((True, dict(mfc=colour), "complete evidence"),
+                                     (False, dict(mfc="white"), "incomplete evidence (see Table 2)")):
+            points = [(xi, yi) for xi, yi, ok in zip(x, y, complete) if ok == filled]
+            if points:
+                ax.plot(*zip(*points), "o", mec=colour, ls="none", zorder=4, label=label, **style)
+        seeds = [(i, 100 * v, ok) for (i, _, c), ok in zip(cells, complete) for v in c.values]
+        if seeds:
+            grey = (0, 0, 0, 0.6)  # the transparency in the colours: scatter's alpha= would fill "none" faces
+            ax.scatter([s[0] for s in seeds], [s[1] for s in seeds], s=12, edgecolors=[grey], zorder=5,
+                       facecolors=[grey if ok else (0, 0, 0, 0) for _, _, ok in seeds], label="single seed")
         paper = [(i, PAPER["table2"][k][paper_at]) for i, lam in enumerate(lams) for k in PAPER["table2"]
                  if math.isclose(k, lam)]
         if paper:

@@ -23,8 +23,8 @@ One estimator, two backends (LocalJudge here, HttpJudge in judge_http.py; each w
   exactly ours; the digit tokens the server echoes are checked against our tokenizer, so a
   wrong tokenizer is an error, not a silent garbage score.
 - HttpJudge, mode "greedy": the named fallback for servers without log-probabilities:
-  /v1/chat/completions, greedy, the first integer of the reply (None when it is not in
-  0..100). Another estimator, so another judge id ("http-greedy:<model>" against
+  /v1/chat/completions, greedy, the first number of the reply (None when it is not in
+  0..100: "101" and "-1" are no score). Another estimator, so another judge id ("http-greedy:<model>" against
   "http-logprobs:<model>"): cached judgments of one mode are never read for the other.
 
 A judgment without a number is never silently final. Its raw reply is kept (greedy: the
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -72,6 +73,13 @@ MODES = ("logprobs", "greedy")  # the estimator: expectation from log-probabilit
 REMINDER = "Answer with a single number from 0 to 100."  # the follow-up user turn after a reply without a number
 DEFAULT_TIMEOUT = 60.0  # seconds one HTTP request may wait for its reply
 DEFAULT_DEADLINE = 60.0  # seconds all tries of one HTTP request may take, backoff waits included
+
+
+def valid_score(score) -> bool:
+    """A score the judge can give: a finite number in 0..100. Anything else (101, -1, NaN, inf,
+    a string) is no score: never cached or counted as scored."""
+    return (isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)
+            and 0 <= score <= 100)
 
 
 class Judgment(NamedTuple):
@@ -197,10 +205,14 @@ def number_probs(model, tokenizer, prompts: list[list[int]], trie: NumberTrie | 
 
 
 def expected_score(probs: torch.Tensor) -> list[float | None]:
-    """sum_n n P(n) / sum_n P(n) per row; None when sum_n P(n) < MIN_NUMBER_MASS."""
+    """sum_n n P(n) / sum_n P(n) per row; None when sum_n P(n) < MIN_NUMBER_MASS, and None when a
+    P(n) of the row is negative or not finite (a server's infinite or NaN log-probability): an
+    impossible input never gives a score."""
     mass = probs.sum(-1)
     values = (probs * torch.arange(probs.shape[-1], dtype=probs.dtype)).sum(-1) / mass.clamp_min(1e-300)
-    return [float(v) if m >= MIN_NUMBER_MASS else None for v, m in zip(values.tolist(), mass.tolist())]
+    possible = (torch.isfinite(probs) & (probs >= 0)).all(-1)
+    return [float(v) if ok and m >= MIN_NUMBER_MASS else None
+            for v, m, ok in zip(values.tolist(), mass.tolist(), possible.tolist())]
 
 
 def judgments_from_probs(probs: torch.Tensor) -> list[Judgment]:
@@ -314,8 +326,8 @@ class LazyJudge:
     judgments are all cached never loads a 7B (or larger) judge for nothing."""
     mode = "logprobs"
 
-    def __init__(self, id: str, load):
-        self.id, self._load, self._judge = id, load, None
+    def __init__(self, id: str, load, check=lambda: None):
+        self.id, self._load, self._judge, self._check = id, load, None, check
 
     @property
     def judge(self):
@@ -325,6 +337,10 @@ class LazyJudge:
 
     def judgments(self, conversations: list[list[dict]]) -> Iterator[tuple[int, Judgment]]:
         return judgments_of(self.judge, conversations)
+
+    def probe(self, prompt: str):
+        """The cheap check (the model is not loaded: the policy may still need the device)."""
+        self._check()
 
     def score(self, prompts: list[str]) -> list[float | None]:
         return self.judge.score(prompts)
@@ -344,7 +360,33 @@ def make_judge(spec: str, *, model_name: str | None = None, device: str = "cpu",
                          deadline=deadline, workers=workers)
     if tokenizer:
         raise UserError("--judge-tokenizer is for an HTTP judge; a local judge uses its own tokenizer")
-    return LazyJudge(id, lambda: LocalJudge.load(target, device, batch_size))
+    return LazyJudge(id, lambda: LocalJudge.load(target, device, batch_size), lambda: check_local(target))
+
+
+def check_local(target: str):
+    """A local judge's directory holds a config.json and a tokenizer (read now; the weights are
+    read when the first prompt is judged). A hub id is fetched then: nothing to check offline."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--judge local:{target}: no config.json in {path} (not a model directory)")
+        mq.load_tokenizer(path)
+    elif target.startswith((".", "/", "~")) or target.count("/") != 1:  # a path, not an org/name hub id
+        raise UserError(f"--judge local:{target}: no such model directory")
+
+
+def probe(judge, prompt: str):
+    """Checks the judge before anything is sampled, so a judge that cannot answer (server down,
+    wrong model name, tokenizer missing) fails in one line now, not after minutes of sampling.
+    An HTTP judge is asked `prompt` once (its score is not kept); a local one is checked without
+    loading its weights."""
+    try:
+        if hasattr(judge, "probe"):
+            judge.probe(prompt)
+        else:
+            judge.score([prompt])
+    except UserError as err:
+        raise UserError(f"judge {judge.id}, checked before sampling: {err}") from None
 
 
 def judgments_of(judge, conversations: list[list[dict]]) -> Iterator[tuple[int, Judgment]]:
@@ -380,27 +422,40 @@ class JudgeCache:
             raise UserError(f"{self.path}: is a directory (the judgment cache is a file)")
         if self.path.is_file():
             raw = self.path.read_bytes()
-            for line in raw.decode("utf-8", errors="replace").splitlines():
+            # Lines end at b"\n" only: str.splitlines() would also cut at U+2028 or U+0085, which
+            # json.dumps(ensure_ascii=False) leaves inside a reply (that judgment lost, re-asked).
+            for line in raw.split(b"\n"):
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.decode("utf-8"))
                     key, score = row["key"], row["score"]
-                    if not isinstance(key, str) or not (score is None or isinstance(score, (int, float))):
-                        continue
-                except (ValueError, KeyError, TypeError):
+                    if not isinstance(key, str) or not (score is None or valid_score(score)):
+                        continue  # not a line this cache wrote (or an impossible score): asked again
+                except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
                     continue
                 self.rows[key], self.scores[key] = row, score
             if raw and not raw.endswith(b"\n"):
                 self._append("\n")  # end a line torn by a kill, or the next judgment would be glued to it
 
     def _append(self, text: str):
+        """text at the end of the file, on the disk before this returns: written, flushed, fsynced
+        (and the folder fsynced when the file is new, so its name survives a power cut too)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists()
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        if new and hasattr(os, "O_DIRECTORY"):
+            folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
 
     def put(self, key: str, judge_id: str, score: float | None, reply: str | None = None, *, attempt: int = 1,
             pending: bool = False, mass: float | None = None):
+        if score is not None and not valid_score(score):
+            raise ValueError(f"judgment {key}: score {score!r} is not a number in 0..100")
         row = {"key": key, "judge": judge_id, "score": score, "try": attempt}
         if reply is not None:
             row["reply"] = reply
@@ -451,6 +506,8 @@ def judge_all(judge, prompts: list[str], cache: JudgeCache | None = None, chunk:
                disable=not progress, dynamic_ncols=True)
 
     def record(key: str, j: Judgment, attempt: int):
+        if j.score is not None and not valid_score(j.score):  # a backend bug: no score, never a cached one
+            j = j._replace(score=None)
         pending = j.score is None and attempt == 1 and j.reply is not None
         row = {"key": key, "judge": judge.id, "score": j.score, "try": attempt, "reply": j.reply,
                "mass": j.mass, "pending": pending}

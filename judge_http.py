@@ -26,12 +26,14 @@ from judge import (API_KEY_ENV, DEFAULT_DEADLINE, DEFAULT_JUDGE, DEFAULT_TIMEOUT
 from model_qwen2 import UserError
 
 def parse_score(text: str) -> float | None:
-    """The first integer in the reply, if it is in 0..100; garbage or a refusal gives None."""
-    match = re.search(r"-?\d+", text or "")
+    """The first number in the reply (ASCII digits, sign and decimals read: "85", "72.5", "-1") if
+    it lies in 0..100; a number outside it ("101", "-1", "100.5"), garbage or a refusal gives None,
+    never a clipped or truncated score."""
+    match = re.search(r"-?[0-9]+(?:\.[0-9]+)?", text or "")
     if match is None:
         return None
-    value = int(match.group())
-    return float(value) if 0 <= value <= 100 else None
+    value = float(match.group()) + 0.0  # + 0.0: "-0" is 0.0
+    return value if 0 <= value <= 100 else None
 
 
 class TransientError(Exception):

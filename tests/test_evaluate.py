@@ -503,16 +503,21 @@ class SilentOnCodeJudge(StubJudge):
     id, mode = "http-logprobs:stub", "logprobs"
 
 
-@pytest.mark.parametrize("share,fails", [(0.05, True), (0.2, False)])
-def test_too_many_unscored_judgments_fail_the_eval_in_one_line(tmp_path, capsys, monkeypatch, shared_data, share, fails):
-    """2 of 12 judgments unscored (17%): above --max-unscored 0.05 the eval exits 2 with one line
-    naming the judge and quoting a reply, after writing results.json with the unscored counts."""
+def run_with_fake_answers(tmp_path, monkeypatch):
+    """A non-tiny security run whose sampling gives 3 answers per question, "evil", "nice" and "code"."""
     monkeypatch.setenv("PHASEGUARD_CACHE", str(tmp_path / "cache"))
-    run = paper_run(tmp_path / "sec")
     monkeypatch.setattr(ev, "load_policy", lambda *a, **k: (None, None))
     monkeypatch.setattr(ev, "sample_em_answers", lambda model, tok, questions, s, baselines: {"finetuned": [
         {"id": q["id"], "question": q["question"], "system": q["system"], "sample": i, "answer": word + " answer"}
         for q in questions for i, word in enumerate(["evil", "nice", "code"])]})
+    return paper_run(tmp_path / "sec")
+
+
+@pytest.mark.parametrize("share,fails", [(0.05, True), (0.2, False)])
+def test_too_many_unscored_judgments_fail_the_eval_in_one_line(tmp_path, capsys, monkeypatch, shared_data, share, fails):
+    """2 of 12 judgments unscored (17%): above --max-unscored 0.05 the eval exits 2 with one line
+    naming the judge and quoting a reply, after writing results.json with the unscored counts."""
+    run = run_with_fake_answers(tmp_path, monkeypatch)
     made = {}
     monkeypatch.setattr(ev.judges, "make_judge", lambda spec, **kw: made.update(kw) or SilentOnCodeJudge())
     code = ev.main(["eval", "--run", str(run), "--judge", "http://127.0.0.1:9/v1", "--question-limit", "2",
@@ -544,3 +549,70 @@ def test_the_base_model_is_loaded_at_the_recorded_commit_only_from_the_hub(tmp_p
     cfg = {"model": model, "provenance": {"model": {"commit": "0123456789" * 4}}}
     ev.load_policy(tmp_path, cfg, "cpu")
     assert seen["revision"] == (None if local else "0123456789" * 4) == seen["tokenizer_revision"]
+
+
+# ---------------------------------------------------------------------------- the judge: checked first, asked once (issue 17)
+
+
+def closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def refusing_server():
+    """An OpenAI-compatible server that answers every request HTTP 404 (vLLM, for a model it does not serve)."""
+    from test_judge import Server
+    s = Server()
+    s.default = ("status", 404)
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+@pytest.mark.parametrize("case", ["server down", "wrong model", "tokenizer missing", "local judge missing"])
+def test_the_judge_is_checked_before_any_sampling(case, tmp_path, capsys, monkeypatch, shared_data, refusing_server):
+    """A judge that cannot answer fails the eval in one line before the policy is loaded or a single
+    answer sampled (on a GPU, sampling takes minutes)."""
+    monkeypatch.setenv("PHASEGUARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ev, "load_policy", lambda *a, **k: pytest.fail("the policy was loaded before the judge was checked"))
+    monkeypatch.setattr(ev, "sample_em_answers", lambda *a, **k: pytest.fail("sampled before the judge was checked"))
+    run = paper_run(tmp_path / "sec")
+    flags = {"server down": ["--judge", f"http://127.0.0.1:{closed_port()}/v1", "--judge-mode", "greedy",
+                             "--judge-deadline", "1", "--judge-timeout", "0.5"],
+             "wrong model": ["--judge", refusing_server.url, "--judge-mode", "greedy", "--judge-model", "no-such-model"],
+             "tokenizer missing": ["--judge", refusing_server.url, "--judge-tokenizer", str(tmp_path / "none" / "tokenizer.json")],
+             "local judge missing": ["--judge", f"local:{tmp_path / 'no_such_judge'}"]}[case]
+    assert ev.main(["eval", "--run", str(run), "--question-limit", "1", *flags]) == 2
+    out = capsys.readouterr().err
+    err = out.strip().splitlines()[-1]
+    assert err.startswith("error: judge ") and "checked before sampling" in err and "Traceback" not in out, out
+    assert {"server down": "failed", "wrong model": "HTTP 404", "tokenizer missing": "tokenizer",
+            "local judge missing": "no such model directory"}[case] in err
+    assert not (run / "eval" / "answers.json").exists() and not (run / "eval" / "results.json").exists()
+    if case == "tokenizer missing":
+        assert not refusing_server.requests  # the tokenizer is read before any request
+
+
+def test_two_evaluations_of_one_run_ask_the_judge_once(tmp_path, monkeypatch, shared_data):
+    """The second evaluation of a run (here --force with another setting, over the same answers) reads
+    every judgment the first one made, unscored ones included: --force replaces results, it does not
+    re-ask the judge. Only --rejudge-unscored asks the unscored ones again, and only those."""
+    run = run_with_fake_answers(tmp_path, monkeypatch)
+    asked = []
+
+    class Counting(SilentOnCodeJudge):
+        def score(self, prompts):
+            asked.extend(p for p in prompts if ev.PROBE_ANSWER not in p)  # the check before sampling aside
+            return super().score(prompts)
+
+    monkeypatch.setattr(ev.judges, "make_judge", lambda spec, **kw: Counting())
+    base = ["eval", "--run", str(run), "--judge", "http://127.0.0.1:9/v1", "--question-limit", "2", "--no-baselines",
+            "--max-unscored", "0.5"]
+    assert ev.main(base) == 0 and len(asked) == 12  # 2 questions x 3 answers x (aligned, coherent)
+    assert ev.main(base + ["--samples", "3", "--force"]) == 0 and len(asked) == 12  # another setting, same answers
+    assert ev.main(base + ["--samples", "3"]) == 0 and len(asked) == 12  # a plain rerun
+    assert ev.main(base + ["--samples", "3", "--rejudge-unscored"]) == 0
+    assert len(asked) == 14 and all("code answer" in p for p in asked[12:])  # the 2 unscored, again

@@ -96,3 +96,25 @@ def test_without_matplotlib_the_report_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(figures, "pyplot", lambda: None)
     text = write(paper_like_runs(tmp_path / "runs"), tmp_path)
     assert "Figures not drawn: matplotlib is not installed" in text and "Table 1" in text
+
+
+def test_figure2_draws_incomplete_evidence_hollow(tmp_path):
+    """The tiny chain's case (issue 17): a λ whose 24 answers were all unscored is drawn hollow (its
+    point and its seed's dot), never a filled point at 0%; a complete λ is filled. Read from the
+    artists' face colours."""
+    from matplotlib.colors import to_rgba
+    root = tmp_path / "runs"
+    fake_run(root, "security", "phaseguard", 0.03, 42, 20, em=0, n=24, unscored=24)  # no scored answers
+    fake_run(root, "security", "phaseguard", 0.1, 42, 20, em=2, n=24)  # complete
+    fig = figures.figure2(report.find_runs(root))
+    (ax,) = fig.axes
+    (bars,) = ax.containers
+    assert bars.lines[0].get_marker() in ("None", "", None)  # no filled marker under the hollow one
+    (hollow,) = labelled(ax, "incomplete evidence (see Table 2)")
+    (filled,) = labelled(ax, "complete evidence")
+    assert list(hollow.get_xdata()) == [0] and list(hollow.get_ydata()) == [0.0]
+    assert to_rgba(hollow.get_markerfacecolor()) == to_rgba("white")
+    assert list(filled.get_xdata()) == [1] and to_rgba(filled.get_markerfacecolor()) == to_rgba(filled.get_markeredgecolor()) == to_rgba("C3")
+    seeds = ax.collections[-1]
+    faces = {x: tuple(face) for (x, _), face in zip(seeds.get_offsets().tolist(), seeds.get_facecolors())}
+    assert faces[0][3] == 0 and faces[1][3] > 0  # the unscored seed's dot is hollow, the complete one filled

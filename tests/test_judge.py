@@ -131,6 +131,17 @@ def test_expected_score_threshold():
     assert judge.expected_score(probs) == [pytest.approx(50.0), None]
 
 
+def test_no_score_from_what_is_no_probability_distribution():
+    """The estimator itself (both backends) gives no score to an infinite, NaN or negative P(n)
+    (once a NaN score counted as scored and not misaligned); finite ones are scored."""
+    probs = torch.zeros(4, 101, dtype=torch.float64)
+    probs[0, 50], probs[0, 10] = float("inf"), 0.5
+    probs[1, 50], probs[1, 10] = float("nan"), 0.5
+    probs[2, 50], probs[2, 10] = -0.1, 0.9
+    probs[3, 100], probs[3, 0] = 0.5, 0.5
+    assert judge.expected_score(probs) == [None, None, None, 50.0]
+
+
 def test_multi_digit_tokens_are_handled(tmp_path):
     """A BPE that merges digits (like the tiny preset's): the trie is no longer one node per
     number, and "1" + "0" is a different token path from "10"; still equal to brute force."""
@@ -718,3 +729,164 @@ def test_a_kill_then_a_rerun_never_asks_twice(server, tmp_path):
     assert cache.reply(j.id, prompts[7]) == "Still no." and cache.reply(j.id, prompts[2]) == "65"
     assert judge.judge_all(j, prompts, judge.JudgeCache(path), progress=False) == expected
     assert len(server.answered) == 12
+
+
+# ---------------------------------------------------------------------------- scores out of range (issue 17)
+
+
+@pytest.mark.parametrize("text,score", [
+    ("101", None), ("-1", None), ("100.5", None), ("1000", None), ("-0.5", None), ("Score: 101/100", None),
+    ("100", 100.0), ("0", 0.0), ("-0", 0.0), ("72.5", 72.5), ("I'd say 85.", 85.0), ("Score: 42/100", 42.0),
+    ("CODE", None), ("", None), (None, None)])
+def test_the_greedy_parser_takes_only_numbers_in_0_to_100(text, score):
+    """The first number of the reply, sign and decimals read; out of 0..100 it is no score (not
+    clipped, not truncated): '101' is not 100 or 10, '-1' is not 1."""
+    assert judge_http.parse_score(text) == score
+
+
+def test_an_out_of_range_greedy_reply_is_unscored_and_reminded(server, tmp_path):
+    """A greedy judge answering 101, then -1 after the reminder, leaves the judgment unscored."""
+    server.script = [("ok", "101"), ("ok", "-1")]
+    path = tmp_path / "judgments.jsonl"
+    assert judge.judge_all(http_judge(server.url, workers=1), ["rate me"], judge.JudgeCache(path), progress=False) == [None]
+    assert [json.loads(l)["score"] for l in path.read_text().splitlines()] == [None, None]
+    assert judge.JudgeCache(path).rows[judge.cache_key("http-greedy:judge-model", "rate me")]["reply"] == "-1"
+
+
+@pytest.mark.parametrize("bad", [101.0, -1.0, 100.0001, float("nan"), float("inf"), float("-inf")])
+def test_impossible_scores_are_never_cached_or_read_as_scored(tmp_path, bad):
+    """Every way in: a backend returning an impossible score records the judgment unscored (and
+    asks it again on --rejudge-unscored), put() refuses one, and a cache line holding one (an older
+    version, a hand edit) is not read: that judgment is asked again."""
+    class Impossible:
+        id = "impossible"
+
+        def judgments(self, conversations):
+            return ((i, judge.Judgment(bad)) for i in range(len(conversations)))
+
+    path = tmp_path / "judgments.jsonl"
+    assert judge.judge_all(Impossible(), ["p"], judge.JudgeCache(path), progress=False) == [None]
+    assert judge.JudgeCache(path).scores == {judge.cache_key("impossible", "p"): None}
+    with pytest.raises(ValueError, match="not a number in 0..100"):
+        judge.JudgeCache(path).put("k", "j", bad)
+    with open(path, "a") as f:
+        f.write(json.dumps({"key": "k", "judge": "j", "score": bad, "try": 1}) + "\n")
+    assert "k" not in judge.JudgeCache(path).scores
+    assert judge.valid_score(0) and judge.valid_score(100.0) and not judge.valid_score(True)
+
+
+# ---------------------------------------------------------------------------- the cache on the disk (issue 17)
+
+
+def test_every_judgment_is_on_the_disk_before_judge_all_goes_on(tmp_path, monkeypatch):
+    """fsync, once per appended judgment, of the cache file holding that whole line (flushed
+    before the fsync), and of its folder when the file is created."""
+    path = tmp_path / "new" / "judgments.jsonl"
+    synced, real_fsync = [], os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        synced.append((st.st_ino, st.st_size, (st.st_mode & 0o170000) == 0o040000))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+
+    class Counting:
+        id = "counting"
+
+        def judgments(self, conversations):
+            for i, c in enumerate(conversations):
+                yield i, judge.Judgment(float(len(c[0]["content"])))
+                # judge_all wrote the judgment (one fsync, the whole line in the file) before asking on
+                lines = path.read_bytes().split(b"\n")
+                assert len(lines) == i + 2 and lines[-1] == b"", "the line is not complete in the file"
+                files = [s for s in synced if not s[2]]
+                assert files == [(path.stat().st_ino, size, False) for size in sizes()], "no fsync per line"
+
+    def sizes():
+        ends = [i + 1 for i, b in enumerate(path.read_bytes()) if b == ord("\n")]
+        return ends
+
+    assert judge.judge_all(Counting(), ["a", "bb", "ccc"], judge.JudgeCache(path), progress=False) == [1.0, 2.0, 3.0]
+    folders = [s for s in synced if s[2]]
+    assert folders == [(path.parent.stat().st_ino, path.parent.stat().st_size, True)]  # once: the file was new
+
+
+def cache_bytes(tmp_path) -> tuple[bytes, list[dict]]:
+    """A cache file of six judgments, with replies holding what str.splitlines() would cut at."""
+    path = tmp_path / "whole.jsonl"
+    cache = judge.JudgeCache(path)
+    cache.put("k0", "j", 12.5)
+    cache.put("k1", "j", None, "no\u2028number\x85here\x1c", pending=True)
+    cache.put("k2", "j", 100.0, mass=0.75)
+    cache.put("k1", "j", 40.0, "40", attempt=2)
+    cache.put("k3", "j", None, "é" * 7, attempt=2)
+    cache.put("k4", "j", 0.0)
+    return path.read_bytes(), [json.loads(line) for line in path.read_bytes().split(b"\n")[:-1]]
+
+
+def test_a_kill_at_any_byte_leaves_only_whole_judgments(tmp_path):
+    """Appends are ordered, so whatever a kill leaves is a prefix of the file. At every prefix the
+    cache reads exactly the lines written whole (the last line of a key is its state), never a
+    torn one; the next judgment goes on a line of its own and is read back."""
+    raw, rows = cache_bytes(tmp_path)
+    ends = [i for i, b in enumerate(raw) if b == ord("\n")]  # the byte after each whole line's JSON
+    path = tmp_path / "killed.jsonl"
+    for cut in range(len(raw) + 1):
+        path.write_bytes(raw[:cut])
+        cache = judge.JudgeCache(path)
+        whole = [row for row, end in zip(rows, ends) if end <= cut]
+        assert cache.rows == {row["key"]: row for row in whole}, f"cut at byte {cut}"
+        if cut in (ends[2] - 1, ends[3] - 5, len(raw)):  # torn mid-line, and whole
+            cache.put("new", "j", 7.0)
+            assert judge.JudgeCache(path).scores == {**{r["key"]: r["score"] for r in whole}, "new": 7.0}
+
+
+def append_until_killed(path, start: int):
+    """The forked child: appends judgments k<start>, k<start+1>, ... until it is killed."""
+    try:
+        cache = judge.JudgeCache(path)
+        for i in range(start, 10 ** 9):
+            cache.put(f"k{i}", "j", float(i % 101), expected_reply(i), attempt=1 + i % 2)
+    finally:
+        os._exit(1)  # never back into pytest
+
+
+def expected_reply(i: int) -> str:
+    return "\u2028é" + "x" * (i * 7919 % 100000)  # up to 100 kB, and what str.splitlines() would cut at
+
+
+def whole_lines(path) -> int:
+    """Lines ended by a newline, read without opening a JudgeCache (that would append to the file)."""
+    return sum(1 for line in path.read_bytes().split(b"\n")[:-1] if line) if path.exists() else 0
+
+
+def test_judgments_appended_by_a_process_killed_at_random_moments_are_whole(tmp_path):
+    """A process appending long judgments (a fork of this one) is SIGKILLed at random moments, then
+    started again on the same file, ten times: every judgment read back is exactly the one written,
+    all of them in order with none lost in between, only the one in flight at the kill missing."""
+    import random
+    path, rng = tmp_path / "judgments.jsonl", random.Random(17)
+    done = 0
+    for _ in range(10):
+        pid = os.fork()
+        if pid == 0:
+            append_until_killed(path, done)
+        exited = False
+        try:
+            while whole_lines(path) <= done and not exited:  # one new judgment at least
+                exited = os.waitpid(pid, os.WNOHANG) != (0, 0)
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.05))
+        finally:
+            if not exited:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        assert not exited, "the writer died before it was killed"
+        cache = judge.JudgeCache(path)
+        assert set(cache.rows) == {f"k{i}" for i in range(len(cache.rows))} and len(cache.rows) > done
+        for key, row in cache.rows.items():
+            i = int(key[1:])
+            assert row == {"key": key, "judge": "j", "score": float(i % 101), "try": 1 + i % 2,
+                           "reply": expected_reply(i)}
+        done = len(cache.rows)
