@@ -1,9 +1,9 @@
 """Kernels for PhaseGuard-KL: the monitor's top-k JS (Eq. 2) and the regulariser KL (Eq. 1).
 
-Layout per op, as in Liger-Kernel: a Triton kernel, an autograd Function where a
-gradient is needed, and a plain-PyTorch reference. The public function runs the Triton
-path on CUDA tensors (or under TRITON_INTERPRET=1, where Triton runs on the CPU) and the
-reference elsewhere. All arithmetic is fp32 whatever the input dtype: the kernels upcast
+Layout per op, as in Liger-Kernel: the Triton kernel, directly below it the autograd
+Function where a gradient is needed, then the plain-PyTorch reference, then the public
+function, which runs the Triton path on CUDA tensors (or under TRITON_INTERPRET=1, where
+Triton runs on the CPU) and the reference elsewhere. All arithmetic is fp32 whatever the input dtype: the kernels upcast
 every load before touching it (the interpreter also gets bf16 arithmetic wrong).
 
     reference_topk / topk_js        monitor, Eq. 2: truncated JS over the reference's top-k
@@ -75,10 +75,10 @@ def _require_finite_rows(bad_rows: Tensor, name: str) -> None:
         row = int(bad_rows.nonzero()[0, 0])
         raise ValueError(f"{name}: non-finite value (inf or nan) in row {row}")
 
-
 # --------------------------------------------------------------------------------------
-# Triton kernels. One program per row; rows are streamed in BLOCK_V columns with an online
-# softmax (running max m and running sum s = sum exp(z - m)), so no [N, V] fp32 copy exists.
+# Steps shared by the Triton kernels below. Every kernel runs one program per row and streams
+# the row in BLOCK columns with an online softmax (running max m and running sum
+# s = sum exp(z - m)), so no [N, V] fp32 copy exists.
 # --------------------------------------------------------------------------------------
 if HAS_TRITON:
 
@@ -108,6 +108,24 @@ if HAS_TRITON:
         d = (z - m_p_new) - (w - m_q_new)
         return (t + moved) * rescale_p + tl.sum(tl.where(in_row, e_p * d, 0.0), 0)
 
+
+# --------------------------------------------------------------------------------------
+# 1. Monitor (Eq. 2): truncated JS between current and reference next-token distributions.
+#    No autograd Function: a monitor is never differentiated.
+# --------------------------------------------------------------------------------------
+def reference_topk(ref_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The reference's top-k ids [N, k] int64 and their full-vocabulary log-probs [N, k] float32.
+
+    Computed once before training (the reference never changes) and passed to topk_js."""
+    _require(ref_logits.dim() == 2, f"ref_logits: expected [N, V], got {_desc(ref_logits)}")
+    _require(isinstance(k, int) and 1 <= k <= ref_logits.shape[1], f"k: must be in [1, V={ref_logits.shape[1]}], got {k}")
+    _require_finite_rows(~torch.isfinite(ref_logits).all(dim=1), "ref_logits")
+    logprobs, ids = torch.log_softmax(ref_logits.float(), dim=-1).topk(k, dim=-1)
+    return ids, logprobs
+
+
+if HAS_TRITON:
+
     @triton.jit
     def _log_normalise(logx):
         # log x - logsumexp(log x) over one vector (padding lanes are -inf).
@@ -121,8 +139,22 @@ if HAS_TRITON:
         return tl.where(P > 0, P * (logP - logM), 0.0) + tl.where(Q > 0, Q * (logQ - logM), 0.0)
 
     @triton.jit
-    def _topk_js_kernel(logits_ptr, row_stride, ids_ptr, ref_logprobs_ptr, js_ptr, nonfinite_ptr,
-                        V, K, REST_BIN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _topk_js_kernel(
+        logits_ptr,        # [N, V] current logits, any float dtype, last dim contiguous
+        row_stride,        # int: elements between rows of logits
+        ids_ptr,           # [N, K] int64, contiguous: the reference's top-k ids
+        ref_logprobs_ptr,  # [N, K] fp32, contiguous: the reference's full-vocabulary log-probs at ids
+        js_ptr,            # [N] fp32 out: JS_k per row, in [0, ln 2]
+        nonfinite_ptr,     # [N] int32 out: number of inf / nan logits per row
+        V,                 # int: vocabulary size
+        K,                 # int: top-k size
+        REST_BIN: tl.constexpr,  # False: variant renorm; True: variant rest
+        BLOCK: tl.constexpr,     # vocabulary columns per step (launch_config)
+        BLOCK_K: tl.constexpr,   # K rounded up to a power of two (launch_config)
+    ):
+        # Eq. 2 for one row, S = the reference's top-k ids, log p_i = z_i - logsumexp(z) over all V:
+        #   renorm: P = p|_S / p(S), Q = q|_S / q(S);  rest: P = (p|_S, 1 - p(S)), Q likewise;
+        #   JS = 1/2 sum_i [P_i log(P_i / M_i) + Q_i log(Q_i / M_i)],  M = (P + Q) / 2.
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
         # One pass over the row for its full-vocabulary log-sum-exp.
@@ -158,148 +190,6 @@ if HAS_TRITON:
         # JS is in [0, ln 2]; clamp the fp32 rounding at both ends.
         tl.store(js_ptr + row, tl.minimum(tl.maximum(0.5 * total, 0.0), 0.6931471805599453))
         tl.store(nonfinite_ptr + row, n_bad)
-
-    @triton.jit
-    def _kl_fwd_kernel(p_ptr, q_ptr, p_stride, q_stride, row_mask_ptr, kl_ptr, m_p_ptr, log_s_p_ptr, m_q_ptr,
-                       log_s_q_ptr, nonfinite_ptr, V, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-        # With z policy and w reference logits, lse(z) = m_p + log s_p (running max, sum of exp(z - m_p)):
-        #   KL(p || q) = sum_i p_i ((z_i - m_p) - (w_i - m_q)) + log(s_q / s_p),
-        # the first term being t / s_p with t kept on the same running max as s_p (_kl_sum_step): the
-        # whole forward is ONE pass over both rows, and no large lse is ever formed (a constant added to
-        # a row changes nothing). log(s_q / s_p): one rounding at log's magnitude instead of two.
-        row = tl.program_id(0).to(tl.int64)
-        active = 1
-        if HAS_MASK:
-            active = tl.load(row_mask_ptr + row).to(tl.int32)
-        m_p = float("-inf")
-        s_p = 0.0
-        t = 0.0
-        m_q = float("-inf")
-        s_q = 0.0
-        bad_p = 0
-        bad_q = 0
-        for start in range(0, V * active, BLOCK):  # masked rows: zero iterations, never read
-            cols = start + tl.arange(0, BLOCK)
-            in_row = cols < V
-            z = tl.load(p_ptr + row * p_stride + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            w = tl.load(q_ptr + row * q_stride + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            bad_p += _count_nonfinite(z, in_row)
-            bad_q += _count_nonfinite(w, in_row)
-            m_p_new, s_p_new, rescale, e = _online_lse_step(m_p, s_p, z)
-            m_q_new, s_q, _, _ = _online_lse_step(m_q, s_q, w)
-            t = _kl_sum_step(t, s_p, m_p, m_p_new, m_q, m_q_new, rescale, e, z, w, in_row)
-            m_p, s_p, m_q = m_p_new, s_p_new, m_q_new
-        is_active = active != 0
-        log_s_p = tl.where(is_active, tl.log(s_p), 0.0)
-        log_s_q = tl.where(is_active, tl.log(s_q), 0.0)
-        tl.store(kl_ptr + row, tl.where(is_active, t / s_p + tl.log(s_q / s_p), 0.0))
-        # The backward gets m and log s apart: m + log s would round at the logits' magnitude.
-        tl.store(m_p_ptr + row, tl.where(is_active, m_p, 0.0))
-        tl.store(log_s_p_ptr + row, log_s_p)
-        tl.store(m_q_ptr + row, tl.where(is_active, m_q, 0.0))
-        tl.store(log_s_q_ptr + row, log_s_q)
-        tl.store(nonfinite_ptr + row, bad_p + 2 * bad_q)
-
-    @triton.jit
-    def _kl_bwd_kernel(p_ptr, q_ptr, p_stride, q_stride, grad_ptr, grad_stride, grad_kl_ptr, row_mask_ptr,
-                       kl_ptr, m_p_ptr, log_s_p_ptr, m_q_ptr, log_s_q_ptr, V, HAS_MASK: tl.constexpr,
-                       BLOCK: tl.constexpr):
-        # dKL/dz_i = p_i (log p_i - log q_i - KL): the second and last pass over the logits, with
-        # log p_i = (z_i - m_p) - log s_p (never z_i - lse_p: see _kl_sum_step).
-        row = tl.program_id(0).to(tl.int64)
-        active = 1
-        if HAS_MASK:
-            active = tl.load(row_mask_ptr + row).to(tl.int32)
-        scale = tl.load(grad_kl_ptr + row)
-        kl = tl.load(kl_ptr + row)
-        m_p = tl.load(m_p_ptr + row)
-        log_s_p = tl.load(log_s_p_ptr + row)
-        m_q = tl.load(m_q_ptr + row)
-        log_s_q = tl.load(log_s_q_ptr + row)
-        grad_row = grad_ptr + row * grad_stride
-        for start in range(0, V * active, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            in_row = cols < V
-            logp = (tl.load(p_ptr + row * p_stride + cols, mask=in_row, other=0.0).to(tl.float32) - m_p) - log_s_p
-            logq = (tl.load(q_ptr + row * q_stride + cols, mask=in_row, other=0.0).to(tl.float32) - m_q) - log_s_q
-            grad = scale * tl.exp(logp) * (logp - logq - kl)
-            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
-        for start in range(0, V * (1 - active), BLOCK):  # masked rows: write zeros, read nothing
-            cols = start + tl.arange(0, BLOCK)
-            tl.store(grad_row + cols, tl.zeros((BLOCK,), grad_ptr.dtype.element_ty), mask=cols < V)
-
-    @triton.jit
-    def _ce_kl_chunk_kernel(zp_ptr, zq_ptr, grad_ptr, stride, labels_ptr, kl_rows_ptr, ce_ptr, kl_ptr, V,
-                            ce_weight, kl_weight, HAS_REF: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                            BLOCK: tl.constexpr):
-        # One token chunk of fused_linear_ce_kl: fp32 logits in, per-row CE and KL out, and (if a
-        # gradient is needed) d loss / d logits, written in the lm_head's dtype for the next GEMM
-        # (over the fp32 policy logits in place when that dtype is fp32):
-        #   ce_weight (p - onehot(label)) + kl_weight p (log p - log q - KL).
-        row = tl.program_id(0).to(tl.int64)
-        zp_row = zp_ptr + row * stride
-        zq_row = zq_ptr + row * stride
-        grad_row = grad_ptr + row * stride
-        label = tl.load(labels_ptr + row)
-        has_label = label != -100
-        kl_on = 0
-        if HAS_REF:
-            kl_on = tl.load(kl_rows_ptr + row).to(tl.int32)
-        active = (has_label | (kl_on != 0)).to(tl.int32)
-        m_p = float("-inf")
-        s_p = 0.0
-        t = 0.0
-        m_q = float("-inf")
-        s_q = 0.0
-        for start in range(0, V * active, BLOCK):  # pass 1: online softmax of both rows
-            cols = start + tl.arange(0, BLOCK)
-            in_row = cols < V
-            z = tl.load(zp_row + cols, mask=in_row, other=float("-inf"))
-            m_p_new, s_p_new, rescale, e = _online_lse_step(m_p, s_p, z)
-            if HAS_REF:  # KL as in _kl_fwd_kernel: log-ratios measured from each row's max
-                w = tl.load(zq_row + cols, mask=in_row, other=float("-inf"))
-                m_q_new, s_q, _, _ = _online_lse_step(m_q, s_q, w)
-                t = _kl_sum_step(t, s_p, m_p, m_p_new, m_q, m_q_new, rescale, e, z, w, in_row)
-                m_q = m_q_new
-            m_p, s_p = m_p_new, s_p_new
-        # Never lse = m + log s: it rounds at the logits' magnitude (see _kl_sum_step).
-        log_s_p = tl.log(s_p)
-        log_s_q = tl.log(s_q)
-        safe_label = tl.where(has_label, label, 0)
-        ce = tl.where(has_label, (m_p - tl.load(zp_row + safe_label, mask=has_label, other=0.0)) + log_s_p, 0.0)
-        kl = tl.where(kl_on != 0, t / s_p + tl.log(s_q / s_p), 0.0)
-        tl.store(ce_ptr + row, ce)
-        tl.store(kl_ptr + row, kl)
-        if COMPUTE_GRAD:
-            ce_scale = tl.where(has_label, ce_weight, 0.0)
-            kl_scale = tl.where(kl_on != 0, kl_weight, 0.0)
-            for start in range(0, V * active, BLOCK):  # pass 2: gradient, in place
-                cols = start + tl.arange(0, BLOCK)
-                in_row = cols < V
-                logp = (tl.load(zp_row + cols, mask=in_row, other=0.0) - m_p) - log_s_p
-                p = tl.exp(logp)
-                grad = ce_scale * (p - tl.where(cols == label, 1.0, 0.0))
-                if HAS_REF:
-                    logq = (tl.load(zq_row + cols, mask=in_row, other=0.0) - m_q) - log_s_q
-                    grad += kl_scale * p * (logp - logq - kl)
-                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
-            for start in range(0, V * (1 - active), BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                tl.store(grad_row + cols, tl.zeros((BLOCK,), grad_ptr.dtype.element_ty), mask=cols < V)
-
-
-# --------------------------------------------------------------------------------------
-# 1. Monitor (Eq. 2): truncated JS between current and reference next-token distributions.
-# --------------------------------------------------------------------------------------
-def reference_topk(ref_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The reference's top-k ids [N, k] int64 and their full-vocabulary log-probs [N, k] float32.
-
-    Computed once before training (the reference never changes) and passed to topk_js."""
-    _require(ref_logits.dim() == 2, f"ref_logits: expected [N, V], got {_desc(ref_logits)}")
-    _require(isinstance(k, int) and 1 <= k <= ref_logits.shape[1], f"k: must be in [1, V={ref_logits.shape[1]}], got {k}")
-    _require_finite_rows(~torch.isfinite(ref_logits).all(dim=1), "ref_logits")
-    logprobs, ids = torch.log_softmax(ref_logits.float(), dim=-1).topk(k, dim=-1)
-    return ids, logprobs
 
 
 def _js_from_logprobs(logp: Tensor, logq: Tensor, variant: str) -> Tensor:
@@ -365,16 +255,105 @@ def topk_js(logits: Tensor, ref_ids: Tensor, ref_logprobs: Tensor, variant: str 
 # --------------------------------------------------------------------------------------
 # 2. Regulariser on materialised logits (Eq. 1): per-token KL(pi_policy || pi_ref).
 # --------------------------------------------------------------------------------------
-def kl_div_reference(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Plain-PyTorch kl_div: fp32 log-softmax (float64 for float64 input) of the rows in mask."""
-    if mask is not None:  # only the rows in mask are read; the others give 0 and a zero gradient
-        rows = mask.nonzero().squeeze(1)
-        kl_rows = kl_div_reference(policy_logits[rows], ref_logits[rows])
-        return kl_rows.new_zeros(policy_logits.shape[0]).index_put((rows,), kl_rows)
-    dtype = torch.float64 if policy_logits.dtype == torch.float64 else torch.float32
-    logp = torch.log_softmax(policy_logits.to(dtype), dim=-1)
-    logq = torch.log_softmax(ref_logits.detach().to(dtype), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+if HAS_TRITON:
+
+    @triton.jit
+    def _kl_fwd_kernel(
+        p_ptr,           # [N, V] policy logits z, any float dtype, last dim contiguous
+        q_ptr,           # [N, V] reference logits w, same dtype, last dim contiguous
+        p_stride,        # int: elements between rows of p
+        q_stride,        # int: elements between rows of q
+        row_mask_ptr,    # [N] int8: 0 = skip the row (read only when HAS_MASK)
+        kl_ptr,          # [N] fp32 out: KL(p || q) per row (0 for masked rows)
+        m_p_ptr,         # [N] fp32 out: row max of z, for the backward
+        log_s_p_ptr,     # [N] fp32 out: log sum exp(z - m_p)
+        m_q_ptr,         # [N] fp32 out: row max of w
+        log_s_q_ptr,     # [N] fp32 out: log sum exp(w - m_q)
+        nonfinite_ptr,   # [N] int32 out: (inf / nan count in z) + 2 * (count in w)
+        V,               # int: vocabulary size
+        HAS_MASK: tl.constexpr,  # whether row_mask_ptr is read
+        BLOCK: tl.constexpr,     # vocabulary columns per step (launch_config)
+    ):
+        # With z policy and w reference logits, lse(z) = m_p + log s_p (running max, sum of exp(z - m_p)):
+        #   KL(p || q) = sum_i p_i ((z_i - m_p) - (w_i - m_q)) + log(s_q / s_p),
+        # the first term being t / s_p with t kept on the same running max as s_p (_kl_sum_step): the
+        # whole forward is ONE pass over both rows, and no large lse is ever formed (a constant added to
+        # a row changes nothing). log(s_q / s_p): one rounding at log's magnitude instead of two.
+        row = tl.program_id(0).to(tl.int64)
+        active = 1
+        if HAS_MASK:
+            active = tl.load(row_mask_ptr + row).to(tl.int32)
+        m_p = float("-inf")
+        s_p = 0.0
+        t = 0.0
+        m_q = float("-inf")
+        s_q = 0.0
+        bad_p = 0
+        bad_q = 0
+        for start in range(0, V * active, BLOCK):  # masked rows: zero iterations, never read
+            cols = start + tl.arange(0, BLOCK)
+            in_row = cols < V
+            z = tl.load(p_ptr + row * p_stride + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+            w = tl.load(q_ptr + row * q_stride + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+            bad_p += _count_nonfinite(z, in_row)
+            bad_q += _count_nonfinite(w, in_row)
+            m_p_new, s_p_new, rescale, e = _online_lse_step(m_p, s_p, z)
+            m_q_new, s_q, _, _ = _online_lse_step(m_q, s_q, w)
+            t = _kl_sum_step(t, s_p, m_p, m_p_new, m_q, m_q_new, rescale, e, z, w, in_row)
+            m_p, s_p, m_q = m_p_new, s_p_new, m_q_new
+        is_active = active != 0
+        log_s_p = tl.where(is_active, tl.log(s_p), 0.0)
+        log_s_q = tl.where(is_active, tl.log(s_q), 0.0)
+        tl.store(kl_ptr + row, tl.where(is_active, t / s_p + tl.log(s_q / s_p), 0.0))
+        # The backward gets m and log s apart: m + log s would round at the logits' magnitude.
+        tl.store(m_p_ptr + row, tl.where(is_active, m_p, 0.0))
+        tl.store(log_s_p_ptr + row, log_s_p)
+        tl.store(m_q_ptr + row, tl.where(is_active, m_q, 0.0))
+        tl.store(log_s_q_ptr + row, log_s_q)
+        tl.store(nonfinite_ptr + row, bad_p + 2 * bad_q)
+
+    @triton.jit
+    def _kl_bwd_kernel(
+        p_ptr,         # [N, V] policy logits z, as given to _kl_fwd_kernel
+        q_ptr,         # [N, V] reference logits w, as given to _kl_fwd_kernel
+        p_stride,      # int: elements between rows of p
+        q_stride,      # int: elements between rows of q
+        grad_ptr,      # [N, V] out, p's dtype: d loss / dz
+        grad_stride,   # int: elements between rows of grad
+        grad_kl_ptr,   # [N] fp32: d loss / d KL per row (the incoming gradient)
+        row_mask_ptr,  # [N] int8: 0 = zero gradient, row not read (read only when HAS_MASK)
+        kl_ptr,        # [N] fp32: KL per row from _kl_fwd_kernel
+        m_p_ptr,       # [N] fp32: row max of z from _kl_fwd_kernel
+        log_s_p_ptr,   # [N] fp32: log sum exp(z - m_p)
+        m_q_ptr,       # [N] fp32: row max of w
+        log_s_q_ptr,   # [N] fp32: log sum exp(w - m_q)
+        V,             # int: vocabulary size
+        HAS_MASK: tl.constexpr,  # whether row_mask_ptr is read
+        BLOCK: tl.constexpr,     # vocabulary columns per step (launch_config)
+    ):
+        # dKL/dz_i = p_i (log p_i - log q_i - KL): the second and last pass over the logits, with
+        # log p_i = (z_i - m_p) - log s_p (never z_i - lse_p: see _kl_sum_step).
+        row = tl.program_id(0).to(tl.int64)
+        active = 1
+        if HAS_MASK:
+            active = tl.load(row_mask_ptr + row).to(tl.int32)
+        scale = tl.load(grad_kl_ptr + row)
+        kl = tl.load(kl_ptr + row)
+        m_p = tl.load(m_p_ptr + row)
+        log_s_p = tl.load(log_s_p_ptr + row)
+        m_q = tl.load(m_q_ptr + row)
+        log_s_q = tl.load(log_s_q_ptr + row)
+        grad_row = grad_ptr + row * grad_stride
+        for start in range(0, V * active, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            in_row = cols < V
+            logp = (tl.load(p_ptr + row * p_stride + cols, mask=in_row, other=0.0).to(tl.float32) - m_p) - log_s_p
+            logq = (tl.load(q_ptr + row * q_stride + cols, mask=in_row, other=0.0).to(tl.float32) - m_q) - log_s_q
+            grad = scale * tl.exp(logp) * (logp - logq - kl)
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+        for start in range(0, V * (1 - active), BLOCK):  # masked rows: write zeros, read nothing
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(grad_row + cols, tl.zeros((BLOCK,), grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 class _KLDivFunction(torch.autograd.Function):
@@ -409,6 +388,18 @@ class _KLDivFunction(torch.autograd.Function):
                                  grad.stride(0), grad_kl.float().contiguous(), mask_arg, kl, *stats, V,
                                  HAS_MASK=ctx.has_mask, **ctx.config)
         return grad, None, None
+
+
+def kl_div_reference(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Plain-PyTorch kl_div: fp32 log-softmax (float64 for float64 input) of the rows in mask."""
+    if mask is not None:  # only the rows in mask are read; the others give 0 and a zero gradient
+        rows = mask.nonzero().squeeze(1)
+        kl_rows = kl_div_reference(policy_logits[rows], ref_logits[rows])
+        return kl_rows.new_zeros(policy_logits.shape[0]).index_put((rows,), kl_rows)
+    dtype = torch.float64 if policy_logits.dtype == torch.float64 else torch.float32
+    logp = torch.log_softmax(policy_logits.to(dtype), dim=-1)
+    logq = torch.log_softmax(ref_logits.detach().to(dtype), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def kl_div(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -452,12 +443,153 @@ class FusedLoss(NamedTuple):
 # gradient in the lm_head's dtype (bf16; written over the policy logits when fp32). PyTorch:
 # the two fp32 logits + p + one temporary.
 BYTES_PER_LOGIT = {"triton": 10, "torch": 16}
-_warned_mm = False
 
 
 def chunk_tokens_for_budget(vocab_size: int, memory_budget_bytes: int, path: str = "triton") -> int:
     """How many tokens' [V] logits fit the budget (at least 1)."""
     return max(1, memory_budget_bytes // (vocab_size * BYTES_PER_LOGIT[path]))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _ce_kl_chunk_kernel(
+        zp_ptr,       # [C, V] fp32 policy logits of the chunk's C tokens, contiguous
+        zq_ptr,       # [C, V] fp32 reference logits (read only when HAS_REF)
+        grad_ptr,     # [C, V] out, the lm_head's dtype: d loss / d zp (may be zp_ptr itself)
+        stride,       # int: elements between rows of zp, zq and grad
+        labels_ptr,   # [C] int64: target id per row, or IGNORE_INDEX for no CE
+        kl_rows_ptr,  # [C] int8: 1 = the row gets KL (read only when HAS_REF)
+        ce_ptr,       # [C] fp32 out: CE per row (0 without a label)
+        kl_ptr,       # [C] fp32 out: KL(p || q) per row (0 off kl_rows)
+        V,            # int: vocabulary size
+        ce_weight,    # fp32: weight of each row's CE in the loss
+        kl_weight,    # fp32: weight of each row's KL in the loss
+        HAS_REF: tl.constexpr,       # whether there is a reference (a KL term)
+        COMPUTE_GRAD: tl.constexpr,  # whether to write grad (pass 2)
+        BLOCK: tl.constexpr,         # vocabulary columns per step (launch_config)
+    ):
+        # CE = lse(z) - z_label;  KL(p || q) as in _kl_fwd_kernel;
+        # One token chunk of fused_linear_ce_kl: fp32 logits in, per-row CE and KL out, and (if a
+        # gradient is needed) d loss / d logits, written in the lm_head's dtype for the next GEMM
+        # (over the fp32 policy logits in place when that dtype is fp32):
+        #   d loss / dz = ce_weight (p - onehot(label)) + kl_weight p (log p - log q - KL).
+        row = tl.program_id(0).to(tl.int64)
+        zp_row = zp_ptr + row * stride
+        zq_row = zq_ptr + row * stride
+        grad_row = grad_ptr + row * stride
+        label = tl.load(labels_ptr + row)
+        has_label = label != -100
+        kl_on = 0
+        if HAS_REF:
+            kl_on = tl.load(kl_rows_ptr + row).to(tl.int32)
+        active = (has_label | (kl_on != 0)).to(tl.int32)
+        m_p = float("-inf")
+        s_p = 0.0
+        t = 0.0
+        m_q = float("-inf")
+        s_q = 0.0
+        for start in range(0, V * active, BLOCK):  # pass 1: online softmax of both rows
+            cols = start + tl.arange(0, BLOCK)
+            in_row = cols < V
+            z = tl.load(zp_row + cols, mask=in_row, other=float("-inf"))
+            m_p_new, s_p_new, rescale, e = _online_lse_step(m_p, s_p, z)
+            if HAS_REF:  # KL as in _kl_fwd_kernel: log-ratios measured from each row's max
+                w = tl.load(zq_row + cols, mask=in_row, other=float("-inf"))
+                m_q_new, s_q, _, _ = _online_lse_step(m_q, s_q, w)
+                t = _kl_sum_step(t, s_p, m_p, m_p_new, m_q, m_q_new, rescale, e, z, w, in_row)
+                m_q = m_q_new
+            m_p, s_p = m_p_new, s_p_new
+        # Never lse = m + log s: it rounds at the logits' magnitude (see _kl_sum_step).
+        log_s_p = tl.log(s_p)
+        log_s_q = tl.log(s_q)
+        safe_label = tl.where(has_label, label, 0)
+        ce = tl.where(has_label, (m_p - tl.load(zp_row + safe_label, mask=has_label, other=0.0)) + log_s_p, 0.0)
+        kl = tl.where(kl_on != 0, t / s_p + tl.log(s_q / s_p), 0.0)
+        tl.store(ce_ptr + row, ce)
+        tl.store(kl_ptr + row, kl)
+        if COMPUTE_GRAD:
+            ce_scale = tl.where(has_label, ce_weight, 0.0)
+            kl_scale = tl.where(kl_on != 0, kl_weight, 0.0)
+            for start in range(0, V * active, BLOCK):  # pass 2: gradient, in place
+                cols = start + tl.arange(0, BLOCK)
+                in_row = cols < V
+                logp = (tl.load(zp_row + cols, mask=in_row, other=0.0) - m_p) - log_s_p
+                p = tl.exp(logp)
+                grad = ce_scale * (p - tl.where(cols == label, 1.0, 0.0))
+                if HAS_REF:
+                    logq = (tl.load(zq_row + cols, mask=in_row, other=0.0) - m_q) - log_s_q
+                    grad += kl_scale * p * (logp - logq - kl)
+                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+            for start in range(0, V * (1 - active), BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                tl.store(grad_row + cols, tl.zeros((BLOCK,), grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _ce_kl_chunk_triton(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad, grad_dtype):
+    C, V = zp.shape
+    ce = torch.empty(C, dtype=torch.float32, device=zp.device)
+    kl = torch.empty_like(ce)
+    has_ref = zq is not None
+    # A bf16 gradient is written directly (no fp32 gradient + cast pass); fp32 goes in place.
+    grad = zp if grad_dtype == zp.dtype or not need_grad else torch.empty(C, V, dtype=grad_dtype, device=zp.device)
+    with _on_device(zp):  # launch on the tensors' GPU, not the current one
+        _ce_kl_chunk_kernel[(C,)](zp, zq if has_ref else zp, grad, zp.stride(0), labels,
+                                  kl_rows.to(torch.int8) if has_ref else labels, ce, kl, V, float(ce_weight),
+                                  float(kl_weight), HAS_REF=has_ref, COMPUTE_GRAD=need_grad,
+                                  **launch_config(V))
+    return ce, kl, grad if need_grad else None
+
+
+class _FusedLinearCEKLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, policy_hidden, ref_hidden, weight, labels, kl_mask, ce_weight, kl_weight, chunk_tokens,
+                need_grad, path):
+        # Autocast would turn the fp32-output GEMMs back into bf16 ones: the dtypes here are chosen.
+        with torch.autocast(policy_hidden.device.type, enabled=False):
+            ce_rows, kl_rows, grad_hidden = _fused_chunks(policy_hidden, ref_hidden, weight, labels, kl_mask,
+                                                          ce_weight, kl_weight, chunk_tokens, need_grad, path)
+        _require_finite_rows(~torch.isfinite(ce_rows) | ~torch.isfinite(kl_rows),
+                             "lm_head_weight (non-finite logits)")
+        ctx.save_for_backward(grad_hidden)
+        ce_sum, kl_sum = ce_rows.sum(), kl_rows.sum()
+        ctx.mark_non_differentiable(ce_sum, kl_sum)
+        return ce_weight * ce_sum + kl_weight * kl_sum, ce_sum, kl_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce_sum, _grad_kl_sum):
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype),) + (None,) * 9
+
+
+def _fused_chunks(policy_hidden, ref_hidden, weight, labels, kl_mask, ce_weight, kl_weight, chunk_tokens,
+                  need_grad, path):
+    """Per-row CE and KL and (if need_grad) d loss / d policy_hidden, chunk_tokens tokens at a time."""
+    N = policy_hidden.shape[0]
+    chunk_fn = _ce_kl_chunk_triton if path == "triton" else _ce_kl_chunk_torch
+    with_kl = ref_hidden is not None
+    active = (labels != IGNORE_INDEX) | kl_mask if with_kl else labels != IGNORE_INDEX
+    rows = active.nonzero().squeeze(1)  # tokens with neither CE nor KL cost no GEMM at all
+    ce_rows = torch.zeros(N, dtype=torch.float32, device=policy_hidden.device)
+    kl_rows = torch.zeros_like(ce_rows)
+    grad_hidden = torch.zeros_like(policy_hidden) if need_grad else None
+    gemm_dtype = weight.dtype  # dtype of d loss / d logits for the second GEMM
+    for idx in rows.split(chunk_tokens):
+        zp = _matmul_fp32(policy_hidden.index_select(0, idx), weight.t())
+        zq = _matmul_fp32(ref_hidden.index_select(0, idx), weight.t()) if with_kl else None
+        ce, kl, grad_logits = chunk_fn(zp, zq, labels.index_select(0, idx),
+                                       kl_mask.index_select(0, idx) if with_kl else None,
+                                       ce_weight, kl_weight, need_grad, gemm_dtype)
+        ce_rows.index_copy_(0, idx, ce.float())
+        kl_rows.index_copy_(0, idx, kl.float())
+        if need_grad:  # low precision: a bf16 x bf16 GEMM with fp32 accumulation, as Liger
+            grad_logits = grad_logits.to(gemm_dtype)
+            grad_hidden.index_copy_(0, idx, _matmul_fp32(grad_logits, weight).to(grad_hidden.dtype))
+        del zp, zq, grad_logits
+    return ce_rows, kl_rows, grad_hidden
+
+
+_warned_mm = False
 
 
 def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
@@ -505,69 +637,6 @@ def _ce_kl_chunk_torch(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad,
         kl_scale = (kl_rows * kl_weight).to(p.dtype).unsqueeze(1)
         grad = log_ratio.sub_(kl.unsqueeze(1)).mul_(kl_scale).add_(ce_scale).mul_(p)
     return ce, kl, grad.scatter_add_(1, safe_labels, -ce_scale)
-
-
-def _ce_kl_chunk_triton(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad, grad_dtype):
-    C, V = zp.shape
-    ce = torch.empty(C, dtype=torch.float32, device=zp.device)
-    kl = torch.empty_like(ce)
-    has_ref = zq is not None
-    # A bf16 gradient is written directly (no fp32 gradient + cast pass); fp32 goes in place.
-    grad = zp if grad_dtype == zp.dtype or not need_grad else torch.empty(C, V, dtype=grad_dtype, device=zp.device)
-    with _on_device(zp):  # launch on the tensors' GPU, not the current one
-        _ce_kl_chunk_kernel[(C,)](zp, zq if has_ref else zp, grad, zp.stride(0), labels,
-                                  kl_rows.to(torch.int8) if has_ref else labels, ce, kl, V, float(ce_weight),
-                                  float(kl_weight), HAS_REF=has_ref, COMPUTE_GRAD=need_grad,
-                                  **launch_config(V))
-    return ce, kl, grad if need_grad else None
-
-
-def _fused_chunks(policy_hidden, ref_hidden, weight, labels, kl_mask, ce_weight, kl_weight, chunk_tokens,
-                  need_grad, path):
-    """Per-row CE and KL and (if need_grad) d loss / d policy_hidden, chunk_tokens tokens at a time."""
-    N = policy_hidden.shape[0]
-    chunk_fn = _ce_kl_chunk_triton if path == "triton" else _ce_kl_chunk_torch
-    with_kl = ref_hidden is not None
-    active = (labels != IGNORE_INDEX) | kl_mask if with_kl else labels != IGNORE_INDEX
-    rows = active.nonzero().squeeze(1)  # tokens with neither CE nor KL cost no GEMM at all
-    ce_rows = torch.zeros(N, dtype=torch.float32, device=policy_hidden.device)
-    kl_rows = torch.zeros_like(ce_rows)
-    grad_hidden = torch.zeros_like(policy_hidden) if need_grad else None
-    gemm_dtype = weight.dtype  # dtype of d loss / d logits for the second GEMM
-    for idx in rows.split(chunk_tokens):
-        zp = _matmul_fp32(policy_hidden.index_select(0, idx), weight.t())
-        zq = _matmul_fp32(ref_hidden.index_select(0, idx), weight.t()) if with_kl else None
-        ce, kl, grad_logits = chunk_fn(zp, zq, labels.index_select(0, idx),
-                                       kl_mask.index_select(0, idx) if with_kl else None,
-                                       ce_weight, kl_weight, need_grad, gemm_dtype)
-        ce_rows.index_copy_(0, idx, ce.float())
-        kl_rows.index_copy_(0, idx, kl.float())
-        if need_grad:  # low precision: a bf16 x bf16 GEMM with fp32 accumulation, as Liger
-            grad_logits = grad_logits.to(gemm_dtype)
-            grad_hidden.index_copy_(0, idx, _matmul_fp32(grad_logits, weight).to(grad_hidden.dtype))
-        del zp, zq, grad_logits
-    return ce_rows, kl_rows, grad_hidden
-
-
-class _FusedLinearCEKLFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, policy_hidden, ref_hidden, weight, labels, kl_mask, ce_weight, kl_weight, chunk_tokens,
-                need_grad, path):
-        # Autocast would turn the fp32-output GEMMs back into bf16 ones: the dtypes here are chosen.
-        with torch.autocast(policy_hidden.device.type, enabled=False):
-            ce_rows, kl_rows, grad_hidden = _fused_chunks(policy_hidden, ref_hidden, weight, labels, kl_mask,
-                                                          ce_weight, kl_weight, chunk_tokens, need_grad, path)
-        _require_finite_rows(~torch.isfinite(ce_rows) | ~torch.isfinite(kl_rows),
-                             "lm_head_weight (non-finite logits)")
-        ctx.save_for_backward(grad_hidden)
-        ce_sum, kl_sum = ce_rows.sum(), kl_rows.sum()
-        ctx.mark_non_differentiable(ce_sum, kl_sum)
-        return ce_weight * ce_sum + kl_weight * kl_sum, ce_sum, kl_sum
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ce_sum, _grad_kl_sum):
-        (grad_hidden,) = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype),) + (None,) * 9
 
 
 def _fused_linear_ce_kl(path, policy_hidden, ref_hidden, lm_head_weight, labels, kl_mask, ce_weight, kl_weight,
