@@ -13,6 +13,7 @@ every load before touching it (the interpreter also gets bf16 arithmetic wrong).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -566,7 +567,6 @@ def _fused_chunks(policy_hidden, ref_hidden, weight, labels, kl_mask, ce_weight,
                   need_grad, path):
     """Per-row CE and KL and (if need_grad) d loss / d policy_hidden, chunk_tokens tokens at a time."""
     N = policy_hidden.shape[0]
-    chunk_fn = _ce_kl_chunk_triton if path == "triton" else _ce_kl_chunk_torch
     with_kl = ref_hidden is not None
     active = (labels != IGNORE_INDEX) | kl_mask if with_kl else labels != IGNORE_INDEX
     rows = active.nonzero().squeeze(1)  # tokens with neither CE nor KL cost no GEMM at all
@@ -574,12 +574,16 @@ def _fused_chunks(policy_hidden, ref_hidden, weight, labels, kl_mask, ce_weight,
     kl_rows = torch.zeros_like(ce_rows)
     grad_hidden = torch.zeros_like(policy_hidden) if need_grad else None
     gemm_dtype = weight.dtype  # dtype of d loss / d logits for the second GEMM
+    if path == "triton":  # the kernel writes the gradient in gemm_dtype itself
+        chunk_fn = functools.partial(_ce_kl_chunk_triton, grad_dtype=gemm_dtype)
+    else:  # an fp32 gradient, cast below
+        chunk_fn = _ce_kl_chunk_torch
     for idx in rows.split(chunk_tokens):
         zp = _matmul_fp32(policy_hidden.index_select(0, idx), weight.t())
         zq = _matmul_fp32(ref_hidden.index_select(0, idx), weight.t()) if with_kl else None
         ce, kl, grad_logits = chunk_fn(zp, zq, labels.index_select(0, idx),
                                        kl_mask.index_select(0, idx) if with_kl else None,
-                                       ce_weight, kl_weight, need_grad, gemm_dtype)
+                                       ce_weight, kl_weight, need_grad)
         ce_rows.index_copy_(0, idx, ce.float())
         kl_rows.index_copy_(0, idx, kl.float())
         if need_grad:  # low precision: a bf16 x bf16 GEMM with fp32 accumulation, as Liger
@@ -616,7 +620,7 @@ def _log_softmax_(z: Tensor) -> Tensor:
     return z.sub_(z.logsumexp(-1, keepdim=True))
 
 
-def _ce_kl_chunk_torch(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad, _grad_dtype=None):
+def _ce_kl_chunk_torch(zp, zq, labels, kl_rows, ce_weight, kl_weight, need_grad):
     """PyTorch version of _ce_kl_chunk_kernel, in place on the chunk's fp32 logits (fp32 gradient;
     the caller casts it for the GEMM)."""
     has_label = labels != IGNORE_INDEX
