@@ -40,7 +40,6 @@ import kernels as K
 
 RESULTS_DIR = Path(__file__).resolve().parent / "bench" / "results"
 V, H, K_TOP, N_CANARIES, LAMBDA = 152_064, 3_584, 256, 24, 0.1
-IGNORE = -100
 
 
 # ------------------------------------------------------------------ eager PyTorch baselines
@@ -54,7 +53,7 @@ def eager_kl(policy_logits, ref_logits):
 def eager_fused(hidden, ref_hidden, weight, labels, kl_mask, ce_weight, kl_weight):
     """Eager CE + lambda KL from hidden states: whole [N, V] logits, fp32 softmax."""
     logits = (hidden @ weight.T).float()
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    ce = F.cross_entropy(logits, labels, ignore_index=K.IGNORE_INDEX, reduction="sum")
     with torch.no_grad():
         logq = torch.log_softmax((ref_hidden @ weight.T).float(), -1)
     logp = torch.log_softmax(logits, -1)
@@ -266,7 +265,7 @@ def cuda_correctness(dev) -> dict:
     hidden = torch.randn(64, H, device=dev, generator=g).to(torch.bfloat16)
     ref_hidden = (hidden.float() + 0.1 * torch.randn(64, H, device=dev, generator=g)).to(torch.bfloat16)
     labels = torch.randint(0, V, (64,), device=dev, generator=g)
-    labels[::5] = IGNORE
+    labels[::5] = K.IGNORE_INDEX
     kl_mask = torch.arange(64, device=dev) % 3 != 0
     h = hidden.clone().requires_grad_()
     ours = K.fused_linear_ce_kl(h, ref_hidden, weight, labels, kl_mask, 1 / 51, LAMBDA / 42, chunk_tokens=24)
@@ -533,8 +532,8 @@ def train_step_bench(device: str, reps: int) -> tuple[dict, list[str]]:
     ids = torch.randint(0, shape["vocab_size"], (micro, seq), device=device)
     mask = torch.ones_like(ids)
     mask[1::2, -seq // 4:] = 0  # half the rows right-padded by a quarter, as in real batches
-    labels = ids.roll(-1, dims=1).masked_fill(mask.roll(-1, dims=1) == 0, IGNORE)
-    labels[:, -1] = IGNORE
+    labels = ids.roll(-1, dims=1).masked_fill(mask.roll(-1, dims=1) == 0, K.IGNORE_INDEX)
+    labels[:, -1] = K.IGNORE_INDEX
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else (lambda: torch.autocast("cpu", enabled=False))
 
@@ -551,7 +550,7 @@ def train_step_bench(device: str, reps: int) -> tuple[dict, list[str]]:
         def step():
             with autocast():
                 logits = theirs(input_ids=ids, attention_mask=mask).logits.float()
-                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=K.IGNORE_INDEX)
                 if lam > 0:  # the usual transformers + PEFT recipe: KL over every real token
                     with torch.no_grad(), theirs.disable_adapter():
                         ref = theirs(input_ids=ids, attention_mask=mask).logits

@@ -82,6 +82,8 @@ def _require_finite_rows(bad_rows: Tensor, name: str) -> None:
 # s = sum exp(z - m)), so no [N, V] fp32 copy exists.
 # --------------------------------------------------------------------------------------
 if HAS_TRITON:
+    # A kernel reads a module global only as a tl.constexpr object.
+    _IGNORE_INDEX_TL = tl.constexpr(IGNORE_INDEX)
 
     @triton.jit
     def _count_nonfinite(z, in_row):
@@ -480,7 +482,7 @@ if HAS_TRITON:
         zq_row = zq_ptr + row * stride
         grad_row = grad_ptr + row * stride
         label = tl.load(labels_ptr + row)
-        has_label = label != -100
+        has_label = label != _IGNORE_INDEX_TL
         kl_on = 0
         if HAS_REF:
             kl_on = tl.load(kl_rows_ptr + row).to(tl.int32)
@@ -690,7 +692,7 @@ def fused_linear_ce_kl_reference(policy_hidden, ref_hidden, lm_head_weight, labe
 def fused_linear_ce_kl(policy_hidden: Tensor, ref_hidden: Tensor | None, lm_head_weight: Tensor, labels: Tensor,
                        kl_mask: Tensor | None, ce_weight: float, kl_weight: float, chunk_tokens: int | None = None,
                        memory_budget_bytes: int = 1 << 30) -> FusedLoss:
-    """Eq. 1 from final hidden states: ce_weight * sum_{labels != -100} CE + kl_weight * sum_{kl_mask} KL.
+    """Eq. 1 from final hidden states: ce_weight * sum_{labels != IGNORE_INDEX} CE + kl_weight * sum_{kl_mask} KL.
 
     labels are already shifted (labels[i] is the target of row i). ref_hidden None or
     kl_weight == 0: CE only; kl_mask None: KL on the supervised tokens. lm_head_weight is
