@@ -664,8 +664,8 @@ def _fused_linear_ce_kl(path, policy_hidden, ref_hidden, lm_head_weight, labels,
     if with_kl:
         _require(ref_hidden.shape == policy_hidden.shape and ref_hidden.dtype == dtype,
                  f"ref_hidden: expected {_desc(policy_hidden)} like policy_hidden, got {_desc(ref_hidden)}")
-        if kl_mask is None:  # default: KL on the supervised tokens (DESIGN.md, step 5)
-            kl_mask = labels != IGNORE_INDEX
+        # No default here: which tokens get KL is TrainConfig.kl_tokens, chosen in config.py alone.
+        _require(kl_mask is not None, "kl_mask: required with ref_hidden and kl_weight != 0 (the tokens that get KL)")
         _require(kl_mask.shape == (N,) and kl_mask.dtype == torch.bool, f"kl_mask: expected bool [{N}], got {_desc(kl_mask)}")
         _require_finite_rows(~torch.isfinite(ref_hidden).all(dim=1), "ref_hidden")
     _require_finite_rows(~torch.isfinite(policy_hidden).all(dim=1), "policy_hidden")
@@ -695,7 +695,7 @@ def fused_linear_ce_kl(policy_hidden: Tensor, ref_hidden: Tensor | None, lm_head
     """Eq. 1 from final hidden states: ce_weight * sum_{labels != IGNORE_INDEX} CE + kl_weight * sum_{kl_mask} KL.
 
     labels are already shifted (labels[i] is the target of row i). ref_hidden None or
-    kl_weight == 0: CE only; kl_mask None: KL on the supervised tokens. lm_head_weight is
+    kl_weight == 0: CE only (kl_mask may be None); otherwise kl_mask [N] bool marks the KL tokens. lm_head_weight is
     frozen; the gradient goes to policy_hidden only. Tokens are processed chunk_tokens at a
     time (default: as many as memory_budget_bytes of logits allows), so [N, V] never exists."""
     path = "triton" if use_triton(policy_hidden) else "torch"

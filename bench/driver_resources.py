@@ -26,11 +26,12 @@ def launch_every_variant(V: int, k: int, H: int) -> None:
         K.kl_div(logits.clone().requires_grad_(), logits.roll(1, 1), mask).sum().backward()
     hidden = torch.randn(4, H, device=dev, generator=g).bfloat16()
     weight = (0.02 * torch.randn(V, H, device=dev, generator=g)).bfloat16()
-    labels = torch.tensor([1, -100, 5, 7], device=dev)
+    labels = torch.tensor([1, K.IGNORE_INDEX, 5, 7], device=dev)
     for ref in (None, hidden.flip(0)):
-        K.fused_linear_ce_kl(hidden.clone().requires_grad_(), ref, weight, labels, None, 1.0, 0.1).loss.backward()
+        kl_mask = None if ref is None else labels != K.IGNORE_INDEX
+        K.fused_linear_ce_kl(hidden.clone().requires_grad_(), ref, weight, labels, kl_mask, 1.0, 0.1).loss.backward()
         with torch.no_grad():
-            K.fused_linear_ce_kl(hidden, ref, weight, labels, None, 1.0, 0.1)
+            K.fused_linear_ce_kl(hidden, ref, weight, labels, kl_mask, 1.0, 0.1)
     torch.cuda.synchronize()
 
 

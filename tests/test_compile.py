@@ -144,9 +144,10 @@ def test_compiled_variants_are_what_the_launch_code_launches(monkeypatch):
     hidden, weight = torch.randn(3, H, generator=g).bfloat16(), torch.randn(V, H, generator=g).bfloat16()
     labels = torch.tensor([1, -100, 5])
     for ref in (None, hidden.flip(0)):
-        K.fused_linear_ce_kl(hidden.clone().requires_grad_(), ref, weight, labels, None, 1.0, 0.1).loss.backward()
+        kl_mask = None if ref is None else labels != K.IGNORE_INDEX
+        K.fused_linear_ce_kl(hidden.clone().requires_grad_(), ref, weight, labels, kl_mask, 1.0, 0.1).loss.backward()
         with torch.no_grad():
-            K.fused_linear_ce_kl(hidden, ref, weight, labels, None, 1.0, 0.1)
+            K.fused_linear_ce_kl(hidden, ref, weight, labels, kl_mask, 1.0, 0.1)
     unmatched = [(kernel.fn.__name__, {n: getattr(v, "dtype", v) for n, v in args.items()})
                  for kernel, args in calls
                  if not any(s.kernel is kernel and _described_by(s.args, args) for s in specs)]

@@ -394,6 +394,7 @@ def _bad_calls():
         "fused_labels_range": ("labels", lambda: fused(labels=labels.clamp_min(0) + 50)),
         "fused_labels_dtype": ("labels", lambda: fused(labels=labels.float())),
         "fused_kl_mask_dtype": ("kl_mask", lambda: fused(kl_mask=kl_mask.long())),
+        "fused_kl_mask_missing": ("kl_mask", lambda: fused(kl_mask=None)),
         "fused_nan_hidden": ("policy_hidden", lambda: fused(policy_hidden=nan_hidden)),
         "fused_chunk": ("chunk_tokens", lambda: fused(chunk_tokens=0)),
     }
