@@ -98,25 +98,45 @@ def rel_err(got, want) -> float:
 
 # ------------------------------------------------------------------ CUDA benchmark
 def cuda_main(args) -> None:
-    import triton
-
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name(dev)
     load_before = machine_load()
     torch.manual_seed(0)
+    bandwidth = copy_bandwidth(dev)
+    liger, liger_note = load_liger()
+    correctness = cuda_correctness(dev)
+    print("correctness vs float64:", json.dumps(correctness))
+    session = CudaSession(bandwidth, liger, no_compile=args.no_compile)
+    bench_monitor(session, dev)
+    bench_kl_div(session, dev, args.tokens)
+    bench_fused(session, dev, args.tokens)
+    payload = dict(device="cuda", gpu=gpu, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                   versions=versions(), machine_load_before=load_before, copy_bandwidth_GBps=bandwidth / 1e9, correctness=correctness,
+                   liger_note=liger_note, records=session.records)
+    payload["targets"] = cuda_targets(session.records)
+    markdown = cuda_markdown(payload)
+    print(markdown)
+    print(f"written: {write_results(gpu, payload, markdown)}.{{json,md}}")
 
-    def bench_ms(fn, leaves=()) -> dict:
-        """min / median / max milliseconds over triton's repetitions."""
-        lo, mid, hi = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(leaves), quantiles=[0.0, 0.5, 1.0])
-        return {"min": lo, "median": mid, "max": hi}
 
-    # Device-to-device copy bandwidth: 1 GiB read + 1 GiB written per copy.
+def bench_ms(fn, leaves=()) -> dict:
+    """min / median / max milliseconds over triton's repetitions."""
+    import triton
+
+    lo, mid, hi = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(leaves), quantiles=[0.0, 0.5, 1.0])
+    return {"min": lo, "median": mid, "max": hi}
+
+
+def copy_bandwidth(dev) -> float:
+    """Device-to-device copy bandwidth in bytes / s: 1 GiB read + 1 GiB written per copy."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     copy_ms = bench_ms(lambda: dst.copy_(src))["median"]
-    bandwidth = 2 * src.numel() / (copy_ms * 1e-3)  # bytes / s
-    del src, dst
+    return 2 * src.numel() / (copy_ms * 1e-3)
 
+
+def load_liger() -> tuple[dict, str]:
+    """Liger's modules by key (jsd, flce, fljsd), and a note on any that could not be made."""
     liger, liger_note = {}, ""
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD, LigerJSD
@@ -131,13 +151,23 @@ def cuda_main(args) -> None:
             liger.pop("fljsd", None)  # the fused comparison needs both
     except ImportError:
         liger_note = "liger-kernel not installed (pip install -e .[bench]): Liger columns skipped"
+    return liger, liger_note
 
-    correctness = cuda_correctness(dev)
-    print("correctness vs float64:", json.dumps(correctness))
 
-    records = []
+class CudaSession:
+    """What every CUDA case shares: the copy bandwidth, the providers, their compiled functions, and the
+    records so far."""
 
-    def run(op, shape, provider, mode, fn, leaves=(), bound_s=None, gemm_s=None):
+    def __init__(self, bandwidth: float, liger: dict, no_compile: bool):
+        self.bandwidth, self.liger, self.no_compile = bandwidth, liger, no_compile
+        self.providers = ["ours", "eager"] + ([] if no_compile else ["compile"]) + ["liger"]
+        # Static shapes: one compilation per shape, no dynamic-shape graphs (keeps the run short).
+        self.compiled_kl = torch.compile(eager_kl, dynamic=False)
+        self.compiled_js = torch.compile(K.topk_js_reference, dynamic=False)
+        self.compiled_fused = torch.compile(eager_fused, dynamic=False)
+        self.records = []
+
+    def run(self, op, shape, provider, mode, fn, leaves=(), bound_s=None, gemm_s=None):
         """Time and measure fn (returns a loss) in one mode; record errors instead of dying."""
         def step():
             if mode == "fwd":
@@ -168,49 +198,55 @@ def cuda_main(args) -> None:
                 t.grad = None
             gc.collect()
             torch.cuda.empty_cache()
-        records.append(rec)
+        self.records.append(rec)
         print(json.dumps(rec))
 
-    # Static shapes: one compilation per shape, no dynamic-shape graphs (keeps the run short).
-    compiled_kl = torch.compile(eager_kl, dynamic=False)
-    compiled_js = torch.compile(K.topk_js_reference, dynamic=False)
-    compiled_fused = torch.compile(eager_fused, dynamic=False)
-    providers = ["ours", "eager"] + ([] if args.no_compile else ["compile"]) + ["liger"]
+    def run_providers(self, op, shape, mode, fns, leaves, ours_bound_s=None, ours_gemm_s=None):
+        """run() each provider that has a function in fns, in the providers' order; the bound or GEMM time
+        goes with ours only."""
+        for name in self.providers:
+            if name in fns:
+                ours = name == "ours"
+                self.run(op, shape, name, mode, fns[name], leaves, bound_s=ours_bound_s if ours else None,
+                         gemm_s=ours_gemm_s if ours else None)
 
-    # --- monitor: top-k JS, 24 x V, k = 256 (no gradient: forward only)
+
+def bench_monitor(session: CudaSession, dev) -> None:
+    """The monitor: top-k JS, 24 x V, k = 256 (no gradient: forward only)."""
     logits = torch.randn(N_CANARIES, V, device=dev, dtype=torch.bfloat16) * 3
     ids, lq = K.reference_topk(logits.float() + torch.randn_like(logits, dtype=torch.float32), K_TOP)
     shape = f"{N_CANARIES}x{V} k={K_TOP}"
-    js_bound = logits.numel() * logits.element_size() / bandwidth
+    js_bound = logits.numel() * logits.element_size() / session.bandwidth
     for variant in K.JS_VARIANTS:
         op = f"topk_js[{variant}]"
-        run(op, shape, "ours", "fwd", lambda: K.topk_js(logits, ids, lq, variant).sum(), bound_s=js_bound)
-        run(op, shape, "eager", "fwd", lambda: K.topk_js_reference(logits, ids, lq, variant).sum())
-        if not args.no_compile:
-            run(op, shape, "compile", "fwd", lambda: compiled_js(logits, ids, lq, variant).sum())
-    del logits
+        session.run(op, shape, "ours", "fwd", lambda: K.topk_js(logits, ids, lq, variant).sum(), bound_s=js_bound)
+        session.run(op, shape, "eager", "fwd", lambda: K.topk_js_reference(logits, ids, lq, variant).sum())
+        if not session.no_compile:
+            session.run(op, shape, "compile", "fwd", lambda: session.compiled_js(logits, ids, lq, variant).sum())
 
-    # --- regulariser on materialised logits: KL(policy || ref), N x V bf16
-    for N in args.tokens:
+
+def bench_kl_div(session: CudaSession, dev, tokens) -> None:
+    """The regulariser on materialised logits: KL(policy || ref), N x V bf16."""
+    for N in tokens:
         shape = f"{N}x{V}"
         policy = (torch.randn(N, V, device=dev) * 3).to(torch.bfloat16).requires_grad_()
         ref = (policy.detach().float() + torch.randn(N, V, device=dev)).to(torch.bfloat16)
         unit = N * V * 2  # one pass over one bf16 [N, V] tensor
         fns = {"ours": lambda: K.kl_div(policy, ref).sum(), "eager": lambda: eager_kl(policy, ref).sum(),
-               "compile": lambda: compiled_kl(policy, ref).sum()}
-        if "jsd" in liger:  # LigerJSD(beta=1) on log-softmax inputs = KL(policy || ref), mean over rows
-            fns["liger"] = lambda: liger["jsd"](torch.log_softmax(policy, -1), torch.log_softmax(ref, -1))
+               "compile": lambda: session.compiled_kl(policy, ref).sum()}
+        if "jsd" in session.liger:  # LigerJSD(beta=1) on log-softmax inputs = KL(policy || ref), mean over rows
+            fns["liger"] = lambda: session.liger["jsd"](torch.log_softmax(policy, -1), torch.log_softmax(ref, -1))
         for mode, bound in (("fwd", 2 * unit), ("fwd+bwd", 5 * unit)):  # read p, q | + read p, q, write grad
-            for name in providers:
-                if name in fns:
-                    run("kl_div", shape, name, mode, fns[name], [policy], bound / bandwidth if name == "ours" else None)
+            session.run_providers("kl_div", shape, mode, fns, [policy], ours_bound_s=bound / session.bandwidth)
         del policy, ref
         gc.collect()
         torch.cuda.empty_cache()
 
-    # --- fused lm_head + CE + lambda KL from hidden states
+
+def bench_fused(session: CudaSession, dev, tokens) -> None:
+    """Fused lm_head + CE + lambda KL from hidden states, against the cuBLAS time of its own GEMMs."""
     weight = (torch.randn(V, H, device=dev) / math.sqrt(H)).to(torch.bfloat16)
-    for N in args.tokens:
+    for N in tokens:
         shape = f"{N}x{H}->{V}"
         hidden = torch.randn(N, H, device=dev).to(torch.bfloat16).requires_grad_()
         ref_hidden = (hidden.detach().float() + 0.1 * torch.randn(N, H, device=dev)).to(torch.bfloat16)
@@ -224,23 +260,14 @@ def cuda_main(args) -> None:
         del grad_logits
         fns = {"ours": lambda: K.fused_linear_ce_kl(hidden, ref_hidden, weight, labels, kl_mask, ce_w, kl_w).loss,
                "eager": lambda: eager_fused(hidden, ref_hidden, weight, labels, kl_mask, ce_w, kl_w),
-               "compile": lambda: compiled_fused(hidden, ref_hidden, weight, labels, kl_mask, ce_w, kl_w)}
-        if "fljsd" in liger:  # Liger's fused linear CE and fused linear JSD(beta=1) = KL, run separately
+               "compile": lambda: session.compiled_fused(hidden, ref_hidden, weight, labels, kl_mask, ce_w, kl_w)}
+        if "fljsd" in session.liger:  # Liger's fused linear CE and fused linear JSD(beta=1) = KL, run separately
+            liger = session.liger
             fns["liger"] = lambda: (ce_w * liger["flce"](weight, hidden, labels)
                                     + LAMBDA * liger["fljsd"](hidden, weight, ref_hidden, weight))
         for mode, gemm in (("fwd", 2 * gemm_fwd), ("fwd+bwd", 2 * gemm_fwd + gemm_bwd)):
-            for name in providers:
-                if name in fns:
-                    run("fused_linear_ce_kl", shape, name, mode, fns[name], [hidden],
-                        gemm_s=gemm if name == "ours" else None)
+            session.run_providers("fused_linear_ce_kl", shape, mode, fns, [hidden], ours_gemm_s=gemm)
         del hidden, ref_hidden
-    payload = dict(device="cuda", gpu=gpu, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                   versions=versions(), machine_load_before=load_before, copy_bandwidth_GBps=bandwidth / 1e9, correctness=correctness,
-                   liger_note=liger_note, records=records)
-    payload["targets"] = cuda_targets(records)
-    markdown = cuda_markdown(payload)
-    print(markdown)
-    print(f"written: {write_results(gpu, payload, markdown)}.{{json,md}}")
 
 
 def cuda_correctness(dev) -> dict:
