@@ -385,6 +385,123 @@ def cuda_markdown(payload) -> str:
 
 
 # ------------------------------------------------------------------ CPU: PyTorch paths, reduced sizes
+def cpu_main(args) -> None:
+    os.environ["TRITON_INTERPRET"] = "0"  # the PyTorch references, never the interpreter
+    torch.manual_seed(0)
+    out = {"device": "cpu", "date": datetime.datetime.now().isoformat(timespec="seconds"), "versions": versions(),
+           "threads": torch.get_num_threads(), "hidden_size": args.cpu_hidden, "machine_load_before": machine_load()}
+    lines = ["# kernels.py benchmark: CPU (no CUDA), PyTorch paths only", "",
+             f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. No Triton timing and no GPU number "
+             "here: run `make bench` on a CUDA machine for those.", ""]
+    cur, ref = torch.randn(N_CANARIES, V), torch.randn(N_CANARIES, V)
+    monitor_inputs = (cur, *K.reference_topk(ref, K_TOP))  # current logits, the reference's top-k ids, log-probs
+    out["correctness"] = cpu_correctness(*monitor_inputs)
+    lines += [f"Correctness vs float64: {out['correctness']}", ""]
+    out["cpu_seconds"] = cpu_times(args.cpu_tokens, args.cpu_hidden, *monitor_inputs)
+    lines += ["| CPU, PyTorch path | seconds, median of 3 | min | max |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} |" for k, v in out["cpu_seconds"].items()]
+    gc.collect()
+    out["memory"] = cpu_memory(args.cpu_hidden)
+    lines += cpu_memory_lines(out["memory"])
+    markdown = "\n".join(lines)
+    print(markdown)
+    print(f"written: {write_results('cpu', out, markdown)}.{{json,md}}")
+
+
+def cpu_correctness(cur, ids, lq) -> dict:
+    """The PyTorch paths against float64 (small shapes)."""
+    hidden, ref_hidden, weight, labels, kl_mask = _fused_inputs(64, 64, 8192, seed=1)
+    got = K.fused_linear_ce_kl_reference(hidden, ref_hidden, weight, labels, kl_mask, 1 / 64, LAMBDA / 64, chunk_tokens=24)
+    got.loss.backward()
+    h64 = hidden.detach().double().requires_grad_()
+    want = eager_fused(h64, ref_hidden.double(), weight.double(), labels, kl_mask, 1 / 64, LAMBDA / 64)
+    want.backward()
+    return {"fused loss rel err": rel_err(got.loss.detach(), want.detach()),
+            "fused grad rel err": rel_err(hidden.grad, h64.grad),
+            "topk_js max abs err": (K.topk_js(cur, ids, lq) - K.topk_js_reference(cur.double(), ids, lq)).abs().max().item()}
+
+
+def cpu_times(n_time: int, H_cpu: int, cur, ids, lq) -> dict:
+    """Seconds (median of 3) of each PyTorch path and its eager counterpart at reduced size."""
+    times = {"topk_js (24 x 152064, k=256), renorm": _time_s(lambda: K.topk_js(cur, ids, lq)),
+             "topk_js (24 x 152064, k=256), rest": _time_s(lambda: K.topk_js(cur, ids, lq, "rest"))}
+    policy = torch.randn(n_time, V, requires_grad=True)
+    refl = torch.randn(n_time, V)
+    times[f"kl_div, PyTorch path incl. its non-finite input check, fwd+bwd ({n_time} x {V})"] = _time_s(lambda: K.kl_div(policy, refl).sum().backward())
+    times[f"eager KL fwd+bwd ({n_time} x {V})"] = _time_s(lambda: eager_kl(policy, refl).sum().backward())
+    f_in = _fused_inputs(n_time, H_cpu, V, seed=2)
+    times[f"fused chunked fwd+bwd ({n_time} x {H_cpu} -> {V})"] = _time_s(lambda: _chunked_loss(*f_in).backward())
+    times[f"eager fused fwd+bwd ({n_time} x {H_cpu} -> {V})"] = _time_s(lambda: _eager_loss(*f_in).backward())
+    return times
+
+
+def cpu_memory(H_cpu: int) -> dict:
+    """Peak memory of the fused loss, fwd+bwd, at N = 4096, V = 152,064: chunked against eager."""
+    N_mem = 4096
+    chunked = _fused_peak(_chunked_loss, N_mem, H_cpu, V, "cpu")
+    eager_meta = _fused_peak(_eager_loss, N_mem, H_cpu, V, "meta")
+    # The eager count on the meta device equals the count of a real CPU run (checked at small N).
+    check_n = 256
+    eager_real_small, eager_meta_small = (_fused_peak(_eager_loss, check_n, H_cpu, V, d) for d in ("cpu", "meta"))
+    return {"N": N_mem, "V": V, "H": H_cpu, "chunk_tokens": K.chunk_tokens_for_budget(V, 1 << 30, "torch"),
+            "chunked_peak_bytes": chunked, "eager_peak_bytes": eager_meta, "ratio": chunked / eager_meta, "target": 0.25,
+            "check_N": check_n, "eager_real_bytes_at_check_N": eager_real_small,
+            "eager_meta_bytes_at_check_N": eager_meta_small,
+            "method": "live tensor-storage bytes per aten op (TorchDispatchMode), inputs excluded; "
+                      "chunked path run for real on the CPU, eager on the meta device"}
+
+
+def cpu_memory_lines(memory: dict) -> list[str]:
+    ratio = memory["ratio"]
+    return ["", f"Peak memory, CE + lambda KL fwd+bwd, N = {memory['N']}, V = {V}, H = {memory['H']} (H reduced from 3,584 to "
+            "keep the CPU run short; the logits dominate either way), default 1 GiB budget "
+            f"({memory['chunk_tokens']} tokens per chunk):", "",
+            "| path | peak MB above inputs |", "|---|---|",
+            f"| chunked (fused_linear_ce_kl_reference, run on CPU) | {memory['chunked_peak_bytes'] / 2**20:.0f} |",
+            f"| eager (whole fp32 logits, counted on the meta device) | {memory['eager_peak_bytes'] / 2**20:.0f} |",
+            f"| **ratio chunked / eager** | **{ratio:.3f}** (target <= 0.25: {'met' if ratio <= 0.25 else 'NOT met'}) |",
+            "", f"Method: {memory['method']}. The meta count is checked against a real CPU run at N = "
+            f"{memory['check_N']}: {memory['eager_meta_bytes_at_check_N']} vs {memory['eager_real_bytes_at_check_N']} bytes."]
+
+
+def _chunked_loss(h, r, w, lab, m):
+    """Ours (the chunked PyTorch path) with the loop's weights: CE mean + lambda KL mean."""
+    return K.fused_linear_ce_kl_reference(h, r, w, lab, m, 1.0 / len(lab), LAMBDA / len(lab)).loss
+
+
+def _eager_loss(h, r, w, lab, m):
+    return eager_fused(h, r, w, lab, m, 1.0 / len(lab), LAMBDA / len(lab))
+
+
+def _time_s(fn, reps=3) -> dict:
+    """min / median / max seconds over reps calls."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
+
+
+def _fused_inputs(N, H_, V_, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = (lambda *s: torch.randn(*s, generator=g)) if device == "cpu" else (lambda *s: torch.empty(*s, device=device))
+    weight = make(V_, H_) / math.sqrt(H_)
+    hidden = make(N, H_).requires_grad_()
+    ref_hidden = make(N, H_)
+    labels = torch.randint(0, V_, (N,), generator=g).to(device)
+    return hidden, ref_hidden, weight, labels, torch.ones(N, dtype=torch.bool, device=device)
+
+
+def _fused_peak(fn, N, H_, V_, device):
+    hidden, ref_hidden, weight, labels, kl_mask = _fused_inputs(N, H_, V_, device)
+    with LiveTensorBytes(hidden, ref_hidden, weight, labels, kl_mask) as tracker:
+        loss = fn(hidden, ref_hidden, weight, labels, kl_mask)
+        loss.backward()
+        del loss
+    return tracker.peak
+
+
 class LiveTensorBytes(TorchDispatchMode):
     """Peak bytes of live tensor storages created inside the block (inputs excluded).
 
@@ -410,107 +527,6 @@ class LiveTensorBytes(TorchDispatchMode):
                     self.current += st.nbytes()
         self.peak = max(self.peak, self.current)
         return out
-
-
-def _fused_inputs(N, H_, V_, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    make = (lambda *s: torch.randn(*s, generator=g)) if device == "cpu" else (lambda *s: torch.empty(*s, device=device))
-    weight = make(V_, H_) / math.sqrt(H_)
-    hidden = make(N, H_).requires_grad_()
-    ref_hidden = make(N, H_)
-    labels = torch.randint(0, V_, (N,), generator=g).to(device)
-    return hidden, ref_hidden, weight, labels, torch.ones(N, dtype=torch.bool, device=device)
-
-
-def _fused_peak(fn, N, H_, V_, device):
-    hidden, ref_hidden, weight, labels, kl_mask = _fused_inputs(N, H_, V_, device)
-    with LiveTensorBytes(hidden, ref_hidden, weight, labels, kl_mask) as tracker:
-        loss = fn(hidden, ref_hidden, weight, labels, kl_mask)
-        loss.backward()
-        del loss
-    return tracker.peak
-
-
-def _time_s(fn, reps=3) -> dict:
-    """min / median / max seconds over reps calls."""
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
-
-
-def cpu_main(args) -> None:
-    os.environ["TRITON_INTERPRET"] = "0"  # the PyTorch references, never the interpreter
-    torch.manual_seed(0)
-    H_cpu = args.cpu_hidden
-    ours = lambda h, r, w, lab, m: K.fused_linear_ce_kl_reference(h, r, w, lab, m, 1.0 / len(lab), LAMBDA / len(lab)).loss  # noqa: E731
-    eager = lambda h, r, w, lab, m: eager_fused(h, r, w, lab, m, 1.0 / len(lab), LAMBDA / len(lab))  # noqa: E731
-    out = {"device": "cpu", "date": datetime.datetime.now().isoformat(timespec="seconds"), "versions": versions(),
-           "threads": torch.get_num_threads(), "hidden_size": H_cpu, "machine_load_before": machine_load()}
-    lines = ["# kernels.py benchmark: CPU (no CUDA), PyTorch paths only", "",
-             f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. No Triton timing and no GPU number "
-             "here: run `make bench` on a CUDA machine for those.", ""]
-
-    # 1. correctness of the PyTorch paths against float64 (small shapes)
-    hidden, ref_hidden, weight, labels, kl_mask = _fused_inputs(64, 64, 8192, seed=1)
-    got = K.fused_linear_ce_kl_reference(hidden, ref_hidden, weight, labels, kl_mask, 1 / 64, LAMBDA / 64, chunk_tokens=24)
-    got.loss.backward()
-    h64 = hidden.detach().double().requires_grad_()
-    want = eager_fused(h64, ref_hidden.double(), weight.double(), labels, kl_mask, 1 / 64, LAMBDA / 64)
-    want.backward()
-    cur, ref = torch.randn(N_CANARIES, V), torch.randn(N_CANARIES, V)
-    ids, lq = K.reference_topk(ref, K_TOP)
-    out["correctness"] = {"fused loss rel err": rel_err(got.loss.detach(), want.detach()),
-                          "fused grad rel err": rel_err(hidden.grad, h64.grad),
-                          "topk_js max abs err": (K.topk_js(cur, ids, lq) - K.topk_js_reference(cur.double(), ids, lq)).abs().max().item()}
-    lines.append(f"Correctness vs float64: {out['correctness']}")
-    lines.append("")
-
-    # 2. times (median of 3) at reduced size
-    n_time = args.cpu_tokens
-    times = {"topk_js (24 x 152064, k=256), renorm": _time_s(lambda: K.topk_js(cur, ids, lq)),
-             "topk_js (24 x 152064, k=256), rest": _time_s(lambda: K.topk_js(cur, ids, lq, "rest"))}
-    policy = torch.randn(n_time, V, requires_grad=True)
-    refl = torch.randn(n_time, V)
-    times[f"kl_div, PyTorch path incl. its non-finite input check, fwd+bwd ({n_time} x {V})"] = _time_s(lambda: K.kl_div(policy, refl).sum().backward())
-    times[f"eager KL fwd+bwd ({n_time} x {V})"] = _time_s(lambda: eager_kl(policy, refl).sum().backward())
-    f_in = _fused_inputs(n_time, H_cpu, V, seed=2)
-    times[f"fused chunked fwd+bwd ({n_time} x {H_cpu} -> {V})"] = _time_s(lambda: ours(*f_in).backward())
-    times[f"eager fused fwd+bwd ({n_time} x {H_cpu} -> {V})"] = _time_s(lambda: eager(*f_in).backward())
-    out["cpu_seconds"] = times
-    lines += ["| CPU, PyTorch path | seconds, median of 3 | min | max |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} |" for k, v in times.items()]
-    del policy, refl, f_in
-    gc.collect()
-
-    # 3. peak memory of the fused loss, fwd+bwd, at N = 4096, V = 152,064
-    N_mem = 4096
-    chunked = _fused_peak(ours, N_mem, H_cpu, V, "cpu")
-    eager_meta = _fused_peak(eager, N_mem, H_cpu, V, "meta")
-    # The eager count on the meta device equals the count of a real CPU run (checked at small N).
-    check_n = 256
-    eager_real_small, eager_meta_small = (_fused_peak(eager, check_n, H_cpu, V, d) for d in ("cpu", "meta"))
-    ratio = chunked / eager_meta
-    out["memory"] = {"N": N_mem, "V": V, "H": H_cpu, "chunk_tokens": K.chunk_tokens_for_budget(V, 1 << 30, "torch"),
-                     "chunked_peak_bytes": chunked, "eager_peak_bytes": eager_meta, "ratio": ratio, "target": 0.25,
-                     "check_N": check_n, "eager_real_bytes_at_check_N": eager_real_small,
-                     "eager_meta_bytes_at_check_N": eager_meta_small,
-                     "method": "live tensor-storage bytes per aten op (TorchDispatchMode), inputs excluded; "
-                               "chunked path run for real on the CPU, eager on the meta device"}
-    lines += ["", f"Peak memory, CE + lambda KL fwd+bwd, N = {N_mem}, V = {V}, H = {H_cpu} (H reduced from 3,584 to "
-              "keep the CPU run short; the logits dominate either way), default 1 GiB budget "
-              f"({out['memory']['chunk_tokens']} tokens per chunk):", "",
-              "| path | peak MB above inputs |", "|---|---|",
-              f"| chunked (fused_linear_ce_kl_reference, run on CPU) | {chunked / 2**20:.0f} |",
-              f"| eager (whole fp32 logits, counted on the meta device) | {eager_meta / 2**20:.0f} |",
-              f"| **ratio chunked / eager** | **{ratio:.3f}** (target <= 0.25: {'met' if ratio <= 0.25 else 'NOT met'}) |",
-              "", f"Method: {out['memory']['method']}. The meta count is checked against a real CPU run at N = "
-              f"{check_n}: {eager_meta_small} vs {eager_real_small} bytes."]
-    markdown = "\n".join(lines)
-    print(markdown)
-    print(f"written: {write_results('cpu', out, markdown)}.{{json,md}}")
 
 
 # ------------------------------------------------------------------ one training step (issue: make bench, step)
