@@ -544,17 +544,44 @@ def train_step_bench(device: str, reps: int) -> tuple[dict, list[str]]:
     monitor's cost as a fraction of training time (it runs once per 5 optimizer steps of 4
     micro-batches). With only a few layers the lm_head and the loss weigh more than in the
     28-layer model: the ratios are indicative, not the full model's."""
-    import os
-    import transformers
-    import peft
-    import lora
-    import phaseguard as pg
-    import model_qwen2 as mq
     os.environ.setdefault("TRITON_INTERPRET", "0")
     shape = dict(TRAIN_SHAPES["cuda" if device == "cuda" else "cpu"])
     seq, micro, r, alpha = (shape.pop(k) for k in ("seq", "micro", "r", "alpha"))
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
+    ours, theirs = _train_models(device, shape, r, alpha)
+    batch = _train_batch(device, shape["vocab_size"], micro, seq)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else (lambda: torch.autocast("cpu", enabled=False))
+    ours.train()
+    theirs.train()
+    out = {"device": device, "shapes": {**shape, "seq": seq, "micro": micro, "r": r}, "reps": reps, "results": {},
+           "machine_load_before": machine_load()}
+    for method, lam in (("none", 0.0), ("kl", LAMBDA)):
+        for name, make_step in (("ours", lambda: _ours_step(ours, batch, lam, device, autocast)),
+                                ("transformers+peft", lambda: _theirs_step(theirs, batch, lam, autocast))):
+            sec, peak = _measure(make_step(), reps, device)
+            out["results"][f"{name}/{method}"] = {"seconds": sec["median"], "seconds_min": sec["min"],
+                                                  "seconds_max": sec["max"], "tokens_per_s": micro * seq / sec["median"],
+                                                  "peak_bytes": peak}
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    out["monitor"] = _monitor_cost(ours, device, shape["vocab_size"], reps, autocast, out["results"]["ours/kl"]["seconds"])
+    res = out["results"]
+    ratio = lambda m: res[f"ours/{m}"]["tokens_per_s"] / res[f"transformers+peft/{m}"]["tokens_per_s"]  # noqa: E731
+    out["ratios"] = {"ours/theirs tokens/s none": ratio("none"), "ours/theirs tokens/s kl": ratio("kl"),
+                     "kl step / none step (ours)": res["ours/kl"]["seconds"] / res["ours/none"]["seconds"]}
+    if device == "cuda":
+        out["ratios"]["ours/theirs peak memory kl"] = res["ours/kl"]["peak_bytes"] / res["transformers+peft/kl"]["peak_bytes"]
+    return out, _train_step_lines(out, device, shape, seq, micro, r, reps)
+
+
+def _train_models(device: str, shape: dict, r: int, alpha: float):
+    """Ours and transformers + PEFT on the same random base weights, stored once, LoRA on both."""
+    import transformers
+    import peft
+    import lora
+    import model_qwen2 as mq
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     hf_config = transformers.Qwen2Config(**shape, tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6)
     hf = transformers.Qwen2ForCausalLM(hf_config).to(device=device, dtype=dtype)
     hf.config.use_cache = False
@@ -572,95 +599,92 @@ def train_step_bench(device: str, reps: int) -> tuple[dict, list[str]]:
             p.data = p.data.float()
     hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.enable_input_require_grads()
-    ids = torch.randint(0, shape["vocab_size"], (micro, seq), device=device)
+    return ours, theirs
+
+
+def _train_batch(device: str, vocab_size: int, micro: int, seq: int) -> dict:
+    ids = torch.randint(0, vocab_size, (micro, seq), device=device)
     mask = torch.ones_like(ids)
     mask[1::2, -seq // 4:] = 0  # half the rows right-padded by a quarter, as in real batches
     labels = ids.roll(-1, dims=1).masked_fill(mask.roll(-1, dims=1) == 0, K.IGNORE_INDEX)
     labels[:, -1] = K.IGNORE_INDEX
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else (lambda: torch.autocast("cpu", enabled=False))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    def ours_step(lam):
-        opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-        def step():
-            pg.train_step(ours, [batch], lam, "all", device, autocast)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
 
-    def theirs_step(lam):
-        opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
-        def step():
-            with autocast():
-                logits = theirs(input_ids=ids, attention_mask=mask).logits.float()
-                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=K.IGNORE_INDEX)
-                if lam > 0:  # the usual transformers + PEFT recipe: KL over every real token
-                    with torch.no_grad(), theirs.disable_adapter():
-                        ref = theirs(input_ids=ids, attention_mask=mask).logits
-                    loss = loss + lam * eager_kl(logits, ref)[mask.bool()].mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+def _ours_step(ours, batch: dict, lam: float, device: str, autocast):
+    import phaseguard as pg
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
 
-    def measure(step):
-        step()  # warm-up (allocations, autotuning)
-        base = 0
+    def step():
+        pg.train_step(ours, [batch], lam, "all", device, autocast)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _theirs_step(theirs, batch: dict, lam: float, autocast):
+    opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+
+    def step():
+        with autocast():
+            logits = theirs(input_ids=ids, attention_mask=mask).logits.float()
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=K.IGNORE_INDEX)
+            if lam > 0:  # the usual transformers + PEFT recipe: KL over every real token
+                with torch.no_grad(), theirs.disable_adapter():
+                    ref = theirs(input_ids=ids, attention_mask=mask).logits
+                loss = loss + lam * eager_kl(logits, ref)[mask.bool()].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _measure(step, reps: int, device: str):
+    """min / median / max seconds of step over reps (after one warm-up), and its peak memory on CUDA."""
+    step()  # warm-up (allocations, autotuning)
+    base = 0
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()  # weights (shared by both sides) and optimizer state
+    seconds = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
         if device == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()  # weights (shared by both sides) and optimizer state
-        seconds = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
-        return {"min": min(seconds), "median": statistics.median(seconds), "max": max(seconds)}, peak
+        seconds.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
+    return {"min": min(seconds), "median": statistics.median(seconds), "max": max(seconds)}, peak
 
-    ours.train()
-    theirs.train()
-    rows, out = [], {"device": device, "shapes": {**shape, "seq": seq, "micro": micro, "r": r}, "reps": reps, "results": {},
-                     "machine_load_before": machine_load()}
-    for method, lam in (("none", 0.0), ("kl", LAMBDA)):
-        for name, make in (("ours", ours_step), ("transformers+peft", theirs_step)):
-            sec, peak = measure(make(lam))
-            out["results"][f"{name}/{method}"] = {"seconds": sec["median"], "seconds_min": sec["min"],
-                                                  "seconds_max": sec["max"], "tokens_per_s": micro * seq / sec["median"],
-                                                  "peak_bytes": peak}
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    canaries = (torch.randint(0, shape["vocab_size"], (N_CANARIES, 48), device=device),
+
+def _monitor_cost(ours, device: str, vocab_size: int, reps: int, autocast, step_s: float) -> dict:
+    """The monitor's seconds on the 24 canaries, and its share of training (once per 5 steps of 4 micro-batches)."""
+    import phaseguard as pg
+    canaries = (torch.randint(0, vocab_size, (N_CANARIES, 48), device=device),
                 torch.ones(N_CANARIES, 48, dtype=torch.long, device=device))
-    reference = pg.monitor_reference(ours, canaries, min(K_TOP, shape["vocab_size"]))
+    reference = pg.monitor_reference(ours, canaries, min(K_TOP, vocab_size))
     with autocast():
-        monitor_s = measure(lambda: pg.monitor(ours, canaries, reference))[0]["median"]
-    step_s = out["results"]["ours/kl"]["seconds"]
-    out["monitor"] = {"seconds": monitor_s, "fraction_of_training": monitor_s / (5 * 4 * step_s + monitor_s),
-                      "target": 0.01}
-    res = out["results"]
+        monitor_s = _measure(lambda: pg.monitor(ours, canaries, reference), reps, device)[0]["median"]
+    return {"seconds": monitor_s, "fraction_of_training": monitor_s / (5 * 4 * step_s + monitor_s), "target": 0.01}
+
+
+def _train_step_lines(out: dict, device: str, shape: dict, seq: int, micro: int, r: int, reps: int) -> list[str]:
     fmt_mem = lambda b: "n/a (CPU)" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
     lines = [f"Peak memory is above the memory allocated before the step (weights and optimizer state excluded).", "",
              f"## One training step, {device}: {shape['num_hidden_layers']} layers at hidden {shape['hidden_size']}, "
              f"vocab {shape['vocab_size']}, micro-batch {micro} x {seq}, r = {r}, median of {reps}", "",
              "| provider / method | tokens/s (median) | step seconds min / median / max | peak memory |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['tokens_per_s']:.0f} | {v['seconds_min']:.4f} / {v['seconds']:.4f} / {v['seconds_max']:.4f} | "
-              f"{fmt_mem(v['peak_bytes'])} |" for k, v in res.items()]
-    ratio = lambda m: res[f"ours/{m}"]["tokens_per_s"] / res[f"transformers+peft/{m}"]["tokens_per_s"]  # noqa: E731
-    out["ratios"] = {"ours/theirs tokens/s none": ratio("none"), "ours/theirs tokens/s kl": ratio("kl"),
-                     "kl step / none step (ours)": res["ours/kl"]["seconds"] / res["ours/none"]["seconds"]}
-    if device == "cuda":
-        out["ratios"]["ours/theirs peak memory kl"] = res["ours/kl"]["peak_bytes"] / res["transformers+peft/kl"]["peak_bytes"]
+              f"{fmt_mem(v['peak_bytes'])} |" for k, v in out["results"].items()]
     target_head = "target (H100)" if device == "cuda" else "GPU target (not comparable: CPU, tiny shapes)"
     lines += ["", f"| ratio | value | {target_head} |", "|---|---|---|"]
     targets = {"ours/theirs tokens/s none": ">= 1.3", "ours/theirs tokens/s kl": ">= 1.3",
                "kl step / none step (ours)": "<= 1.45", "ours/theirs peak memory kl": "<= 0.8"}
     lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in out["ratios"].items()]
     lines += [f"| monitor / training time (every 5 steps of 4 micro-batches) | {out['monitor']['fraction_of_training']:.4f} | <= 0.01 |"]
-    return out, lines
+    return lines
 
 
 def static_main() -> None:
