@@ -272,7 +272,7 @@ if HAS_TRITON:
         log_s_p_ptr,     # [N] fp32 out: log sum exp(z - m_p)
         m_q_ptr,         # [N] fp32 out: row max of w
         log_s_q_ptr,     # [N] fp32 out: log sum exp(w - m_q)
-        nonfinite_ptr,   # [N] int32 out: (inf / nan count in z) + 2 * (count in w)
+        nonfinite_ptr,   # [N] int32 out: bit 0 set if z has an inf / nan, bit 1 if w has one
         V,               # int: vocabulary size
         HAS_MASK: tl.constexpr,  # whether row_mask_ptr is read
         BLOCK: tl.constexpr,     # vocabulary columns per step (launch_config)
@@ -313,7 +313,8 @@ if HAS_TRITON:
         tl.store(log_s_p_ptr + row, log_s_p)
         tl.store(m_q_ptr + row, tl.where(is_active, m_q, 0.0))
         tl.store(log_s_q_ptr + row, log_s_q)
-        tl.store(nonfinite_ptr + row, bad_p + 2 * bad_q)
+        # Flags, not counts: a count of 2 in z would read as a bad w.
+        tl.store(nonfinite_ptr + row, (bad_p > 0).to(tl.int32) + 2 * (bad_q > 0).to(tl.int32))
 
     @triton.jit
     def _kl_bwd_kernel(
@@ -375,8 +376,8 @@ class _KLDivFunction(torch.autograd.Function):
         with _on_device(policy_logits):  # launch on the tensors' GPU, not the current one
             _kl_fwd_kernel[(N,)](policy_logits, ref_logits, policy_logits.stride(0), ref_logits.stride(0), mask_arg,
                                  kl, *stats, nonfinite, V, HAS_MASK=has_mask, **config)
-        _require_finite_rows(nonfinite % 2 != 0, "policy_logits")
-        _require_finite_rows(nonfinite >= 2, "ref_logits")
+        _require_finite_rows(nonfinite & 1 != 0, "policy_logits")
+        _require_finite_rows(nonfinite & 2 != 0, "ref_logits")
         ctx.save_for_backward(policy_logits, ref_logits, mask_arg, kl, stats)
         ctx.has_mask, ctx.config = has_mask, config
         return kl

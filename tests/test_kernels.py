@@ -366,6 +366,8 @@ def _bad_calls():
     nan_logits[1, 3] = float("nan")
     inf_logits = cur.clone()
     inf_logits[0, 0] = float("inf")
+    two_nan_logits = nan_logits.clone()  # an even count must still name the policy, not the reference
+    two_nan_logits[1, 4] = float("nan")
     hidden, ref_hidden, weight, labels, kl_mask = _fused_inputs(6, 8, 50, torch.float32, 14)
     nan_hidden = hidden.clone()
     nan_hidden[2, 1] = float("nan")
@@ -387,6 +389,7 @@ def _bad_calls():
         "kl_dtype": ("ref_logits", lambda: K.kl_div(cur, ref.double())),
         "kl_mask_dtype": ("mask", lambda: K.kl_div(cur, ref, torch.ones(2))),
         "kl_nan_policy": ("policy_logits", lambda: K.kl_div(nan_logits, ref)),
+        "kl_two_nan_policy": ("policy_logits", lambda: K.kl_div(two_nan_logits, ref)),
         "kl_inf_ref": ("ref_logits", lambda: K.kl_div(cur, inf_logits)),
         "fused_weight_shape": ("lm_head_weight", lambda: fused(lm_head_weight=weight[:, :7])),
         "fused_weight_dtype": ("lm_head_weight", lambda: fused(lm_head_weight=weight.double())),
