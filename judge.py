@@ -220,7 +220,8 @@ def score_range(low: torch.Tensor, high: torch.Tensor) -> tuple[float, float]:
     below), so each extreme puts P at `high` on one side of a threshold and at `low` on the
     other; every threshold is tried."""
     n = torch.arange(low.shape[-1], dtype=low.dtype)
-    above = n[:, None] >= n[None, :]  # [threshold, n]: n at or above the threshold
+    thresholds = torch.arange(low.shape[-1] + 1, dtype=low.dtype)  # 0 (all of n above) .. len (none)
+    above = n[None, :] >= thresholds[:, None]  # [threshold, n]: n at or above the threshold
     top = torch.where(above, high, low)  # high above: the largest ratio for that threshold
     bottom = torch.where(above, low, high)
     ratio = lambda P: (P * n).sum(-1) / P.sum(-1).clamp_min(1e-300)  # noqa: E731
@@ -235,7 +236,7 @@ def judgment_from_bounds(low: torch.Tensor, high: torch.Tensor, details: dict) -
     both bounds; otherwise unscored, flagged "truncated". details gets lost_mass (the most
     probability on numbers the cut can hide), score_bound (half the range) and flag."""
     low_mass, high_mass = float(low.sum()), float(high.sum())
-    details["lost_mass"] = high_mass - low_mass
+    details["lost_mass"] = float((high - low).sum())  # not high_mass - low_mass: a tiny loss would round to 0
     if high_mass < MIN_NUMBER_MASS:  # no number whatever was cut
         details.update(score_bound=None, flag=None)
         return Judgment(None, None, low_mass, details)
