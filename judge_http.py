@@ -96,34 +96,17 @@ def parallel(fn, items: list, workers: int) -> Iterator[tuple[int, object]]:
         stop.set()
 
 
-class HttpJudge:
-    """An OpenAI-compatible server. mode "logprobs" (default): the exact expectation from the
-    server's prompt log-probabilities of the 101 candidate replies (vLLM /v1/completions,
-    echo); mode "greedy": the first integer of the greedy chat reply. See the module doc."""
+class HttpClient:
+    """JSON POSTs to an OpenAI-compatible server: each try bounded as a whole by `timeout`,
+    transient failures retried with backoff within `deadline`, replies capped in size; every
+    failure one UserError line naming the role ("judge", "sampler"), the URL and the limits."""
+    role = "server"
 
-    def __init__(self, base_url: str, model: str = DEFAULT_JUDGE, *, mode: str = "logprobs", tokenizer=None,
-                 timeout: float = DEFAULT_TIMEOUT, deadline: float = DEFAULT_DEADLINE, retries: int = 5,
-                 backoff: float = 1.0, workers: int | None = None, max_tokens: int = 16, reply_tokens: int = 32,
-                 api_key_env: str = API_KEY_ENV):
-        self.mode = check_mode(mode)
+    def __init__(self, timeout: float, deadline: float, retries: int, backoff: float, api_key_env: str):
         if not (timeout > 0 and deadline > 0):
-            raise UserError(f"judge timeout {timeout} and deadline {deadline}: both must be > 0 seconds")
-        self.base_url = base_url.rstrip("/")
-        # The endpoint of the mode: what the error lines name.
-        self.url = self.base_url + ("/chat/completions" if mode == "greedy" else "/completions")
-        self.model, self.timeout, self.deadline = model, float(timeout), float(deadline)
-        self.retries, self.backoff = retries, backoff
-        # A logprobs request already holds 101 sequences for the server to batch.
-        self.workers = workers or (2 if mode != "greedy" else 8)
-        self.max_tokens, self.reply_tokens, self.api_key_env = max_tokens, reply_tokens, api_key_env
-        self._tokenizer, self._tokenizer_lock = tokenizer, threading.Lock()
-        self.tokenizer_name = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else model
-        self._candidates: list[list[int]] | None = None
-        self._trie, self._trie_paths = None, None
-        # One model gives one answer (greedy decoding, or the exact probabilities), wherever it
-        # is served: the id names the model and the mode, not the URL, so a cache survives a
-        # server moving.
-        self.id = f"http-{mode}:{model}"
+            raise UserError(f"{self.role} timeout {timeout} and deadline {deadline}: both must be > 0 seconds")
+        self.timeout, self.deadline, self.retries, self.backoff = float(timeout), float(deadline), retries, backoff
+        self.api_key_env = api_key_env
 
     # ---- transport: one JSON POST, retried within the deadline
 
@@ -140,7 +123,7 @@ class HttpJudge:
                 raise TransientError(f"HTTP {status} {detail}")
             hint = (f" (the API key is read from {self.api_key_env}: is it set, and the server's?)"
                     if status in (401, 403) else "")
-            raise UserError(f"judge server {url} answered HTTP {status}: {detail}{hint}")
+            raise UserError(f"{self.role} server {url} answered HTTP {status}: {detail}{hint}")
         try:
             data = json.loads(raw)
             if not isinstance(data, dict) or not isinstance(data["choices"], list) or not data["choices"]:
@@ -196,9 +179,8 @@ class HttpJudge:
             watchdog.cancel()
             conn.close()
 
-    @staticmethod
-    def too_large(url: str, what: str) -> UserError:
-        return UserError(f"judge server {url}: a reply of {what}, over the {MAX_REPLY_BYTES >> 20} MiB this client "
+    def too_large(self, url: str, what: str) -> UserError:
+        return UserError(f"{self.role} server {url}: a reply of {what}, over the {MAX_REPLY_BYTES >> 20} MiB this client "
                          f"reads (MAX_REPLY_BYTES in judge_http.py); is it an OpenAI-compatible server?")
 
     def post(self, url: str, body: dict) -> dict:
@@ -216,10 +198,41 @@ class HttpJudge:
             elapsed = time.monotonic() - start
             wait = self.backoff * 2 ** (tries - 1)
             if tries > self.retries or elapsed + wait >= self.deadline:
-                raise UserError(f"judge server {url} failed {tries} time{'s' * (tries > 1)} in {elapsed:.1f} s "
+                raise UserError(f"{self.role} server {url} failed {tries} time{'s' * (tries > 1)} in {elapsed:.1f} s "
                                 f"(timeout {self.timeout:g} s per request, deadline {self.deadline:g} s), "
                                 f"last: {last}") from None
             time.sleep(wait)
+
+
+class HttpJudge(HttpClient):
+    """An OpenAI-compatible server. mode "logprobs" (default): the exact expectation from the
+    server's prompt log-probabilities of the 101 candidate replies (vLLM /v1/completions,
+    echo); mode "trie": the same expectation from the top-20 next tokens at each node of the
+    number trie (one prefill of the prompt); mode "greedy": the first integer of the greedy chat
+    reply. See the module doc."""
+    role = "judge"
+
+    def __init__(self, base_url: str, model: str = DEFAULT_JUDGE, *, mode: str = "logprobs", tokenizer=None,
+                 timeout: float = DEFAULT_TIMEOUT, deadline: float = DEFAULT_DEADLINE, retries: int = 5,
+                 backoff: float = 1.0, workers: int | None = None, max_tokens: int = 16, reply_tokens: int = 32,
+                 api_key_env: str = API_KEY_ENV):
+        self.mode = check_mode(mode)
+        super().__init__(timeout, deadline, retries, backoff, api_key_env)
+        self.base_url = base_url.rstrip("/")
+        # The endpoint of the mode: what the error lines name.
+        self.url = self.base_url + ("/chat/completions" if mode == "greedy" else "/completions")
+        self.model = model
+        # A logprobs request already holds 101 sequences for the server to batch.
+        self.workers = workers or (2 if mode != "greedy" else 8)
+        self.max_tokens, self.reply_tokens = max_tokens, reply_tokens
+        self._tokenizer, self._tokenizer_lock = tokenizer, threading.Lock()
+        self.tokenizer_name = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else model
+        self._candidates: list[list[int]] | None = None
+        self._trie, self._trie_paths = None, None
+        # One model gives one answer (greedy decoding, or the exact probabilities), wherever it
+        # is served: the id names the model and the mode, not the URL, so a cache survives a
+        # server moving.
+        self.id = f"http-{mode}:{model}"
 
     # ---- greedy mode
 
@@ -308,21 +321,21 @@ class HttpJudge:
 
     def post_counted(self, body: dict, details: dict | None) -> dict:
         """post() to the mode's endpoint, adding to `details` the request, the prompt tokens sent
-        and what the server reports in its usage block: prompt tokens, and of those the ones read
-        from its prefix cache (vLLM with --enable-prompt-tokens-details), None where not reported."""
+        and the prompt tokens the server reports in its usage block (None where not reported). Not
+        its cached tokens: for a list of prompts vLLM 0.32 reports the first prompt's only (its
+        /metrics counters, read by tests_vllm, are right)."""
         data = self.post(self.url, body)
         if details is not None:
             prompts = body.get("prompt")  # token ids (a chat request's messages are counted by the server only)
             prompts = prompts if prompts and isinstance(prompts[0], list) else [prompts or []]
             usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
             details["requests"] = details.get("requests", 0) + 1
             details["prompt_tokens_sent"] = details.get("prompt_tokens_sent", 0) + sum(map(len, prompts))
             if "messages" in body:
                 details["prompt_tokens_sent"] = None
-            for key, value in (("server_prompt_tokens", usage.get("prompt_tokens")), ("server_cached_tokens", cached)):
-                known = isinstance(value, int) and details.get(key, 0) is not None
-                details[key] = details.get(key, 0) + value if known else None
+            value = usage.get("prompt_tokens")
+            known = isinstance(value, int) and details.get("server_prompt_tokens", 0) is not None
+            details["server_prompt_tokens"] = details.get("server_prompt_tokens", 0) + value if known else None
         return data
 
     # ---- trie mode: the per-node next-token log-probabilities, one prefill of the prompt
