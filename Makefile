@@ -102,8 +102,7 @@ train: install
 
 eval: install
 	@test -n "$(RUN)" || { echo "error: make eval needs RUN=<run directory>" >&2; exit 2; }
-	@$(PY) evaluate.py eval --run $(RUN) $(if $(JUDGE),--judge $(JUDGE)) $(if $(SAMPLES),--samples $(SAMPLES)) \
-	  $(if $(SAMPLER),--sampler $(SAMPLER)) $(EVAL_ARGS)
+	@$(PY) evaluate.py eval --run $(RUN) $(if $(JUDGE),--judge $(JUDGE)) $(if $(SAMPLES),--samples $(SAMPLES)) $(EVAL_ARGS)$(if $(SAMPLER), --sampler $(SAMPLER))
 
 sweep: install
 	@$(PY) evaluate.py sweep --preset $(PRESET) --runs-dir $(RUNS) $(if $(JUDGE),--judge $(JUDGE)) \

@@ -472,12 +472,14 @@ def todo(row: dict | None, rejudge_unscored: bool) -> str | None:
 
 
 def judge_all(judge, prompts: list[str], cache: JudgeCache | None = None, chunk: int = 32, *,
-              rejudge_unscored: bool = False, progress: bool = True) -> list[float | None]:
+              rejudge_unscored: bool = False, progress: bool = True, costs: list | None = None) -> list[float | None]:
     """Scores for every prompt. Cached judgments are read; the rest are asked, each written
     to the cache the moment it is back; a first reply without a number is asked once more
     with the reminder (all first tries, then all reminders). Duplicate prompts are judged
     once. rejudge_unscored: ask cached unscored judgments again (never a scored one).
-    progress: a tqdm bar on stderr. `chunk` is the batch of a judge with only score()."""
+    progress: a tqdm bar on stderr. `chunk` is the batch of a judge with only score(). costs: gets
+    one row per judgment asked now (key, try and the judge's details: requests, prompt tokens, and
+    in trie mode the truncation bound and flag)."""
     keys = [cache_key(judge.id, p) for p in prompts]
     prompt_of = dict(zip(keys, prompts))
     rows: dict[str, dict] = dict(cache.rows) if cache is not None else {}
@@ -498,6 +500,8 @@ def judge_all(judge, prompts: list[str], cache: JudgeCache | None = None, chunk:
         if cache is not None:
             cache.put(key, judge.id, j.score, j.reply, attempt=attempt, pending=pending, mass=j.mass)
         rows[key] = row
+        if costs is not None and j.details is not None:
+            costs.append({"key": key, "try": attempt, "score": j.score, **j.details})
         bar.update()
         if pending:
             remind.append(key)

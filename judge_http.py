@@ -110,13 +110,14 @@ class HttpClient:
 
     # ---- transport: one JSON POST, retried within the deadline
 
-    def request(self, url: str, body: dict, timeout: float) -> dict:
-        """One try: the whole exchange (connect, headers, body) within `timeout` seconds, and a
-        reply body of at most MAX_REPLY_BYTES (a larger one is refused before it is read)."""
+    def request(self, url: str, body: dict | None, timeout: float, expect: str = "choices") -> dict:
+        """One try (a POST of `body`, or a GET when it is None): the whole exchange (connect,
+        headers, body) within `timeout` seconds, a reply body of at most MAX_REPLY_BYTES (a
+        larger one is refused before it is read), holding a non-empty list `expect`."""
         headers = {"Content-Type": "application/json"}
         if os.environ.get(self.api_key_env):
             headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
-        status, raw = self.exchange(url, json.dumps(body).encode(), headers, timeout)
+        status, raw = self.exchange(url, None if body is None else json.dumps(body).encode(), headers, timeout)
         if status != 200:
             detail = one_line(raw[:400].decode(errors="replace"))
             if status >= 500 or status == 429:
@@ -126,13 +127,13 @@ class HttpClient:
             raise UserError(f"{self.role} server {url} answered HTTP {status}: {detail}{hint}")
         try:
             data = json.loads(raw)
-            if not isinstance(data, dict) or not isinstance(data["choices"], list) or not data["choices"]:
+            if not isinstance(data, dict) or not isinstance(data[expect], list) or not data[expect]:
                 raise ValueError
             return data
         except (ValueError, KeyError, TypeError):
             raise TransientError(f"not an OpenAI-compatible reply: {raw[:120]!r}") from None
 
-    def exchange(self, url: str, payload: bytes, headers: dict, timeout: float) -> tuple[int, bytes]:
+    def exchange(self, url: str, payload: bytes | None, headers: dict, timeout: float) -> tuple[int, bytes]:
         """(HTTP status, body). A watchdog shuts the socket at `timeout`, so a server that sends
         its headers and then one byte a second cannot hold a try past it (a socket timeout alone
         bounds each read, not their sum); the body is read in pieces and capped."""
@@ -151,7 +152,7 @@ class HttpClient:
         watchdog.start()
         try:
             path = parts.path + (f"?{parts.query}" if parts.query else "")
-            conn.request("POST", path or "/", payload, headers)
+            conn.request("GET" if payload is None else "POST", path or "/", payload, headers)
             response = conn.getresponse()
             size = response.getheader("Content-Length")
             if size and size.isdigit() and int(size) > MAX_REPLY_BYTES:
@@ -183,7 +184,7 @@ class HttpClient:
         return UserError(f"{self.role} server {url}: a reply of {what}, over the {MAX_REPLY_BYTES >> 20} MiB this client "
                          f"reads (MAX_REPLY_BYTES in judge_http.py); is it an OpenAI-compatible server?")
 
-    def post(self, url: str, body: dict) -> dict:
+    def post(self, url: str, body: dict | None, expect: str = "choices") -> dict:
         """Retries transient failures with exponential backoff (backoff, 2 backoff, ...), each
         try within `timeout` and all of them within `deadline`, then one clear error naming
         the URL, the tries and the last failure."""
@@ -192,7 +193,7 @@ class HttpClient:
             tries += 1
             remaining = self.deadline - (time.monotonic() - start)
             try:
-                return self.request(url, body, timeout=max(min(self.timeout, remaining), 1e-3))
+                return self.request(url, body, max(min(self.timeout, remaining), 1e-3), expect)
             except TransientError as err:
                 last = err
             elapsed = time.monotonic() - start
