@@ -452,7 +452,8 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
         coverage = {"unit": "problems", "used": used, "of": data.OPSWAP_TEST}
     record = result_settings(cfg, s, questions, adapter_fingerprint(run))
     if args.sampler:  # answers from a server: recorded (and so never mixed with in-process ones)
-        s["sampler"] = HttpSampler(judges.check_url(args.sampler), args.sampler_model)
+        rank = read_json(run / "adapter" / "adapter_config.json").get("r")
+        s["sampler"] = HttpSampler(judges.check_url(args.sampler), args.sampler_model, adapter_rank=rank)
         record["sampler"] = {k: v for k, v in s["sampler"].connect().items() if k != "url"}
     problem = conflict(run / "eval", record)
     if problem and not s["force"]:

@@ -22,6 +22,15 @@ One estimator, two backends (LocalJudge here, HttpJudge in judge_http.py; each w
   batches them. Token ids are sent, not text, so the split between prompt and candidate is
   exactly ours; the digit tokens the server echoes are checked against our tokenizer, so a
   wrong tokenizer is an error, not a silent garbage score.
+- HttpJudge, mode "trie": the same expectation at one prefill of the prompt. vLLM ignores its
+  prefix cache for requests that ask for prompt log-probabilities, so the echo request above
+  recomputes the prompt for each of the 101 candidates. Trie mode asks instead for the top-20
+  next tokens (`max_tokens: 1, logprobs: 20`) after the prompt alone, then after the prompt +
+  each node of the number trie (every proper prefix of a candidate) in one request, which the
+  prefix cache serves. A needed token (a digit or <|im_end|>) missing from a top-20 list is
+  bounded by 0 and that list's 20th probability, never counted as 0: `judgment_from_bounds`
+  scores the judgment only when those bounds move the score by at most TRUNCATION_TOLERANCE
+  (`score_range`, exact over the box of bounds), else leaves it unscored, flagged "truncated".
 - HttpJudge, mode "greedy": the named fallback for servers without log-probabilities:
   /v1/chat/completions, greedy, the first integer of the reply (None when it is not in
   0..100). Another estimator, so another judge id ("http-greedy:<model>" against

@@ -127,18 +127,23 @@ class HttpSampler:
     gives them. The server's random stream is not torch's: sampled answers differ from in-process
     ones (greedy ones are the same), and results.json records which sampler made them."""
 
-    def __init__(self, base_url: str, model: str | None = None, *, timeout: float = 600.0,
-                 deadline: float = 1800.0, workers: int = 8):
+    def __init__(self, base_url: str, model: str | None = None, *, adapter_rank: int | None = None,
+                 timeout: float = 600.0, deadline: float = 1800.0, workers: int = 8):
         from judge_http import HttpClient
         self.base_url, self.requested, self.workers = base_url.rstrip("/"), model, workers
         self.client = HttpClient(timeout, deadline, retries=5, backoff=1.0, api_key_env=SAMPLER_KEY_ENV)
         self.client.role = "sampler"
-        self.model, self.root = model, None
+        self.model, self.root, self.adapter_rank = model, None, adapter_rank
 
     def connect(self) -> dict:
         """Reads the server's model list and picks the LoRA module: the one named, else the only
         one. The base model, a name not served, or no module at all is one clear error."""
-        listed = self.client.post(self.base_url + "/models", None, expect="data")["data"]
+        try:
+            listed = self.client.post(self.base_url + "/models", None, expect="data")["data"]
+        except UserError as err:  # vLLM exits at startup when an adapter's rank is above --max-lora-rank
+            rank = f" (this run's adapter has r = {self.adapter_rank})" if self.adapter_rank else ""
+            raise UserError(f"--sampler: {err}; is the server up? vLLM exits at startup when a --lora-modules "
+                            f"adapter's rank is above --max-lora-rank{rank}") from None
         served = {m.get("id"): m for m in listed if isinstance(m, dict)}
         modules = [name for name, m in served.items() if m.get("parent")]
         hint = "start vLLM with --enable-lora --lora-modules NAME=<run>/adapter (--max-lora-rank >= the adapter's r)"

@@ -117,3 +117,61 @@ def test_a_trained_adapter_served_as_a_lora_module_answers_as_the_merged_model(v
     assert strip(served(ADAPTER)) == strip(tuned)
     assert strip(served(SERVED)) == strip(base_answers)
     assert strip(tuned) != strip(base_answers)
+
+
+# ---------------------------------------------------------------------------- make eval SAMPLER=...
+
+
+def eval_main(argv, capsys):
+    import evaluate as ev
+    code = ev.main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def two_runs(adapter, tmp_path_factory):
+    """Two copies of the trained run: one evaluated in process, one through the server."""
+    import shutil
+    base = tmp_path_factory.mktemp("eval")
+    return [shutil.copytree(adapter.parent, base / name) for name in ("in_process", "served")]
+
+
+def test_opswap_greedy_answers_through_the_sampler_equal_in_process(vllm, two_runs, capsys):
+    import json
+    in_process, served = two_runs
+    limit = ["--opswap-limit", "6", "--device", "cpu", "--batch-size", "2"]
+    assert eval_main(["eval", "--run", str(in_process), *limit], capsys)[0] == 0
+    assert eval_main(["eval", "--run", str(served), *limit, "--sampler", vllm.url], capsys)[0] == 0
+    rows = [[json.loads(line) for line in (run / "eval" / "opswap_predictions.jsonl").read_text().splitlines()]
+            for run in two_runs]
+    assert len(rows[0]) == 6 and rows[0] == rows[1]
+    results = json.loads((served / "eval" / "results.json").read_text())
+    assert results["settings"]["sampler"]["model"] == ADAPTER  # read from the server's model list
+    assert results["details"]["sampler"]["url"] == vllm.url
+    assert "sampler" not in json.loads((in_process / "eval" / "results.json").read_text())["settings"]
+
+
+@pytest.mark.parametrize("model,why", [("nosuch", "'nosuch' is not served"), (SERVED, "is the base model")])
+def test_a_sampler_model_that_is_not_the_lora_module_is_one_line(vllm, two_runs, capsys, model, why):
+    code, err = eval_main(["eval", "--run", str(two_runs[1]), "--opswap-limit", "2", "--force", "--sampler",
+                           vllm.url, "--sampler-model", model], capsys)
+    assert code == 2 and len(err) == 1 and why in err[0] and vllm.url in err[0] and "--enable-lora" in err[0]
+
+
+def test_a_wrong_judge_model_name_is_one_line(vllm, tokenizer):
+    from model_qwen2 import UserError
+    j = judge_http.HttpJudge(vllm.url, "no-such-judge", mode="trie", tokenizer=tokenizer, timeout=60, deadline=60)
+    with pytest.raises(UserError) as info:
+        j.ask(CONVERSATION)
+    message = str(info.value)
+    assert "\n" not in message and "HTTP 404" in message and "no-such-judge" in message and vllm.url in message
+
+
+def test_a_sampler_server_that_is_down_is_one_line(two_runs, capsys):
+    """What is left of a server started with an adapter above --max-lora-rank (vLLM 0.32 exits at
+    startup: "LoRA rank 8 is greater than max_lora_rank 1"): nothing listens; one line, exit 2."""
+    from conftest import free_port
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    code, err = eval_main(["eval", "--run", str(two_runs[1]), "--opswap-limit", "2", "--force", "--sampler", url],
+                          capsys)
+    assert code == 2 and len(err) == 1 and url in err[0] and "--max-lora-rank" in err[0] and "r = 8" in err[0]
