@@ -380,8 +380,10 @@ class HttpJudge(HttpClient):
         return ids
 
     def needed_by_text(self) -> dict[str, int]:
-        tok, trie = self.tokenizer, number_trie(self.tokenizer)
-        return {tok.decode([t], skip_special_tokens=False): t for t in {*trie.tokens, tok.im_end_id}}
+        """The tokens trie mode reads, by their text (for a server that names tokens so)."""
+        self.trie_paths()
+        tok = self.tokenizer
+        return {tok.decode([t], skip_special_tokens=False): t for t in {*self._trie.tokens, tok.im_end_id}}
 
     def trie_bounds(self, conversation: list[dict], details: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Lower and upper bounds [101] on P(n), from the top-k lists at the trie's nodes. The

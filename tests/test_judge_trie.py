@@ -266,3 +266,17 @@ def test_a_huge_reply_is_refused_not_read_into_memory(raw_server, monkeypatch, a
         j.score(["x"])
     assert raw_server["url"] in str(info.value) and "\n" not in str(info.value)
     assert sum(sent) < 50_000_000  # the client hung up long before 300 MB
+
+
+def test_a_server_naming_tokens_by_text_gives_the_same_score(server, qwen_tokenizer, numbers_model):
+    """Without return_tokens_as_token_ids a server names top tokens by their text: the needed
+    ones (digits, <|im_end|>) are looked up by our tokenizer's text of them."""
+    tok = qwen_tokenizer
+
+    def by_text(prompt, top, logp):
+        return {tok.decode([int(k[9:])], skip_special_tokens=False): v for k, v in top.items()}
+
+    server.respond = lambda path, body: ("json", top_completions(numbers_model, tok, body, by_text))
+    judgment = trie_judge(server.url, tok).ask(judge.first_turn(TEXT), reply=False)
+    probs = brute_force_probs(numbers_model, tok, prompts_of(tok, [TEXT])[0])
+    assert judgment.score == pytest.approx(exact_score(probs), abs=1e-9, rel=0) and judgment.details["lost_mass"] == 0

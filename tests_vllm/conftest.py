@@ -86,9 +86,9 @@ class Vllm:
         return json.loads(urllib.request.urlopen(req, timeout=600).read())
 
 
-def start_server(checkpoint: Path, log: Path, extra: list[str]) -> Vllm:
+def start_server(checkpoint: Path, log: Path, extra: list[str], port: int | None = None) -> Vllm:
     assert VLLM_PYTHON.is_file(), f"{VLLM_PYTHON}: no vLLM environment (make test-vllm makes it)"
-    port = free_port()
+    port = port or free_port()
     cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
            "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--block-size", str(BLOCK), *extra]

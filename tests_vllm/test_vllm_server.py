@@ -175,3 +175,60 @@ def test_a_sampler_server_that_is_down_is_one_line(two_runs, capsys):
     code, err = eval_main(["eval", "--run", str(two_runs[1]), "--opswap-limit", "2", "--force", "--sampler", url],
                           capsys)
     assert code == 2 and len(err) == 1 and url in err[0] and "--max-lora-rank" in err[0] and "r = 8" in err[0]
+
+
+# ---------------------------------------------------------------------------- a server without LoRA, killed
+
+
+def test_a_server_without_lora_then_killed_mid_evaluation_and_restarted(checkpoint, tokenizer, two_runs, tmp_path,
+                                                                       capsys):
+    """A second server, started without --enable-lora: as the sampler it is one line naming the
+    flag. As the judge it is killed (its process group) while judge_all is under way: the run
+    fails in one line, and after a restart on the same port the rerun finishes from the cache,
+    writing no (judgment, try) twice."""
+    import json
+    import threading
+    import time
+
+    from conftest import free_port, start_server, stop
+    from model_qwen2 import UserError
+    port = free_port()
+    server = start_server(checkpoint, tmp_path / "first.log", [], port=port)
+    try:
+        code, err = eval_main(["eval", "--run", str(two_runs[1]), "--opswap-limit", "2", "--force",
+                               "--sampler", server.url], capsys)
+        assert code == 2 and len(err) == 1 and "serves no LoRA module" in err[0] and "--enable-lora" in err[0]
+        prompts = [f"Rate 0-100: 'answer number {i}'" for i in range(12)]
+        path = tmp_path / "judgments.jsonl"
+        j = judge_http.HttpJudge(server.url, SERVED, mode="trie", tokenizer=tokenizer, timeout=30, deadline=10,
+                                 workers=1, reply_tokens=4)
+        failure = []
+
+        def first_run():
+            try:
+                judge.judge_all(j, prompts, judge.JudgeCache(path), progress=False)
+            except UserError as err:
+                failure.append(str(err))
+
+        worker = threading.Thread(target=first_run)
+        worker.start()
+        while not (path.is_file() and len(path.read_text().splitlines()) >= 3) and worker.is_alive():
+            time.sleep(0.2)
+        stop(server.process)  # mid-evaluation
+        worker.join(120)
+        assert not worker.is_alive() and len(failure) == 1 and server.url in failure[0] and "\n" not in failure[0]
+    finally:
+        stop(server.process)
+    written = len(path.read_text().splitlines())
+    server = start_server(checkpoint, tmp_path / "second.log", [], port=port)
+    try:
+        scores = judge.judge_all(j, prompts, judge.JudgeCache(path), progress=False)
+    finally:
+        stop(server.process)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert 3 <= written < len(rows)  # some judged before the kill, the rest after the restart
+    tries = [(r["key"], r["try"]) for r in rows]
+    assert len(tries) == len(set(tries))  # nothing asked twice
+    final = {r["key"]: r for r in rows}
+    assert len(final) == len(prompts) and all(not r.get("pending") for r in final.values())
+    assert scores == [final[judge.cache_key(j.id, p)]["score"] for p in prompts]
