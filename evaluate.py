@@ -220,8 +220,9 @@ def judge_em(answers: dict[str, list[dict]], judge, cache, questions,
 
 
 def judge_mode(judge_id: str, mode: str | None = None) -> str:
-    """How the judge turned its reply into a score: "logprobs" (the expectation over 0..100) or
-    "greedy" (the number parsed from a greedy reply). Not recorded: read from the judge id,
+    """How the judge turned its reply into a score: "logprobs" or "trie" (the expectation over
+    0..100, from echoed or from top-20 log-probabilities) or "greedy" (the number parsed from a
+    greedy reply). Not recorded: read from the judge id,
     "http-<mode>:...", "local:..." (always logprobs) or "http:..." (from before judge modes,
     when the HTTP backend parsed greedy replies)."""
     prefix = judge_id.split(":", 1)[0]
@@ -453,7 +454,7 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
     record = result_settings(cfg, s, questions, adapter_fingerprint(run))
     if args.sampler:  # answers from a server: recorded (and so never mixed with in-process ones)
         rank = read_json(run / "adapter" / "adapter_config.json").get("r")
-        s["sampler"] = HttpSampler(judges.check_url(args.sampler), args.sampler_model, adapter_rank=rank)
+        s["sampler"] = HttpSampler(judges.check_url(args.sampler, "--sampler"), args.sampler_model, adapter_rank=rank)
         record["sampler"] = {k: v for k, v in s["sampler"].connect().items() if k != "url"}
     problem = conflict(run / "eval", record)
     if problem and not s["force"]:

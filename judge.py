@@ -312,19 +312,21 @@ class LocalJudge:
         return scores
 
 
-def check_url(url: str) -> str:
+def check_url(url: str, flag: str = "--judge") -> str:
     """A malformed base URL is one line now, not a traceback from urllib after the sampling."""
+    if not url.startswith(("http://", "https://")):
+        raise UserError(f"{flag} {url!r}: expected http://host:port/v1")
     if any(c.isspace() or ord(c) < 32 for c in url):
-        raise UserError(f"--judge {url!r}: a URL cannot hold spaces or control characters")
+        raise UserError(f"{flag} {url!r}: a URL cannot hold spaces or control characters")
     try:
         parts = urllib.parse.urlsplit(url)
         _ = parts.port  # ValueError for a port that is not a number in 0..65535
     except ValueError as err:
-        raise UserError(f"--judge {url!r}: not a valid URL ({err})") from None
+        raise UserError(f"{flag} {url!r}: not a valid URL ({err})") from None
     if not parts.hostname:
-        raise UserError(f"--judge {url!r}: no host (expected http://host:port/v1)")
+        raise UserError(f"{flag} {url!r}: no host (expected http://host:port/v1)")
     if parts.query or parts.fragment:
-        raise UserError(f"--judge {url!r}: a base URL has no ?query or #fragment (expected http://host:port/v1)")
+        raise UserError(f"{flag} {url!r}: a base URL has no ?query or #fragment (expected http://host:port/v1)")
     return url
 
 

@@ -1,7 +1,11 @@
 """The judge's HTTP backend (judge.py holds the estimator, the local backend, the cache and
 judge_all): an OpenAI-compatible server, scored by the expectation over 0..100 from its prompt
-log-probabilities (mode "logprobs", vLLM's /v1/completions with echo) or, as the named fallback,
-by the integer of a greedy reply (mode "greedy"); retries, per-request timeout and deadline."""
+log-probabilities (mode "logprobs", vLLM's /v1/completions with echo: the prompt prefilled once
+per candidate), from its top-20 next tokens at each node of the number trie (mode "trie": one
+prefill, the rest from vLLM's prefix cache, with a bound on what the top-20 cut may hide) or,
+as the named fallback, by the integer of a greedy reply (mode "greedy"). HttpClient, the
+transport (also the sampler's): each try bounded as a whole, retries within a deadline, replies
+capped in size; replies with impossible log-probabilities are unscored, never cached as scored."""
 from __future__ import annotations
 
 import contextlib

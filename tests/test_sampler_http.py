@@ -89,3 +89,11 @@ def test_a_server_that_does_not_serve_the_adapter_is_one_line(fake, models, name
     with pytest.raises(UserError) as info:
         sampling.HttpSampler(server.url, name).connect()
     assert why in str(info.value) and server.url in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["ftp://h/v1", "localhost:8000/v1", "http://h:99999/v1", "http://h/v1?x=1"])
+def test_a_malformed_sampler_url_is_one_line_naming_the_flag(url):
+    import judge
+    with pytest.raises(UserError) as info:
+        judge.check_url(url, "--sampler")
+    assert str(info.value).startswith(f"--sampler {url!r}") and "\n" not in str(info.value)
