@@ -280,3 +280,26 @@ def test_a_server_naming_tokens_by_text_gives_the_same_score(server, qwen_tokeni
     judgment = trie_judge(server.url, tok).ask(judge.first_turn(TEXT), reply=False)
     probs = brute_force_probs(numbers_model, tok, prompts_of(tok, [TEXT])[0])
     assert judgment.score == pytest.approx(exact_score(probs), abs=1e-9, rel=0) and judgment.details["lost_mass"] == 0
+
+
+def test_each_judgment_asked_records_its_cost_for_results_json(server, qwen_tokenizer, numbers_model, tmp_path):
+    """judge_all(costs=...) gets one row per judgment asked (none for a cached one); evaluate's
+    judge_cost sums them for results.json."""
+    import evaluate as ev
+    tok = qwen_tokenizer
+    greedy = {"choices": [{"index": 0, "text": "No.", "finish_reason": "stop"}], "usage": {"prompt_tokens": 0}}
+    server.respond = lambda path, body: ("json", top_completions(numbers_model, tok, body) if body.get("logprobs")
+                                         else {**greedy, "usage": {"prompt_tokens": len(body["prompt"])}})
+    j, cache = trie_judge(server.url, tok), judge.JudgeCache(tmp_path / "j.jsonl")
+    costs = []
+    judge.judge_all(j, [TEXT, "Rate it."], cache, progress=False, costs=costs)  # the second one is unscored
+    asked = len(server.requests)
+    judge.judge_all(j, [TEXT], cache, progress=False, costs=costs)  # cached: asks nothing, costs nothing
+    assert len(server.requests) == asked
+    assert {c["key"] for c in costs} == {judge.cache_key(j.id, p) for p in (TEXT, "Rate it.")}
+    assert [c["try"] for c in costs] == [1, 1, 2]  # "Rate it.": its greedy reply, then the reminder
+    total = ev.judge_cost(costs)
+    assert (total["asked"], total["requests"], total["truncated"], total["invalid"]) == (3, asked, 0, 0)
+    sent = [len(p) if isinstance(p[0], int) else sum(map(len, p)) for p in (r["body"]["prompt"] for r in server.requests)]
+    assert total["prompt_tokens_sent"] == total["server_prompt_tokens"] == sum(sent)
+    assert json.loads(json.dumps(total)) == total  # written as it is into results.json
