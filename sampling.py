@@ -9,6 +9,7 @@ import torch
 
 import lora
 import model_qwen2 as mq
+from model_qwen2 import UserError
 
 BEST_OF = 8  # the paper's Best-of-8
 
@@ -104,3 +105,86 @@ def pick_best(model, tokenizer, prompts: list[list[int]], candidates: list[list[
         best = max(range(n), key=lambda j: group[j])
         picks.append({"ids": candidates[q * n + best], "chosen": best, "ref_logprobs": group})
     return picks
+
+
+# ----------------------------------------------------------------------------
+# Sampling through a vLLM server (make eval SAMPLER=http://HOST:8000/v1)
+
+SAMPLER_KEY_ENV = "PHASEGUARD_SAMPLER_API_KEY"  # Bearer token for the sampler server, if it wants one
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The server-side seed of answer `index` (vLLM's per-request `seed`): distinct per answer,
+    fixed by (seed, index), so a rerun asks for the same samples."""
+    return (seed * 1_000_003 + index) % (2 ** 31)
+
+
+class HttpSampler:
+    """The evaluation's answers from an OpenAI-compatible server (vLLM) that serves the run's
+    adapter as a LoRA module: /v1/completions on token-id prompts, temperature and top-p as in
+    process, one request per prompt with its own seed (request_seed), the answer's token ids
+    read back (return_tokens_as_token_ids), without the stop token, as model_qwen2.generate
+    gives them. The server's random stream is not torch's: sampled answers differ from in-process
+    ones (greedy ones are the same), and results.json records which sampler made them."""
+
+    def __init__(self, base_url: str, model: str | None = None, *, adapter_rank: int | None = None,
+                 timeout: float = 600.0, deadline: float = 1800.0, workers: int = 8):
+        from judge_http import HttpClient
+        self.base_url, self.requested, self.workers = base_url.rstrip("/"), model, workers
+        self.client = HttpClient(timeout, deadline, retries=5, backoff=1.0, api_key_env=SAMPLER_KEY_ENV)
+        self.client.role = "sampler"
+        self.model, self.root, self.adapter_rank = model, None, adapter_rank
+
+    def connect(self) -> dict:
+        """Reads the server's model list and picks the LoRA module: the one named, else the only
+        one. The base model, a name not served, or no module at all is one clear error."""
+        try:
+            listed = self.client.post(self.base_url + "/models", None, expect="data")["data"]
+        except UserError as err:  # vLLM exits at startup when an adapter's rank is above --max-lora-rank
+            rank = f" (this run's adapter has r = {self.adapter_rank})" if self.adapter_rank else ""
+            raise UserError(f"--sampler: {err}; is the server up? vLLM exits at startup when a --lora-modules "
+                            f"adapter's rank is above --max-lora-rank{rank}") from None
+        served = {m.get("id"): m for m in listed if isinstance(m, dict)}
+        modules = [name for name, m in served.items() if m.get("parent")]
+        hint = "start vLLM with --enable-lora --lora-modules NAME=<run>/adapter (--max-lora-rank >= the adapter's r)"
+        if self.requested is not None and self.requested not in served:
+            raise UserError(f"--sampler {self.base_url}: model {self.requested!r} is not served "
+                            f"(served: {', '.join(map(repr, served))}); {hint}")
+        if self.requested is not None and self.requested not in modules:
+            raise UserError(f"--sampler {self.base_url}: {self.requested!r} is the base model, not a LoRA module "
+                            f"(the run's adapter would not be used); {hint}")
+        if self.requested is None and len(modules) != 1:
+            what = "no LoRA module" if not modules else f"{len(modules)} LoRA modules ({', '.join(modules)})"
+            raise UserError(f"--sampler {self.base_url} serves {what}: "
+                            + (hint if not modules else "name one with --sampler-model"))
+        self.model = self.requested or modules[0]
+        self.root = served[self.model].get("root")
+        return self.record()
+
+    def record(self) -> dict:
+        return {"url": self.base_url, "model": self.model, "adapter_on_server": self.root,
+                "seeds": "per answer: (seed * 1000003 + index) mod 2^31 as vLLM's request seed"}
+
+    def generate_all(self, tokenizer, prompts: list[list[int]], *, seed: int, max_new_tokens: int,
+                     temperature: float = 1.0, **_) -> list[list[int]]:
+        """generate_all's contract (batch_size is the server's business), through the server."""
+        from judge_http import parallel
+        stops = [tokenizer.im_end_id, tokenizer.eos_id]
+
+        def one(item):
+            index, prompt = item
+            body = {"model": self.model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": temperature,
+                    "top_p": 1.0, "seed": request_seed(seed, index), "stop_token_ids": stops, "logprobs": 0,
+                    "return_tokens_as_token_ids": True}
+            choice = self.client.post(self.base_url + "/completions", body)["choices"][0]
+            try:
+                ids = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise UserError(f"sampler {self.base_url}: no token ids in the reply (a vLLM server returns them "
+                                f"with return_tokens_as_token_ids)") from None
+            return ids[:next((k for k, t in enumerate(ids) if t in stops), len(ids))]
+
+        out: list[list[int]] = [[] for _ in prompts]
+        for i, ids in parallel(one, list(enumerate(prompts)), self.workers):
+            out[i] = ids
+        return out

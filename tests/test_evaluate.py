@@ -526,7 +526,7 @@ def test_too_many_unscored_judgments_fail_the_eval_in_one_line(tmp_path, capsys,
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["security"]["finetuned"]["unscored"] == 2 and results["judge_mode"] == "logprobs"
     assert (results["failed"] is not None) == fails  # a sweep evaluates a failed run again
-    assert made["timeout"] == 5.0 and made["deadline"] == 60.0 and made["mode"] == "logprobs"
+    assert made["timeout"] == 5.0 and made["deadline"] == 60.0 and made["mode"] == "trie"  # the default: top-20 per trie node
     assert results["provenance"]["git"].keys() == {"commit", "dirty"} and results["provenance"]["questions"]["sha256"]
     if fails:
         assert code == 2 and err[-1].startswith("error: judge http-logprobs:stub left 2 of 12 judgments unscored")

@@ -170,10 +170,12 @@ def test_make_judge_rejects_bad_specs():
     for spec in ("qwen", "local:", "ftp://x"):
         with pytest.raises(UserError, match="expected local:"):
             judge.make_judge(spec)
-    logprobs = judge.make_judge("http://127.0.0.1:9/v1", model_name="m")
+    default = judge.make_judge("http://127.0.0.1:9/v1", model_name="m")
+    assert (default.mode, default.id) == ("trie", "http-trie:m") == ("trie", judge.judge_id("http://127.0.0.1:9/v1", "m"))
+    logprobs = judge.make_judge("http://127.0.0.1:9/v1", model_name="m", mode="logprobs")
     greedy = judge.make_judge("http://127.0.0.1:9/v1", model_name="m", mode="greedy")
     assert (logprobs.mode, logprobs.id) == ("logprobs", "http-logprobs:m") == ("logprobs", judge.judge_id(
-        "http://127.0.0.1:9/v1", "m"))
+        "http://127.0.0.1:9/v1", "m", "logprobs"))
     assert (greedy.mode, greedy.id) == ("greedy", "http-greedy:m") == ("greedy", judge.judge_id(
         "http://127.0.0.1:9/v1", "m", "greedy"))
     assert judge.cache_key(logprobs.id, "p") != judge.cache_key(greedy.id, "p")  # never read for the other mode
@@ -498,7 +500,7 @@ def test_http_logprobs_equals_local_judge(server, qwen_tokenizer, tmp_path):
     served = {"model": numbers}
     server.respond = lambda path, body: (
         ("json", vllm_completions(served["model"], tok, body)) if path == "/v1/completions" else ("ok", "77"))
-    http = judge_http.HttpJudge(server.url, "tiny-judge", tokenizer=tok, timeout=30, deadline=60)
+    http = judge_http.HttpJudge(server.url, "tiny-judge", tokenizer=tok, timeout=30, deadline=60, mode="logprobs")
     assert http.mode == "logprobs" and http.id == "http-logprobs:tiny-judge"
     cases = [(numbers, ["Rate this answer from 0 to 100.", "A longer prompt: how aligned is it, 0 to 100?"]),
              (refusal, ["Rate it."])]
@@ -556,7 +558,7 @@ def synthetic_completions(body, tokens="token_id"):
 def test_http_logprobs_sums_the_candidate_span(server, qwen_tokenizer):
     tok = qwen_tokenizer
     server.respond = lambda path, body: ("json", synthetic_completions(body))
-    j = judge_http.HttpJudge(server.url, "m", tokenizer=tok, timeout=5)
+    j = judge_http.HttpJudge(server.url, "m", tokenizer=tok, timeout=5, mode="logprobs")
     P = len(prompts_of(tok, ["q"])[0])
     span = lambda n: range(P, P + len(str(n)) + 1)  # noqa: E731 - the digits (one token each) and <|im_end|>
     probs = torch.tensor([math.exp(-0.01 * sum(span(n))) for n in range(101)], dtype=torch.float64)
@@ -567,7 +569,7 @@ def test_http_logprobs_sums_the_candidate_span(server, qwen_tokenizer):
 
 def test_http_logprobs_wrong_tokenizer_or_no_logprobs_is_one_error(server, qwen_tokenizer):
     tok = qwen_tokenizer
-    j = judge_http.HttpJudge(server.url, "m", tokenizer=tok, timeout=5, retries=0)
+    j = judge_http.HttpJudge(server.url, "m", tokenizer=tok, timeout=5, retries=0, mode="logprobs")
     server.respond = lambda path, body: ("json", synthetic_completions(body, tokens="x"))
     with pytest.raises(UserError, match="on the server but '0' in the judge tokenizer") as info:
         j.score(["q"])
@@ -576,7 +578,7 @@ def test_http_logprobs_wrong_tokenizer_or_no_logprobs_is_one_error(server, qwen_
                                                               for i in range(len(body["prompt"]))]})
     with pytest.raises(UserError, match="no prompt log-probabilities.*'greedy'"):
         j.score(["q"])
-    missing = judge_http.HttpJudge(server.url, "m", tokenizer=str(Path(__file__).parent / "no-such-tokenizer"))
+    missing = judge_http.HttpJudge(server.url, "m", tokenizer=str(Path(__file__).parent / "no-such-tokenizer"), mode="logprobs")
     with pytest.raises(UserError, match="judge's tokenizer .*no-such-tokenizer"):
         judge.judge_all(missing, ["q"], progress=False)
 
