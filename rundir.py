@@ -150,7 +150,7 @@ def latest_checkpoint(run: Path) -> Path | None:
     for file in CHECKPOINT_FILES:
         if not (run / name / file).is_file():
             raise UserError(f"{pointer}: names {name}, which is not a complete checkpoint in {run} "
-                            f"(no {file}): {DAMAGED}")
+                            f"(no {run / name / file}): {DAMAGED}")
     return run / name
 
 
