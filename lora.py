@@ -112,10 +112,10 @@ def inject(model: nn.Module, r: int = 32, alpha: float = 64, dropout: float = 0.
     found = target_linears(model, targets)
     # Checked before anything is allocated: r x (in + out) per layer can exceed any memory, and B A
     # cannot have a rank above the layer's smaller side anyway.
-    for name, base in found:
-        if r > min(base.in_features, base.out_features):
-            raise UserError(f"LoRA rank r={r} exceeds {name}'s smaller side "
-                            f"({base.in_features} x {base.out_features}): use r <= {min(base.in_features, base.out_features)}")
+    name, narrowest = min(found, key=lambda hit: min(hit[1].in_features, hit[1].out_features))
+    if r > (side := min(narrowest.in_features, narrowest.out_features)):
+        raise UserError(f"LoRA rank r={r} exceeds {name}'s smaller side "
+                        f"({narrowest.in_features} x {narrowest.out_features}): use r <= {side}")
     model.requires_grad_(False)
     for name, base in found:
         parent_name, _, child = name.rpartition(".")

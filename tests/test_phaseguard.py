@@ -285,6 +285,12 @@ def run_main(capsys, *argv):
 @pytest.mark.parametrize("argv,needle", [
     (["--method", "sft"], "unknown METHOD 'sft'"), (["--task", "chess"], "unknown TASK 'chess'"),
     (["--lam", "-1"], "LAMBDA must be"), (["--tau", "0"], "tau must be > 0"),
+    # Flags the run would ignore while its name and config.json recorded them
+    (["--method", "none", "--lam", "0.5"], "--lam 0.5 with --method none"),
+    (["--tokenizer", "tok.json"], "--tokenizer tok.json: the tiny model trains its own tokenizer"),
+    # Sizes beyond what the libraries take: one line before anything is allocated
+    (["--seed", str(10**23)], f"seed must be at most 4294967295 (2^32 - 1), got {10**23}"),
+    (["--lora-alpha", "1e30"], "lora_alpha must be at most 1e+06"),
 ])
 def test_cli_bad_flags(capsys, tmp_path, argv, needle):
     code, err = run_main(capsys, "--preset", "tiny", "--out", str(tmp_path / "r"), *argv)
