@@ -76,3 +76,32 @@ def test_process_count_must_divide_the_micro_batches(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="3 processes cannot share the 2 micro-batches"):
         pg.train(pg.resolve_config({**SMALL, "out": str(tmp_path / "r")}))
     assert not (tmp_path / "r").exists()
+
+
+# Far below the tiny run's gradient norms (checked below): clipping acts at every step.
+CLIP = 1e-3
+CLIPPED = dict(method="kl", limit=16, grad_clip=CLIP)  # 4 steps, KL on from step 0
+
+
+@pytest.fixture(scope="module")
+def one_process_clipped(tmp_path_factory):
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        return pg.train(pg.resolve_config({**SMALL, **CLIPPED, "out": str(tmp_path_factory.mktemp("one_clipped") / "r")}))
+    finally:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def test_two_processes_log_the_one_process_grad_norm_and_clip_alike(tmp_path, one_process_clipped):
+    """The all-reduce sums the ranks' shares (each already normalised by the whole batch): the
+    logged pre-clip norm is the one process's, and so is the clipped update. Averaging instead
+    would halve every logged norm (and move the clipping threshold by the process count)."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in CLIPPED.items()]
+    proc = torchrun(tmp_path / "two", 2, *flags, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_metrics(one_process_clipped), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 4 and all(m["grad_norm"] > 10 * CLIP for m in one)
+    assert [m["grad_norm"] for m in two] == pytest.approx([m["grad_norm"] for m in one], rel=1e-4)
+    assert [m["kl"] for m in two] == pytest.approx([m["kl"] for m in one], rel=1e-4, abs=1e-9)
+    a, b = adapter_tensors(one_process_clipped), adapter_tensors(tmp_path / "two")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < ADAPTER_ATOL
