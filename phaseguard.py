@@ -523,22 +523,29 @@ def main(argv=None) -> int:
                   f"r = {cfg.lora_r}): not the paper's setting.", file=sys.stderr)
         run = train(cfg, resume=resume)
     except UserError as err:
-        if Dist().main:  # under torchrun every rank meets the same error: one line, from rank 0
-            print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(f"error: {err}", 2)
     except OSError as err:  # a read-only or full disk, a file-size limit: the last checkpoint is intact
         where = err.filename or (cfg.out if cfg else "?")
         hint = resume_hint(Path(cfg.out)) if cfg is not None else None
-        print(f"error: {where}: {err.strerror or err}" + (f" ({hint})" if hint else ""), file=sys.stderr)
-        return 2
+        return fail(f"error: {where}: {err.strerror or err}" + (f" ({hint})" if hint else ""), 2)
     except KeyboardInterrupt:  # Ctrl-C: one line saying what is on disk, no traceback
-        if Dist().main:
-            hint = resume_hint(Path(cfg.out)) if cfg is not None else None
-            print("interrupted" + (f": {hint}" if hint else " before the run directory was written"), file=sys.stderr)
-        return 130
+        hint = resume_hint(Path(cfg.out)) if cfg is not None else None
+        return fail("interrupted" + (f": {hint}" if hint else " before the run directory was written"), 130)
     if Dist().main:
         print(f"[phaseguard] done: {run}", file=sys.stderr)
     return 0
+
+
+def fail(line: str, code: int) -> int:
+    """One line on stderr, from rank 0 (under torchrun every rank usually meets the same error).
+    Every rank also hands it to torchrun, whose failure summary then shows it instead of a pointer
+    to its docs (a rank that fails alone is named there too)."""
+    dist = Dist()
+    if dist.main:
+        print(line, file=sys.stderr)
+    if dist.on:
+        dist.tell_launcher(line)
+    return code
 
 
 if __name__ == "__main__":
