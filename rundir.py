@@ -161,12 +161,29 @@ def resume_hint(run: Path) -> str | None:
         return None
     try:
         ckpt = latest_checkpoint(run)
+        if ckpt is not None:
+            check_checkpoint_readable(ckpt)
     except UserError:
         return None
     if ckpt is None:
         return "no checkpoint yet: rerun with RESUME=1 to start again from step 0"
     step = ckpt.name.split("-")[1]
     return f"the last complete checkpoint is intact ({ckpt.name}): rerun with RESUME=1 to continue from step {step}"
+
+
+def check_checkpoint_readable(ckpt: Path):
+    """state.json parses with its fields, adapter_config.json is a LoRA config, and both safetensors files open (their headers are read
+    and checked against the file size, the tensors are not loaded); else one line naming the file."""
+    read_checkpoint_file(ckpt / "state.json", lambda path: check_state(json.loads(path.read_text())))
+    lora.read_adapter_config(ckpt / "adapter")
+    for name in ("optimizer_rng.safetensors", "adapter/adapter_model.safetensors"):
+        read_checkpoint_file(ckpt / name, safetensors_keys)
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
 
 
 @contextlib.contextmanager

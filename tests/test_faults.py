@@ -210,6 +210,10 @@ def test_a_damaged_checkpoint_file_is_one_line_naming_it(tmp_path, capsys, finis
     assert code == 2 and str(path) in err[-1] and "RESUME=1" not in err[-1], err[-1]
     assert not any("Traceback" in line for line in err)
     assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert rundir.resume_hint(run) is None  # what an OSError or Ctrl-C would add: no hint to resume from it
+    if damage == "deleted":  # the pointer names only a complete checkpoint
+        with pytest.raises(pg.UserError, match=f"no {path}"):
+            rundir.latest_checkpoint(run)
 
 
 @pytest.mark.parametrize("state", ['{"step": "3"}', "[]", '{"step": 3}'])
