@@ -530,7 +530,8 @@ def main(argv=None) -> int:
         return fail(f"error: {where}: {err.strerror or err}" + (f" ({hint})" if hint else ""), 2)
     except KeyboardInterrupt:  # Ctrl-C: one line saying what is on disk, no traceback
         hint = resume_hint(Path(cfg.out)) if cfg is not None else None
-        return fail("interrupted" + (f": {hint}" if hint else " before the run directory was written"), 130)
+        return fail("interrupted" + (f": {hint}" if hint else " before training started: the same command starts "
+                                     "it afresh"), 130)
     if Dist().main:
         print(f"[phaseguard] done: {run}", file=sys.stderr)
     return 0
