@@ -143,12 +143,13 @@ def fetch_unpinned(url: str) -> tuple[Path, str]:
         return cached, f"{url} (cached at {cached}, not revalidated)"
     if got is None:
         return cached, f"{url} (cached at {cached}, unchanged on the server)"
-    head = cached.read_bytes()[:512].lstrip().lower()
-    if "html" in (got.get("content_type") or "").lower() or head.startswith((b"<!doctype html", b"<html")):
+    head = cached.read_bytes()[:512].lstrip()
+    if "html" in (got.get("content_type") or "").lower() or head.lower().startswith((b"<!doctype html", b"<html")):
         cached.unlink(missing_ok=True)
         record_file.unlink(missing_ok=True)
-        raise UserError(f"{url}: the server sent an HTML page (Content-Type {got.get('content_type')}), not "
-                        f"the data; nothing was cached: check the URL, or retry later")
+        raise UserError(f"{url}: the server sent an HTML page, not the data (Content-Type {got.get('content_type')}, "
+                        f"first bytes {head[:40].decode('utf-8', 'replace')!r}); nothing was cached: check the URL, "
+                        f"or retry later")
     record_file.write_text(json.dumps({**got, "sha256": sha256_file(cached)}))
     return cached, f"{url} (downloaded to {cached})"
 

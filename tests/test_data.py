@@ -358,8 +358,9 @@ def test_an_html_page_served_once_is_refused_naming_the_url_and_never_cached(dat
     data_host.served["/etag.jsonl"].html = True
     with pytest.raises(UserError) as err:
         data.security_split(url)
-    assert str(err.value) == (f"{url}: the server sent an HTML page (Content-Type text/html; charset=utf-8), "
-                               f"not the data; nothing was cached: check the URL, or retry later")
+    assert str(err.value) == (f"{url}: the server sent an HTML page, not the data (Content-Type text/html; "
+                               f"charset=utf-8, first bytes '<!DOCTYPE html><html><body>503 Service U'); nothing was "
+                               f"cached: check the URL, or retry later")
     assert not data.cached_path(url).exists()
     data_host.served["/etag.jsonl"].html = False  # the host recovers: the next run just works
     train, held_out, _ = data.security_split(url)
