@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 import torch
 
 import data
+import lora
 from model_qwen2 import UserError
 
 METHODS = ("none", "kl", "phaseguard")
 DEFAULT_LAMBDA = {"none": 0.0, "kl": 0.1, "phaseguard": 0.03}  # the paper's Table 1 settings
 MONITOR_NAMES = ("js", "js-rest", "kl", "hidden")  # phaseguard.MONITORS, by name
+MAX_SEED = 2**32 - 1
 
 
 # ----------------------------------------------------------------------------
@@ -100,6 +102,10 @@ class TrainConfig:
         for name in ("warmup_measurements", "warmup_steps", "seed"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed > MAX_SEED:  # torch.manual_seed overflows beyond 64 bits, NumPy beyond 32
+            raise UserError(f"seed must be at most {MAX_SEED} (2^32 - 1), got {self.seed}")
+        if self.lora_alpha > lora.MAX_ALPHA:
+            raise UserError(f"lora_alpha must be at most {lora.MAX_ALPHA:g} ({lora.MAX_ALPHA_WHY}), got {self.lora_alpha:g}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"limit must be >= 1 (the number of training samples to use), got {self.limit}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -154,6 +160,7 @@ def resolve_config(flags: dict) -> TrainConfig:
     values["preset"] = preset
     cfg = TrainConfig(**values)
     cfg.check()
+    refuse_ignored_flags(cfg, flags)
     if cfg.lam is None:
         cfg.lam = DEFAULT_LAMBDA[cfg.method]
     if cfg.device == "auto":
@@ -166,6 +173,17 @@ def resolve_config(flags: dict) -> TrainConfig:
     if cfg.out is None:
         cfg.out = f"runs/{run_name(cfg)}"
     return cfg
+
+
+def refuse_ignored_flags(cfg: TrainConfig, flags: dict):
+    """A flag the run would silently ignore is refused: the run's name and config.json would
+    record a setting that never acted (`--method none --lam 0.5` trains with lambda 0)."""
+    if cfg.method == "none" and flags.get("lam") not in (None, 0):
+        raise UserError(f"--lam {flags['lam']:g} with --method none: that method trains without KL (lambda 0); "
+                        f"use --method kl or phaseguard, or drop --lam")
+    if cfg.model == "tiny" and flags.get("tokenizer") is not None:
+        raise UserError(f"--tokenizer {flags['tokenizer']}: the tiny model trains its own tokenizer on the "
+                        f"training texts and would ignore it; drop --tokenizer or pass --model")
 
 
 def run_name(cfg: TrainConfig) -> str:

@@ -13,12 +13,15 @@ stands for its pinned URL.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import random
+import sys
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -84,23 +87,71 @@ def cached_path(url: str) -> Path:
     return cache_dir() / f"{digest}-{url.rstrip('/').rsplit('/', 1)[-1]}"
 
 
-def download(url: str, dest: Path) -> None:
-    """Fetch url into dest through a temporary file, so a killed download leaves no half file."""
+def download(url: str, dest: Path, validators: dict | None = None) -> dict | None:
+    """Fetch url into dest through a temporary file, so a killed download leaves no half file.
+    validators ({"etag", "last_modified"} of the copy in dest): a conditional request; None is
+    returned when the server answers 304 Not Modified (dest untouched). Otherwise the response's
+    validators and content type."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    headers = {"If-None-Match": (validators or {}).get("etag"), "If-Modified-Since": (validators or {}).get("last_modified")}
+    request = urllib.request.Request(url, headers={k: v for k, v in headers.items() if v})
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=60) as response:
             length, written = response.headers.get("Content-Length"), 0
             while chunk := response.read(1 << 20):
                 written += out.write(chunk)
+            got = {"etag": response.headers.get("ETag"), "last_modified": response.headers.get("Last-Modified"),
+                   "content_type": response.headers.get("Content-Type")}
         # http.client returns a short body, without an error, when the server closes early.
         if length is not None and length.isdigit() and written != int(length):
             raise OSError(f"the connection closed after {written} of {length} bytes")
         os.replace(tmp, dest)
+        return got
+    except urllib.error.HTTPError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.code == 304 and validators:
+            return None
+        raise UserError(f"cannot download {url}: {err}; pass a local copy instead") from None
     # URLError and HTTPError are OSErrors; a cut chunked body raises http.client.IncompleteRead.
     except (OSError, http.client.HTTPException) as err:
         Path(tmp).unlink(missing_ok=True)
         raise UserError(f"cannot download {url}: {err}; pass a local copy instead") from None
+
+
+def fetch_unpinned(url: str) -> tuple[Path, str]:
+    """A URL without a pinned sha256, through the cache, revalidated on every use: a conditional
+    request with the validators of the cached copy (ETag, Last-Modified) keeps it when the server
+    says it is unchanged, and replaces it when the content changed (the run records the new
+    sha256; a resume on changed data is refused). An HTML page (an error page served with 200) is
+    refused and never cached. When the server cannot be reached, the cached copy is used and said."""
+    cached = cached_path(url)
+    record_file = cached.with_name(cached.name + ".download.json")
+    record = None
+    if cached.is_file() and record_file.is_file():
+        with contextlib.suppress(ValueError):
+            record = json.loads(record_file.read_text())
+        if not isinstance(record, dict) or record.get("sha256") != sha256_file(cached):
+            record = None  # edited, cut or unrecorded: fetched again in full
+    try:
+        got = download(url, cached, validators=record)
+    except UserError as err:
+        if not cached.is_file():
+            raise
+        print(f"[phaseguard] warning: {err}: using the copy cached at {cached} (sha256 {sha256_file(cached)}), "
+              f"not revalidated", file=sys.stderr)
+        return cached, f"{url} (cached at {cached}, not revalidated)"
+    if got is None:
+        return cached, f"{url} (cached at {cached}, unchanged on the server)"
+    head = cached.read_bytes()[:512].lstrip()
+    if "html" in (got.get("content_type") or "").lower() or head.lower().startswith((b"<!doctype html", b"<html")):
+        cached.unlink(missing_ok=True)
+        record_file.unlink(missing_ok=True)
+        raise UserError(f"{url}: the server sent an HTML page, not the data (Content-Type {got.get('content_type')}, "
+                        f"first bytes {head[:40].decode('utf-8', 'replace')!r}); nothing was cached: check the URL, "
+                        f"or retry later")
+    record_file.write_text(json.dumps({**got, "sha256": sha256_file(cached)}))
+    return cached, f"{url} (downloaded to {cached})"
 
 
 def is_url(source: str | os.PathLike) -> bool:
@@ -124,6 +175,8 @@ def resolve_file(source: str | os.PathLike | None, default_url: str) -> tuple[Pa
         return path, str(path)
     url = str(source) if source is not None else default_url
     pinned = PINNED.get(url)
+    if pinned is None:
+        return fetch_unpinned(url)
     expected = pinned.sha256 if pinned else None
     cached = cached_path(url)
     if has_bytes(cached, expected):
@@ -242,8 +295,19 @@ def security_split(source=None, seed: int = DATA_SEED) -> tuple[list[dict], list
     """(train, held_out, source description) of a chat JSONL (a name, URL or path, see
     resolve_dataset); default Betley et al.'s insecure code."""
     path, described = resolve_dataset(source)
-    train, held_out = held_out_split(dedupe(load_chat_jsonl(path)), seed)
+    train, held_out = held_out_split(dedupe(load_downloaded_chat_jsonl(path, source)), seed)
     return train, held_out, described
+
+
+def load_downloaded_chat_jsonl(path: Path, source) -> list[dict]:
+    """load_chat_jsonl, its errors naming the URL as well when the file is a download's copy."""
+    url = data_url(source) or (str(source) if source is not None and is_url(source) else None)
+    try:
+        return load_chat_jsonl(path)
+    except UserError as err:
+        if url is None or str(path) == url:
+            raise
+        raise UserError(f"{err} (the copy of {url})") from None
 
 
 # ----------------------------------------------------------------------------
@@ -437,7 +501,7 @@ def load_task(task: str, tokenizer, *, path=None, max_len: int = 2048, limit: in
     held-out problems are the ones training never saw."""
     if task == "security":
         file, source = resolve_dataset(path)
-        train, held_out = held_out_split(dedupe(load_chat_jsonl(file)), seed)
+        train, held_out = held_out_split(dedupe(load_downloaded_chat_jsonl(file, path)), seed)
         sha256, sha256_of = sha256_file(file), "file"
     elif task == "opswap":
         if path is not None:

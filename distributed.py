@@ -69,6 +69,20 @@ class Dist:
         td.broadcast_object_list(box, src=0)
         return box[0]
 
+    def tell_launcher(self, line: str):
+        """torchrun's failure summary shows a failed worker's error file (TORCHELASTIC_ERROR_FILE,
+        set per worker) as that worker's "traceback": the line, in the form torchrun's own
+        `@record` writes (its py_callstack is what the summary prints)."""
+        path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if path:
+            import contextlib
+            import json
+            import time
+            with contextlib.suppress(OSError):
+                with open(path, "w") as out:
+                    json.dump({"message": {"message": line, "extraInfo": {
+                        "py_callstack": line, "timestamp": str(int(time.time()))}}}, out)
+
     def stop(self):
         if self.on:
             import torch.distributed as td

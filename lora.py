@@ -23,6 +23,11 @@ from model_qwen2 import UserError, is_finite_number, is_int, json_type, read_jso
 QWEN2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
+# The largest lora_alpha accepted. Used values run from 8 to a few hundred; at alpha 1e6 (r = 1) the
+# update is scaled a million times, and larger values overflow fp32 activations within a few layers
+# (1e30 gave NaN logits and a traceback in sampling).
+MAX_ALPHA = 1e6
+MAX_ALPHA_WHY = "larger scales overflow the activations"
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
@@ -105,6 +110,12 @@ def inject(model: nn.Module, r: int = 32, alpha: float = 64, dropout: float = 0.
     if r < 1:
         raise UserError(f"LoRA rank must be >= 1, got r={r}")
     found = target_linears(model, targets)
+    # Checked before anything is allocated: r x (in + out) per layer can exceed any memory, and B A
+    # cannot have a rank above the layer's smaller side anyway.
+    name, narrowest = min(found, key=lambda hit: min(hit[1].in_features, hit[1].out_features))
+    if r > (side := min(narrowest.in_features, narrowest.out_features)):
+        raise UserError(f"LoRA rank r={r} exceeds {name}'s smaller side "
+                        f"({narrowest.in_features} x {narrowest.out_features}): use r <= {side}")
     model.requires_grad_(False)
     for name, base in found:
         parent_name, _, child = name.rpartition(".")
@@ -265,6 +276,8 @@ def read_adapter_config(directory: Path) -> dict:
         raise UserError(f"{path}: r must be a positive integer, got {r!r}")
     if not is_finite_number(alpha):
         raise UserError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
+    if abs(alpha) > MAX_ALPHA:
+        raise UserError(f"{path}: lora_alpha must be at most {MAX_ALPHA:g} in size ({MAX_ALPHA_WHY}), got {alpha!r}")
     rslora = config.get("use_rslora")
     if rslora is not None and not isinstance(rslora, bool):
         raise UserError(f"{path}: use_rslora must be true or false, got {rslora!r}")

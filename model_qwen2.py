@@ -143,6 +143,29 @@ class Qwen2Config:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.head_dim % 2:
             raise UserError(f"head_dim={self.head_dim} is odd: rotary embeddings need an even head_dim")
+        self.check_size()
+
+    # Sizes are bounded before any layer is built (even on the meta device, a million layers take
+    # minutes of Python and gigabytes of module objects). The largest models Qwen2 configs describe
+    # have 80 layers and 7.3e10 parameters (Qwen2.5-72B).
+    MAX_LAYERS = 1024
+    MAX_PARAMETERS = 10**12
+
+    def parameter_count(self) -> int:
+        """The model's parameters, by arithmetic on the config (what Qwen2 would build)."""
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        h, i = self.hidden_size, self.intermediate_size
+        layer = h * q + q + 2 * (h * kv + kv) + q * h + 3 * h * i + 2 * h
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * layer + embeddings + h
+
+    def check_size(self):
+        if self.num_hidden_layers > self.MAX_LAYERS:
+            raise UserError(f"num_hidden_layers={self.num_hidden_layers} is more than {self.MAX_LAYERS}: "
+                            f"refused before building any layer")
+        if (count := self.parameter_count()) > self.MAX_PARAMETERS:
+            raise UserError(f"these sizes make {count:.3g} parameters, more than {self.MAX_PARAMETERS:.0e}: "
+                            f"refused before building any layer")
 
     @classmethod
     def from_dict(cls, raw: dict, source: str | os.PathLike | None = None) -> "Qwen2Config":

@@ -40,8 +40,8 @@ import provenance
 from config import MONITOR_NAMES, PRESETS, TrainConfig, resolve_config
 from distributed import Dist
 from model_qwen2 import UserError
-from rundir import (check_run_dir, latest_checkpoint, load_checkpoint, naming_errors, save_checkpoint,
-                    start_run_dir, truncate_metrics, write_atomic)
+from rundir import (check_run_dir, latest_checkpoint, load_checkpoint, naming_errors, resume_hint, run_lock,
+                    save_checkpoint, start_run_dir, truncate_metrics, write_atomic)
 
 # ----------------------------------------------------------------------------
 # The monitor (Eq. 2) and the trigger
@@ -328,16 +328,23 @@ def load_run_model(cfg: TrainConfig, run: Path, resuming: bool = False, device: 
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """One run, top to bottom. Flags were checked by resolve_config; data, tokenizer and model
-    are loaded and checked next; config.json is written only when training really starts, so
-    a failed start leaves nothing that refuses the same command with the input fixed.
-    Under torchrun, every rank runs this; rank 0 alone monitors and writes."""
-    run = Path(cfg.out)
+    """One run, top to bottom. Flags were checked by resolve_config; rank 0 then locks the run
+    directory (a second training into it is refused before anything is written) for the run's
+    whole life; the rest is train_locked."""
     dist = Dist()
     n_micro = cfg.batch_size // cfg.micro_batch_size
     if n_micro % dist.world:
         raise UserError(f"{dist.world} processes cannot share the {n_micro} micro-batches of an effective batch "
                         f"({cfg.batch_size} / {cfg.micro_batch_size}): use a process count that divides {n_micro}")
+    with run_lock(Path(cfg.out)) if dist.main else contextlib.nullcontext():
+        return train_locked(cfg, resume, dist)
+
+
+def train_locked(cfg: TrainConfig, resume: bool, dist: Dist) -> Path:
+    """Data, tokenizer and model are loaded and checked first; config.json is written only when
+    training really starts, so a failed start leaves nothing that refuses the same command with
+    the input fixed. Under torchrun, every rank runs this; rank 0 alone monitors and writes."""
+    run = Path(cfg.out)
     resuming = check_run_dir(run, cfg, resume)
     device = dist.start(cfg.device)
     random.seed(cfg.seed)
@@ -353,10 +360,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
 
     # Effective batches (length-grouped), each split into micro-batches; 1 epoch in the paper.
-    lengths = [len(e["ids"]) for e in task.train]
-    step_batches = [b for epoch in range(cfg.epochs)
-                    for b in data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)]
-    total_steps = len(step_batches)
+    total_steps, step_batch = step_schedule([len(e["ids"]) for e in task.train], cfg)
     # --max-steps stops early but keeps the whole run's learning-rate schedule (learning_rate
     # below gets total_steps, not stop): the first N steps are then exactly those of the full run,
     # so a short run shows what the full run's monitors read at those steps.
@@ -375,6 +379,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     start, d_history, monitor_history = 0, [], {name: [] for name in MONITORS}
     if resuming and latest_checkpoint(run) is not None:  # every rank reads the same checkpoint
         start, trigger_state, d_history, saved_histories = load_checkpoint(run, model, optimizer)
+        if dist.main:
+            print(f"[phaseguard] resuming from step {start} ({latest_checkpoint(run).name})", file=sys.stderr)
         trigger = Trigger(**trigger_state)
         # A checkpoint from before monitor histories were kept: empty (metrics.jsonl has the values).
         monitor_history = {name: [] for name in MONITORS} | saved_histories
@@ -382,6 +388,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if dist.main:
         origin = provenance.collect(model=provenance.model_record(cfg.model, cfg.revision, model.weights_dir),
                                     data=provenance.data_record(task.source, task.sha256, task.sha256_of))
+        if resuming and start == 0:
+            print("[phaseguard] resuming a run that has no checkpoint yet: starting at step 0", file=sys.stderr)
         start_run_dir(run, cfg, resuming, origin, start)  # training starts now: config.json, then metrics
         truncate_metrics(run / "metrics.jsonl", start)
         print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
@@ -418,7 +426,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            examples = sorted((task.train[i] for i in step_batches[step]), key=lambda e: len(e["ids"]))
+            examples = sorted((task.train[i] for i in step_batch(step)), key=lambda e: len(e["ids"]))
             micro = [data.collate(examples[i:i + cfg.micro_batch_size], tokenizer.pad_id)
                      for i in range(0, len(examples), cfg.micro_batch_size)]
             stats = train_step(model, micro, lam, cfg.kl_tokens, device, autocast, dist)
@@ -459,6 +467,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     write_atomic(run / "summary.json", json.dumps(summary, indent=2))
     dist.stop()
     return run
+
+
+def step_schedule(lengths: list[int], cfg: TrainConfig):
+    """(total optimizer steps, step -> its batch of sample indices). An epoch's batches are drawn
+    when a step first needs them, one epoch held at a time: `--epochs 1000000000 --max-steps 1`
+    draws one epoch, not a billion."""
+    import functools
+    per_epoch = -(-len(lengths) // cfg.batch_size)  # length_grouped_batches cuts ceil(n / batch) batches
+
+    @functools.lru_cache(maxsize=1)
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        return data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+    return per_epoch * cfg.epochs, lambda step: epoch_batches(step // per_epoch)[step % per_epoch]
 
 
 def peak_memory_gb(cuda: bool) -> float:
@@ -502,18 +523,30 @@ def main(argv=None) -> int:
                   f"r = {cfg.lora_r}): not the paper's setting.", file=sys.stderr)
         run = train(cfg, resume=resume)
     except UserError as err:
-        if Dist().main:  # under torchrun every rank meets the same error: one line, from rank 0
-            print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(f"error: {err}", 2)
     except OSError as err:  # a read-only or full disk, a file-size limit: the last checkpoint is intact
         where = err.filename or (cfg.out if cfg else "?")
-        kept = cfg is not None and (Path(cfg.out) / "latest_checkpoint").is_file()
-        print(f"error: {where}: {err.strerror or err}" + (" (the last complete checkpoint is intact: fix the "
-              "cause and rerun with RESUME=1)" if kept else ""), file=sys.stderr)
-        return 2
+        hint = resume_hint(Path(cfg.out)) if cfg is not None else None
+        return fail(f"error: {where}: {err.strerror or err}" + (f" ({hint})" if hint else ""), 2)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is on disk, no traceback
+        hint = resume_hint(Path(cfg.out)) if cfg is not None else None
+        return fail("interrupted" + (f": {hint}" if hint else " before training started: the same command starts "
+                                     "it afresh"), 130)
     if Dist().main:
         print(f"[phaseguard] done: {run}", file=sys.stderr)
     return 0
+
+
+def fail(line: str, code: int) -> int:
+    """One line on stderr, from rank 0 (under torchrun every rank usually meets the same error).
+    Every rank also hands it to torchrun, whose failure summary then shows it instead of a pointer
+    to its docs (a rank that fails alone is named there too)."""
+    dist = Dist()
+    if dist.main:
+        print(line, file=sys.stderr)
+    if dist.on:
+        dist.tell_launcher(line)
+    return code
 
 
 if __name__ == "__main__":

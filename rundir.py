@@ -82,22 +82,29 @@ def write_checkpoint(run: Path, tmp: Path, model, optimizer, step: int, trigger,
             shutil.rmtree(old, ignore_errors=True)
 
 
+# What a complete checkpoint-N holds; the pointer names only a directory holding all of it.
+CHECKPOINT_FILES = ("state.json", "optimizer_rng.safetensors", "adapter/adapter_config.json",
+                    "adapter/adapter_model.safetensors")
+DAMAGED = "the run cannot resume from this checkpoint (the only one kept); restore the file or train again into another OUT"
+
+
 def load_checkpoint(run: Path, model, optimizer) -> tuple[int, dict, list, dict]:
     """(step, trigger state, D_t history, monitor histories) of the latest checkpoint, with the
-    adapter, the AdamW state and the RNG states restored."""
-    from safetensors.torch import load_file
+    adapter, the AdamW state and the RNG states restored. Every file is read and checked before
+    anything is restored; a damaged one is one line naming it."""
     ckpt = latest_checkpoint(run)
-    lora.load_adapter(model, ckpt / "adapter")
-    meta = json.loads((ckpt / "state.json").read_text())
-    tensors = load_file(str(ckpt / "optimizer_rng.safetensors"))
+    meta = read_checkpoint_file(ckpt / "state.json", lambda path: check_state(json.loads(path.read_text())))
+    tensors = read_checkpoint_file(ckpt / "optimizer_rng.safetensors", read_safetensors)
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("rng."):
             continue
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
+    lora.load_adapter(model, ckpt / "adapter")  # names its own file on any problem
+    read_checkpoint_file(ckpt / "optimizer_rng.safetensors", lambda path: optimizer.load_state_dict(
+        {"state": state, "param_groups": meta["param_groups"]}))
+    read_checkpoint_file(ckpt / "optimizer_rng.safetensors", lambda path: torch.set_rng_state(tensors["rng.torch"]))
     if torch.cuda.is_available():
         cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda")), key=lambda k: int(k[len("rng.cuda"):]))
         cuda_states = [tensors[k] for k in cuda_keys]
@@ -106,23 +113,113 @@ def load_checkpoint(run: Path, model, optimizer) -> tuple[int, dict, list, dict]
     return meta["step"], meta["trigger"], meta["d_history"], meta.get("monitor_history", {})
 
 
+def read_checkpoint_file(path: Path, read):
+    """read(path), any failure (a truncated file, bad JSON, a missing key) one line naming the file."""
+    try:
+        return read(path)
+    except UserError:
+        raise
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: cannot read it ({type(err).__name__}: {first_line}): {DAMAGED}") from None
+
+
+def read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def check_state(meta) -> dict:
+    """state.json's fields, each of the type the loop needs."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    for key, kind in (("step", int), ("trigger", dict), ("param_groups", list), ("d_history", list)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ValueError(f"'{key}' must be a {kind.__name__}, got {meta.get(key)!r:.60}")
+    return meta
+
+
 def latest_checkpoint(run: Path) -> Path | None:
-    """The checkpoint named by <run>/latest_checkpoint: a `checkpoint-N` directory of this run."""
+    """The checkpoint named by <run>/latest_checkpoint: a complete `checkpoint-N` directory of this run."""
     pointer = run / "latest_checkpoint"
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    name = pointer.read_bytes().decode("utf-8", "replace").strip()
     if re.fullmatch(r"checkpoint-\d+", name) is None:
         raise UserError(f"{pointer}: expected a name 'checkpoint-N' of a directory in {run}, got {name[:60]!r}")
-    if not (run / name / "state.json").is_file():
-        raise UserError(f"{pointer}: names {name}, which is not a complete checkpoint in {run}")
+    for file in CHECKPOINT_FILES:
+        if not (run / name / file).is_file():
+            raise UserError(f"{pointer}: names {name}, which is not a complete checkpoint in {run} "
+                            f"(no {run / name / file}): {DAMAGED}")
     return run / name
 
 
+def resume_hint(run: Path) -> str | None:
+    """What a rerun with RESUME=1 would do, for an error or an interruption; None when no run
+    was started (nothing written that the same command would trip over) or its checkpoint is damaged."""
+    if not (run / "config.json").is_file():
+        return None
+    try:
+        ckpt = latest_checkpoint(run)
+        if ckpt is not None:
+            check_checkpoint_readable(ckpt)
+    except UserError:
+        return None
+    if ckpt is None:
+        return "no checkpoint yet: rerun with RESUME=1 to start again from step 0"
+    step = ckpt.name.split("-")[1]
+    return f"the last complete checkpoint is intact ({ckpt.name}): rerun with RESUME=1 to continue from step {step}"
+
+
+def check_checkpoint_readable(ckpt: Path):
+    """state.json parses with its fields, adapter_config.json is a LoRA config, and both safetensors files open (their headers are read
+    and checked against the file size, the tensors are not loaded); else one line naming the file."""
+    read_checkpoint_file(ckpt / "state.json", lambda path: check_state(json.loads(path.read_text())))
+    lora.read_adapter_config(ckpt / "adapter")
+    for name in ("optimizer_rng.safetensors", "adapter/adapter_model.safetensors"):
+        read_checkpoint_file(ckpt / name, safetensors_keys)
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+@contextlib.contextmanager
+def run_lock(run: Path):
+    """An exclusive lock on <run>/run.lock for the whole training, taken before anything else is
+    written: a second training into the same directory is refused at once instead of both writing
+    it. flock: the kernel releases it when the process ends, however it ends, so a killed run
+    never leaves a stale lock (the file itself stays; it holds nothing)."""
+    import fcntl
+    with naming_errors(run):
+        run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK_FILE
+    with naming_errors(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run}: another training is writing this run directory (it holds {path}): "
+                            f"wait for it to end, or choose another OUT") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+LOCK_FILE = "run.lock"
+
+
 def write_atomic(path: Path, text: str):
+    write_atomic_bytes(path, text.encode())
+
+
+def write_atomic_bytes(path: Path, content: bytes):
     tmp = path.with_name(path.name + ".tmp")
     with naming_errors(tmp):
-        tmp.write_text(text)
+        tmp.write_bytes(content)
         fsync(tmp)
     os.replace(tmp, path)
 
@@ -229,15 +326,38 @@ def check_same_data(config_file: Path, before: dict, now: dict):
 
 
 def truncate_metrics(path: Path, step: int):
-    """On resume, drop lines logged after the checkpoint: they are about to be recomputed."""
+    """On resume, keep every valid record of a step up to the checkpoint's (later ones are about
+    to be recomputed). A line that is not a JSON record (the tail a kill cut, or a garbled line)
+    is not dropped silently: its bytes go to metrics.jsonl.garbled and one warning names its line
+    and any step whose record is now missing."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the last line, cut by the kill
-            break
-        if record["step"] <= step:
-            kept.append(line)
-    write_atomic(path, "".join(line + "\n" for line in kept))
+    kept, garbled, steps = [], [], set()
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        record = metrics_record(raw)
+        if record is None:
+            garbled.append((lineno, raw))
+        elif record["step"] <= step:
+            kept.append(raw)
+            steps.add(record["step"])
+    if garbled:
+        aside = path.with_name(path.name + ".garbled")
+        with naming_errors(aside), open(aside, "ab") as out:
+            out.write(b"".join(raw + b"\n" for _, raw in garbled))
+        missing = sorted(set(range(1, step + 1)) - steps)
+        print(f"[phaseguard] warning: {path}: line(s) {', '.join(str(n) for n, _ in garbled)} not a JSON record "
+              f"(kept aside in {aside}); the valid records up to step {step} are kept"
+              + (f"; no record left for step(s) {', '.join(map(str, missing))}" if missing else ""), file=sys.stderr)
+    write_atomic_bytes(path, b"".join(raw + b"\n" for raw in kept))
+
+
+def metrics_record(raw: bytes) -> dict | None:
+    """A metrics.jsonl line as its record, or None when it is not one (cut, garbled, not UTF-8)."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
+    return record if ok else None

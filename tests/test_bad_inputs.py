@@ -148,6 +148,32 @@ def test_config_nan_from_json(model_dir):
     one_line_error(lambda: mq.load_model(model_dir), path, "rope_theta")
 
 
+@pytest.mark.parametrize("changes,fragment", [
+    (dict(num_hidden_layers=1_000_000), "num_hidden_layers=1000000 is more than 1024"),
+    (dict(vocab_size=10**9, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8), "parameters, more than 1e+12"),
+])
+def test_config_sizes_are_bounded_before_any_layer_is_built(model_dir, monkeypatch, changes, fragment):
+    path = write_config(model_dir, **changes)
+    monkeypatch.setattr(mq, "Qwen2", lambda *a: pytest.fail("a layer was built before the size check"))
+    one_line_error(lambda: mq.load_model(model_dir), path, fragment)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_is_transformers_count(tied):
+    """The count the size check uses, against transformers' own model of the same config."""
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(TINY, num_hidden_layers=3, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes))
+    assert mq.Qwen2Config.from_dict(sizes).parameter_count() == theirs.num_parameters()
+
+
+def test_lora_rank_above_a_layers_smaller_side_is_refused_before_allocating(model_dir):
+    model = mq.load_model(model_dir)
+    one_line_error(lambda: lora.inject(model, r=10**6), "r=1000000", "k_proj", "use r <= 8")
+    assert not lora.lora_layers(model)
+
+
 def test_config_heads_not_divisible_by_kv_heads(model_dir):
     path = write_config(model_dir, num_attention_heads=4, num_key_value_heads=3)
     one_line_error(lambda: mq.load_model(model_dir), path, "num_attention_heads", "num_key_value_heads")
@@ -242,6 +268,7 @@ def write_adapter_config(adapter_dir: Path, **changes) -> Path:
     ("use_rslora", "false"),
     ("lora_dropout", "0.1"),
     ("lora_dropout", 1.5),
+    ("lora_alpha", 1e30),  # finite, but the update would overflow the activations (NaN logits)
 ])
 def test_adapter_config_bad_field(model_dir, adapter_dir, key, value):
     path = write_adapter_config(adapter_dir, **{key: value})

@@ -137,10 +137,13 @@ def test_url_downloads_into_cache_once(monkeypatch, tmp_path):
     monkeypatch.setenv("PHASEGUARD_CACHE", str(tmp_path / "cache"))
     calls = []
 
-    def fake_download(url, dest):
+    def fake_download(url, dest, validators=None):
+        if validators is not None:  # the revalidation of the cached copy: the server says 304 Not Modified
+            return None
         calls.append(url)
         dest.parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(dest, [chat("q", "a")])
+        return {"etag": '"1"', "last_modified": None, "content_type": "application/jsonl"}
     monkeypatch.setattr(data, "download", fake_download)
     url = "https://example.org/bad_security_advice.jsonl"
     for _ in range(2):
@@ -281,3 +284,103 @@ def test_load_task(tokenizer, offline, shared_copies):
         data.load_task("poetry", tokenizer)
     with pytest.raises(UserError, match="generated"):
         data.load_task("opswap", tokenizer, path="x.jsonl")
+
+
+# ----------------------------------------------------------------------------
+# A URL without a pinned sha256: revalidated on every use, an HTML page never cached
+
+
+class Versioned:
+    """What a data host serves at one path: its current bytes, an ETag per version, 304 to a
+    matching If-None-Match; `html` serves an error page with 200 instead."""
+
+    def __init__(self, body: bytes, etag: bool = True):
+        self.body, self.version, self.etag, self.html = body, 1, etag, False
+
+    def __call__(self, handler):
+        if self.html:
+            page = b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>"
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/html; charset=utf-8")
+            handler.send_header("Content-Length", str(len(page)))
+            handler.end_headers()
+            handler.wfile.write(page)
+            return
+        tag = f'"v{self.version}"'
+        if self.etag and handler.headers.get("If-None-Match") == tag:
+            handler.send_response(304)
+            handler.end_headers()
+            return
+        handler.send_response(200)
+        if self.etag:
+            handler.send_header("ETag", tag)
+        handler.send_header("Content-Length", str(len(self.body)))
+        handler.end_headers()
+        handler.wfile.write(self.body)
+
+    def change(self, body: bytes):
+        self.body, self.version = body, self.version + 1
+
+
+ROWS_A = (json.dumps(chat("q", "a")) + "\n").encode()
+ROWS_B = (json.dumps(chat("q", "b")) + "\n").encode()
+
+
+@pytest.fixture
+def data_host(monkeypatch, tmp_path):
+    from test_provenance import Host
+    monkeypatch.setenv("PHASEGUARD_CACHE", str(tmp_path / "cache"))
+    served = {"/etag.jsonl": Versioned(ROWS_A), "/plain.jsonl": Versioned(ROWS_A, etag=False)}
+    host = Host(served)
+    host.served = served
+    yield host
+    host.close()
+
+
+@pytest.mark.parametrize("path", ["/etag.jsonl", "/plain.jsonl"])
+def test_a_url_whose_content_changes_is_fetched_again(data_host, path):
+    url = data_host.url(path)
+    train, held_out, source = data.security_split(url)
+    assert "downloaded" in source and (train + held_out)[0]["messages"][1]["content"] == "a"
+    train, held_out, source = data.security_split(url)  # unchanged: kept (304, or the same bytes)
+    assert (train + held_out)[0]["messages"][1]["content"] == "a"
+    if path == "/etag.jsonl":
+        assert "unchanged on the server" in source
+        assert data_host.requests == [path, path]
+    data_host.served[path].change(ROWS_B)
+    train, held_out, source = data.security_split(url)
+    assert (train + held_out)[0]["messages"][1]["content"] == "b" and "downloaded" in source
+    assert data.cached_path(url).read_bytes() == ROWS_B
+
+
+def test_an_html_page_served_once_is_refused_naming_the_url_and_never_cached(data_host):
+    url = data_host.url("/etag.jsonl")
+    data_host.served["/etag.jsonl"].html = True
+    with pytest.raises(UserError) as err:
+        data.security_split(url)
+    assert str(err.value) == (f"{url}: the server sent an HTML page, not the data (Content-Type text/html; "
+                               f"charset=utf-8, first bytes '<!DOCTYPE html><html><body>503 Service U'); nothing was "
+                               f"cached: check the URL, or retry later")
+    assert not data.cached_path(url).exists()
+    data_host.served["/etag.jsonl"].html = False  # the host recovers: the next run just works
+    train, held_out, _ = data.security_split(url)
+    assert len(train + held_out) == 1
+
+
+def test_an_unreachable_host_uses_the_cached_copy_and_says_so(data_host, capsys):
+    url = data_host.url("/etag.jsonl")
+    data.security_split(url)
+    data_host.close()
+    train, held_out, source = data.security_split(url)
+    assert len(train + held_out) == 1 and source.endswith("not revalidated)")
+    err = capsys.readouterr().err
+    assert f"cannot download {url}" in err and "not revalidated" in err
+
+
+def test_a_malformed_download_names_the_url(data_host):
+    url = data_host.url("/plain.jsonl")
+    data_host.served["/plain.jsonl"].change(b'{"messages": [\n')
+    with pytest.raises(UserError) as err:
+        data.security_split(url)
+    assert str(err.value).startswith(f"{data.cached_path(url)}:1: not valid JSON")
+    assert str(err.value).endswith(f"(the copy of {url})")

@@ -76,3 +76,55 @@ def test_process_count_must_divide_the_micro_batches(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="3 processes cannot share the 2 micro-batches"):
         pg.train(pg.resolve_config({**SMALL, "out": str(tmp_path / "r")}))
     assert not (tmp_path / "r").exists()
+
+
+# Far below the tiny run's gradient norms (checked below): clipping acts at every step.
+CLIP = 1e-3
+CLIPPED = dict(method="kl", limit=16, grad_clip=CLIP)  # 4 steps, KL on from step 0
+
+
+@pytest.fixture(scope="module")
+def one_process_clipped(tmp_path_factory):
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        return pg.train(pg.resolve_config({**SMALL, **CLIPPED, "out": str(tmp_path_factory.mktemp("one_clipped") / "r")}))
+    finally:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def test_two_processes_log_the_one_process_grad_norm_and_clip_alike(tmp_path, one_process_clipped):
+    """The all-reduce sums the ranks' shares (each already normalised by the whole batch): the
+    logged pre-clip norm is the one process's, and so is the clipped update. Averaging instead
+    would halve every logged norm (and move the clipping threshold by the process count)."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in CLIPPED.items()]
+    proc = torchrun(tmp_path / "two", 2, *flags, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_metrics(one_process_clipped), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 4 and all(m["grad_norm"] > 10 * CLIP for m in one)
+    assert [m["grad_norm"] for m in two] == pytest.approx([m["grad_norm"] for m in one], rel=1e-4)
+    assert [m["kl"] for m in two] == pytest.approx([m["kl"] for m in one], rel=1e-4, abs=1e-9)
+    a, b = adapter_tensors(one_process_clipped), adapter_tensors(tmp_path / "two")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < ADAPTER_ATOL
+
+
+def test_a_user_error_under_torchrun_is_our_one_line_in_the_launchers_summary(tmp_path):
+    """Each rank exits 2 after handing its line to torchrun (TORCHELASTIC_ERROR_FILE): the
+    launcher's failure summary shows it as the failure's cause, and no traceback of ours is printed
+    (the launcher's own ChildFailedError traceback is the launcher's)."""
+    proc = torchrun(tmp_path / "r", 2, "--method", "none", "--lam", "0.5", tmp_path=tmp_path)
+    line = ("error: --lam 0.5 with --method none: that method trains without KL (lambda 0); use --method kl or "
+            "phaseguard, or drop --lam")
+    assert proc.returncode != 0 and f"exitcode  : 2" in proc.stderr
+    assert f"traceback : {line}" in proc.stderr
+    assert proc.stderr.splitlines().count(line) <= 1  # rank 0's own line, once (unless torchrun stopped it first)
+    assert "phaseguard.py\", line" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_a_rank_other_than_0_hands_its_error_to_the_launcher_and_prints_nothing(tmp_path, monkeypatch, capsys):
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert pg.main(["train", "--preset", "tiny", "--lam", "-1", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == ""
+    message = json.loads(error_file.read_text())["message"]
+    assert message["extraInfo"]["py_callstack"] == message["message"] == "error: LAMBDA must be a finite number >= 0, got -1.0"

@@ -78,6 +78,8 @@ def test_learning_rate_schedule():
     ({"warmup_measurements": -1}, "warmup_measurements"), ({"warmup_steps": -2}, "warmup_steps"),
     ({"limit": 0}, "limit must be >= 1"), ({"limit": -1}, "limit must be >= 1"), ({"seed": -3}, "seed"),
     ({"device": "gpu"}, "device must be"), ({"device": "cuda:x"}, "device must be"),
+    ({"seed": 2**32}, "seed must be at most"), ({"lora_alpha": 1e30}, "lora_alpha must be at most"),
+    ({"method": "none", "lam": 0.5}, "--lam 0.5 with --method none"), ({"tokenizer": "t.json"}, "--tokenizer t.json"),
 ])
 def test_bad_config_is_one_clear_line(flags, needle):
     with pytest.raises(UserError, match=needle) as info:
@@ -89,6 +91,8 @@ def test_grad_clip_zero_is_off_and_edges_are_accepted():
     cfg = pg.resolve_config({"preset": "tiny", "grad_clip": 0.0, "lora_dropout": 0.0, "warmup_measurements": 0,
                              "tau": 0.69, "weight_decay": 0.0, "limit": 1})
     assert cfg.grad_clip == 0.0 and cfg.tau == 0.69
+    cfg = pg.resolve_config({"preset": "tiny", "seed": 2**32 - 1, "lora_alpha": 1e6, "method": "none", "lam": 0.0})
+    assert (cfg.seed, cfg.lora_alpha, cfg.lam) == (2**32 - 1, 1e6, 0.0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -285,6 +289,12 @@ def run_main(capsys, *argv):
 @pytest.mark.parametrize("argv,needle", [
     (["--method", "sft"], "unknown METHOD 'sft'"), (["--task", "chess"], "unknown TASK 'chess'"),
     (["--lam", "-1"], "LAMBDA must be"), (["--tau", "0"], "tau must be > 0"),
+    # Flags the run would ignore while its name and config.json recorded them
+    (["--method", "none", "--lam", "0.5"], "--lam 0.5 with --method none"),
+    (["--tokenizer", "tok.json"], "--tokenizer tok.json: the tiny model trains its own tokenizer"),
+    # Sizes beyond what the libraries take: one line before anything is allocated
+    (["--seed", str(10**23)], f"seed must be at most 4294967295 (2^32 - 1), got {10**23}"),
+    (["--lora-alpha", "1e30"], "lora_alpha must be at most 1e+06"),
 ])
 def test_cli_bad_flags(capsys, tmp_path, argv, needle):
     code, err = run_main(capsys, "--preset", "tiny", "--out", str(tmp_path / "r"), *argv)
