@@ -169,7 +169,8 @@ def test_equal_aurocs_stay_four_distinguishable_lines():
     lines = [line for line in fig.axes[0].get_lines() if line.get_label() in sel.MONITORS]
     assert [line.get_label() for line in lines] == ["js", "js-rest", "kl"]
     assert len({(line.get_marker(), line.get_linestyle(), line.get_color()) for line in lines}) == 3
-    assert len(set(selr.MONITOR_STYLE.values())) == len(selr.MONITOR_STYLE) == len(sel.MONITORS)
+    # All six: no two share marker and line style (colour alone would not survive a grey-scale print).
+    assert len({(marker, style) for _, marker, style in selr.MONITOR_STYLE.values()}) == len(sel.MONITORS) == 6
 
 
 # ---------------------------------------------------------------------------- --jobs on the CPU
