@@ -153,6 +153,19 @@ def test_js_answer_matches_transformers_peft_scipy(models, monkeypatch):
     assert abs(value - pooled_js_answer(theirs, prompts, answers)) > 1e-4
 
 
+def test_js_answer_positions_for_answers_of_every_length(models, monkeypatch):
+    """Answers of 0 to m tokens (as if the reference had stopped there): n + 1 positions below m, m at m;
+    the value still PEFT's teacher-forced JS on those answers."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ours, theirs, prompts, persona_prompts = models
+    answers = [[(7 * c + j) % VOCAB + 1 for j in range(c)] for c in range(len(prompts))]  # lengths 0..5
+    monkeypatch.setattr(pg.mq, "generate", lambda *a, **k: mq.Generation(answers, None))
+    reference = pg.reference_state(ours, mq.left_pad(prompts, pad_id=0), TOPK, setup_of(persona_prompts, 1))
+    assert torch.bincount(reference.answers.rows).tolist() == [1, 2, 3, 4, 5, 5]
+    value = pg.MONITORS["js-answer"](ours, mq.left_pad(prompts, pad_id=0), reference)
+    assert value == pytest.approx(hf_js_answer(theirs, prompts, answers, M, TOPK), rel=2e-4, abs=1e-7)
+
+
 def pooled_js_answer(theirs, prompts, answers) -> float:
     weights = [min(M, len(a) + 1) for a in answers]
     per_canary = [hf_js_answer(theirs, [p], [a], M, TOPK) for p, a in zip(prompts, answers)]
