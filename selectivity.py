@@ -5,18 +5,20 @@ both of its tasks (Sec. 4.4); this measures, for every monitor, how far apart th
 
 `python selectivity.py run` trains METHOD=none (no KL: the plain fine-tune, which every monitor only
 watches) on each dataset x seed, for at most --max-steps optimizer steps (default: the whole epoch).
-A run is finished when its summary.json exists and is skipped; an interrupted one is resumed. With
---gpus the runs go side by side as in the sweep (sweep.gpu_groups, sweep.run_side_by_side: one child
-process per run, this command with --only NAME, logged into the run directory).
+A run is finished when its summary.json exists and is skipped; an interrupted one is resumed; one made
+with another model or other monitor settings is refused (IDENTITY, MODEL_FILE). With --gpus the runs go
+side by side as in the sweep (sweep.gpu_groups, sweep.run_side_by_side: one child process per run, this
+command with --only NAME, logged into the run directory); with --jobs N, N at a time on the CPU, each
+with cores / N torch threads.
 
 `python selectivity.py report` writes the markdown report and its PNGs beside it:
 - per monitor, every dataset's curve (mean over seeds, min-max band over seeds);
 - per monitor and tau on a grid (TAU_GRIDS), the step at which each run would have fired the trigger
   (phaseguard.update_trigger, the paper's warm-up of 3 measurements and 2 consecutive points);
-- per monitor and monitor step, the AUROC separating the insecure runs (positives) from the control
-  runs (negatives), with its N;
-- which monitor separates best, only when every dataset has at least MIN_SEEDS finished seeds (and no
-  run is a tiny-preset run); otherwise what is missing.
+- per monitor, the AUROC of the insecure runs (positives) against each control and the pooled controls
+  (negatives), with its N and a one-sided permutation p;
+- whether any monitor separates (selectivity_report.best_monitor_line), only when every dataset has at
+  least MIN_SEEDS finished seeds (and no run is a tiny-preset run); otherwise what is missing.
 `make selectivity` runs both."""
 from __future__ import annotations
 
