@@ -271,8 +271,10 @@ def best_monitor_line(runs, monitors, min_seeds: int = MIN_SEEDS) -> str:
     level = ALPHA / len(monitors)
     first = next(iter(results.values()))
     numbers = "; ".join(f"{m} AUROC {r['mean']:.3f} (p = {r['p']:.3g})" for m, r in results.items())
-    basis = (f"{first['n_pos']} insecure vs {first['n_neg']} control runs, mean AUROC over steps "
-             f"{first['steps'][0]}-{first['steps'][-1]} ({len(first['steps'])} steps after the warm-up); one-sided "
+    steps = first["steps"]
+    span = (f"step {steps[0]} (1 step" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]} ({len(steps)} steps")
+    basis = (f"{first['n_pos']} insecure vs {first['n_neg']} control runs, mean AUROC over {span} after the "
+             "warm-up); one-sided "
              f"permutation test of the run labels, {first['how']}; separating: AUROC > 0.5 and p ≤ {ALPHA:g}/"
              f"{len(monitors)} = {level:.3g} (Bonferroni over the monitors)")
     floor = smallest_p(first["n_pos"], first["n_neg"])
