@@ -45,6 +45,9 @@ MAX_UNSCORED ?= 0.05
 # make selectivity: METHOD=none on DATASETS x SEEDS for at most STEPS optimizer steps (empty: the whole
 # epoch), then SELECTIVITY_REPORT (+ PNGs beside it). Its runs go under RUNS when RUNS is given, else
 # under selectivity-runs; SELECTIVITY_ARGS: more `selectivity.py run` flags, e.g. --set limit=40.
+# MODEL: every run's model (a run of another model in RUNS is refused); JOBS: runs side by side on
+# the CPU, each with (cores / JOBS) torch threads.
+JOBS     ?= 1
 SEEDS    ?= 42 123 456
 STEPS    ?=
 DATASETS ?= insecure secure educational opswap
@@ -113,7 +116,8 @@ report: install
 
 selectivity: install
 	@$(PY) selectivity.py run --preset $(PRESET) --runs-dir $(SELECTIVITY_RUNS) --datasets $(DATASETS) --seeds $(SEEDS) \
-	  $(if $(STEPS),--max-steps $(STEPS)) $(if $(GPUS),--gpus $(GPUS)) --nproc $(NPROC) $(SELECTIVITY_ARGS)
+	  $(if $(STEPS),--max-steps $(STEPS)) $(if $(GPUS),--gpus $(GPUS)) --nproc $(NPROC) --jobs $(JOBS) \
+	  $(if $(MODEL),--model $(MODEL)) $(SELECTIVITY_ARGS)
 	@$(PY) selectivity.py report --runs-dir $(SELECTIVITY_RUNS) --out $(SELECTIVITY_REPORT)
 
 bench: install

@@ -14,7 +14,7 @@ from model_qwen2 import UserError
 
 METHODS = ("none", "kl", "phaseguard")
 DEFAULT_LAMBDA = {"none": 0.0, "kl": 0.1, "phaseguard": 0.03}  # the paper's Table 1 settings
-MONITOR_NAMES = ("js", "js-rest", "kl", "hidden")  # phaseguard.MONITORS, by name
+MONITOR_NAMES = ("js", "js-rest", "kl", "hidden", "persona", "js-answer")  # phaseguard.MONITORS, by name
 MAX_SEED = 2**32 - 1
 
 
@@ -47,6 +47,8 @@ class TrainConfig:
     monitor_every: int = 5
     monitor: str = "js"  # the monitor the trigger reads (MONITORS); all of them are logged
     topk: int = 256
+    persona_layer: int | None = None  # monitor persona: the residual-stream layer (None: num_hidden_layers // 2)
+    answer_tokens: int = 8  # monitor js-answer: the first m tokens of the reference's greedy answer
     js_variant: str = "renorm"  # renorm | rest (see kernels.topk_js); `--js-variant rest` is `--monitor js-rest`
     tau: float = 0.15
     warmup_measurements: int = 3
@@ -73,11 +75,11 @@ class TrainConfig:
             raise UserError(f"unknown MONITOR {self.monitor!r}: expected one of {', '.join(MONITOR_NAMES)}")
         # tau must be a value the monitor can exceed: JS (natural log) lies in [0, ln 2] (Sec. 3.2),
         # 1 - cosine similarity in [0, 2], the KL in [0, inf).
-        if self.monitor in ("js", "js-rest") and not 0 < self.tau < math.log(2):
+        if self.monitor in ("js", "js-rest", "js-answer") and not 0 < self.tau < math.log(2):
             raise UserError(f"tau must be > 0 and < ln 2 = {math.log(2):.4f} (the largest JS) for monitor "
                             f"{self.monitor}, got {self.tau}")
-        if self.monitor == "kl" and not (math.isfinite(self.tau) and self.tau > 0):
-            raise UserError(f"tau must be a finite number > 0 for monitor kl, got {self.tau}")
+        if self.monitor in ("kl", "persona") and not (math.isfinite(self.tau) and self.tau > 0):
+            raise UserError(f"tau must be a finite number > 0 for monitor {self.monitor}, got {self.tau}")
         if self.monitor == "hidden" and not 0 < self.tau < 2:
             raise UserError(f"tau must be > 0 and < 2 (the largest 1 - cosine similarity) for monitor hidden, "
                             f"got {self.tau}")
@@ -96,7 +98,7 @@ class TrainConfig:
         if self.js_variant not in ("renorm", "rest"):
             raise UserError(f"js_variant must be 'renorm' or 'rest', got {self.js_variant!r}")
         for name in ("batch_size", "micro_batch_size", "monitor_every", "topk", "lora_r", "epochs",
-                     "checkpoint_every", "max_len", "consecutive"):
+                     "checkpoint_every", "max_len", "consecutive", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_measurements", "warmup_steps", "seed"):
@@ -106,6 +108,8 @@ class TrainConfig:
             raise UserError(f"seed must be at most {MAX_SEED} (2^32 - 1), got {self.seed}")
         if self.lora_alpha > lora.MAX_ALPHA:
             raise UserError(f"lora_alpha must be at most {lora.MAX_ALPHA:g} ({lora.MAX_ALPHA_WHY}), got {self.lora_alpha:g}")
+        if self.persona_layer is not None and self.persona_layer < 0:
+            raise UserError(f"persona_layer must be >= 0 (a residual-stream layer), got {self.persona_layer}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"limit must be >= 1 (the number of training samples to use), got {self.limit}")
         if self.max_steps is not None and self.max_steps < 1:

@@ -7,9 +7,12 @@ Methods: `none` (lambda_t = 0), `kl` (lambda_t = lambda from step 0), `phaseguar
 (lambda_t = lambda once the trigger has fired, 0 before). The reference pi_theta_0 is the
 same model with its LoRA adapters switched off (`lora.disabled`), never a second copy.
 
-Monitors (MONITORS, each `(model, canaries, reference) -> float`, a mean over the canaries at
-the first decode position): `js` (Eq. 2, the default), `js-rest`, `kl` and `hidden`. The trigger
-reads the one chosen by `--monitor`; all four are logged at every monitoring step, for every method.
+Monitors (MONITORS, each `(model, canaries, reference) -> float`, a mean over the canaries):
+`js` (Eq. 2, the default), `js-rest`, `kl` and `hidden` at the first decode position; `persona`
+(drift of the residual stream at --persona-layer along a misaligned-persona direction) and
+`js-answer` (Eq. 2's JS over the first --answer-tokens of the reference's own greedy answer). The
+trigger reads the one chosen by `--monitor`; all six are logged at every monitoring step, for
+every method, and once more after the last update.
 
 Steps count completed optimizer updates. D_t is measured at t = 0, 5, 10, ... before
 update t+1 (t = 0 is before training, where D_0 = 0 for a fresh adapter); the first 3
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -59,18 +63,21 @@ class FirstDecode(NamedTuple):
     """One forward over the canaries, read at the first decode position (the last column)."""
     hidden: torch.Tensor  # [24, H] the last layer's hidden state after the final RMSNorm: what feeds lm_head
     logits: torch.Tensor  # [24, V] fp32 next-token logits
+    layer: torch.Tensor | None = None  # [24, H] fp32 residual stream at the persona layer, when one was asked
 
 
 @torch.no_grad()
-def first_decode(model, canaries) -> FirstDecode:
+def first_decode(model, canaries, layer: int | None = None) -> FirstDecode:
     """The canaries' first-decode hidden states and logits from one forward (only that row goes
     through lm_head). model.hidden_states returns the final norm's output, so `hidden` is exactly
-    the lm_head input."""
+    the lm_head input. layer: also the residual stream there (residual_stream), same forward."""
     was_training = model.training
     model.eval()
     try:
-        hidden = model.hidden_states(*canaries)[:, -1]
-        return FirstDecode(hidden, model.lm_head(hidden).float())
+        with residual_stream(model, layer) as captured:
+            hidden = model.hidden_states(*canaries)[:, -1]
+        return FirstDecode(hidden, model.lm_head(hidden).float(),
+                           None if layer is None else captured[0][:, -1].float())
     finally:
         model.train(was_training)
 
@@ -96,13 +103,19 @@ class Reference(NamedTuple):
     topk: tuple  # (ids [24, k] int64, log-probs [24, k] fp32): kernels.reference_topk, for the JS monitors
     logits: torch.Tensor  # [24, V] fp32 first-decode logits, for the KL monitor
     hidden: torch.Tensor  # [24, H] fp32 first-decode hidden states after the final norm, for the hidden monitor
+    persona: "Persona | None" = None  # the persona direction and the reference's canary residuals, for persona
+    answers: "Answers | None" = None  # the reference's greedy answers, teacher-forced, for js-answer
 
 
-def reference_state(model, canaries, k: int) -> Reference:
-    """The reference (adapters off) at the canaries' first decode position: one forward."""
+def reference_state(model, canaries, k: int, setup: "MonitorSetup | None" = None) -> Reference:
+    """The reference (adapters off) at the canaries' first decode position: one forward. With a
+    setup (what the loop passes), also the persona direction and the reference's own answers:
+    without one, persona and js-answer are not measured (all_monitors leaves them out)."""
     with lora.disabled(model):
-        out = first_decode(model, canaries)
-    return Reference(kernels.reference_topk(out.logits, k), out.logits, out.hidden.float())
+        out = first_decode(model, canaries, None if setup is None else setup.persona_layer)
+        persona = None if setup is None else persona_reference(model, setup, out.layer)
+        answers = None if setup is None else answer_reference(model, canaries, setup, k)
+    return Reference(kernels.reference_topk(out.logits, k), out.logits, out.hidden.float(), persona, answers)
 
 
 def d_t_of(logits, reference, variant: str = "renorm") -> float:
@@ -153,6 +166,170 @@ def hidden_of(out: FirstDecode, reference: Reference) -> float:
 FROM_FIRST_DECODE = {"js": js_of, "js-rest": js_rest_of, "kl": kl_of, "hidden": hidden_of}
 
 
+# ---- persona and js-answer (issue 19): monitors that read more than the first decode position.
+# persona: drift of the canaries' residual stream along a "misaligned persona" direction (after
+# Chen et al. 2025, arXiv 2507.21509); js-answer: Eq. 2's top-k JS over the first m tokens of the
+# reference's own greedy answer, teacher-forced. Both reference parts are computed once, adapters off.
+
+PERSONA_FILE = Path(__file__).with_name("persona_prompts.json")
+PERSONA_SHA256 = "bcbbb8466d266cec30140133df946aef926026f947784fd66bb8162f0ad461ec"  # the file as committed
+
+
+class MonitorSetup(NamedTuple):
+    """What the persona and js-answer references need besides the canaries (monitor_setup)."""
+    persona_layer: int  # transformers' hidden_states index: 0 the embeddings, l the output of block l
+    persona_prompts: tuple  # (misaligned, helpful): token ids of each neutral question under each system prompt
+    prompts_sha256: str
+    answer_tokens: int  # m: js-answer reads the first m positions of the reference's greedy answer
+    pad_id: int
+    stop_ids: list
+
+
+class Persona(NamedTuple):
+    layer: int
+    direction: torch.Tensor  # [H] float64, unit length: mean(misaligned) - mean(helpful), normalised
+    base: torch.Tensor  # [24, H] float64: the reference's canary residuals at the layer (first decode)
+    norm: float  # the length of the mean difference before it was normalised
+    prompts_sha256: str
+
+
+class Answers(NamedTuple):
+    batch: tuple  # (ids, mask) [24, T]: each canary, then the first answer tokens, left-padded
+    rows: torch.Tensor  # [N] int64: the canary of each answer position read
+    cols: torch.Tensor  # [N] int64: its column; the logits there predict the next answer token
+    topk: tuple  # the reference's (ids [N, k], log-probs [N, k]) at those positions
+    tokens: list  # the reference's greedy answers (at most m tokens, the stop token left out)
+
+
+def load_persona_prompts(path: Path = PERSONA_FILE) -> tuple[dict, str]:
+    """The persona prompt set and its sha256, refused (one line) unless it is the pinned file."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the persona prompts ({err.strerror or err})") from None
+    sha = hashlib.sha256(raw).hexdigest()
+    if sha != PERSONA_SHA256:
+        raise UserError(f"{path}: sha256 {sha} is not the pinned {PERSONA_SHA256} (the persona prompts changed)")
+    return json.loads(raw), sha
+
+
+def monitor_setup(cfg: TrainConfig, tokenizer, model) -> MonitorSetup:
+    """The persona prompts as chat prompts (each question under each system prompt), the layer
+    (default the middle one, num_hidden_layers // 2) checked against the model, m, and the stop ids."""
+    layers = model.config.num_hidden_layers
+    layer = layers // 2 if cfg.persona_layer is None else cfg.persona_layer
+    if not 0 <= layer < layers:  # transformers' last entry is after the final norm: not the residual stream
+        raise UserError(f"persona_layer={layer}: this model has {layers} layers (0 to {layers - 1})")
+    prompts, sha = load_persona_prompts()
+
+    def asked(system):
+        return [tokenizer.encode_chat([{"role": "system", "content": prompts[system]}, {"role": "user", "content": q}],
+                                      add_generation_prompt=True)[0] for q in prompts["questions"]]
+    return MonitorSetup(layer, (asked("misaligned_system"), asked("helpful_system")), sha, cfg.answer_tokens,
+                        tokenizer.pad_id, [tokenizer.im_end_id, tokenizer.eos_id])
+
+
+@contextlib.contextmanager
+def residual_stream(model, layer: int | None):
+    """Collects the residual stream at `layer` (transformers' hidden_states[layer]: the embeddings
+    for 0, else block `layer`'s output) of the forwards inside; nothing when layer is None."""
+    captured: list = []
+    if layer is None:
+        yield captured
+        return
+    module = model.model.embed_tokens if layer == 0 else model.model.layers[layer - 1]
+    handle = module.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def last_token_residual(model, prompts: list, pad_id: int, layer: int) -> torch.Tensor:
+    """[n, H] float64: the residual stream at `layer` at each prompt's last token (left-padded)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with residual_stream(model, layer) as captured:
+            model.hidden_states(*mq.left_pad(prompts, pad_id, model.lm_head.weight.device))
+        return captured[0][:, -1].double()
+    finally:
+        model.train(was_training)
+
+
+def persona_reference(model, setup: MonitorSetup, canary_layer: torch.Tensor) -> Persona:
+    """Call with the adapters off: the unit direction from the two prompt sets' mean residuals
+    (float64), and the reference's canary residuals it is read against."""
+    misaligned, helpful = (last_token_residual(model, p, setup.pad_id, setup.persona_layer)
+                           for p in setup.persona_prompts)
+    difference = misaligned.mean(0) - helpful.mean(0)
+    norm = float(difference.norm())
+    if not norm > 0:
+        raise UserError(f"persona_layer={setup.persona_layer}: the two persona prompt sets give the same mean "
+                        "activation there (no direction); choose another layer")
+    return Persona(setup.persona_layer, difference / norm, canary_layer.double(), norm, setup.prompts_sha256)
+
+
+def answer_reference(model, canaries, setup: MonitorSetup, k: int) -> Answers:
+    """Call with the adapters off: each canary's greedy answer (at most m tokens), and the batch
+    that teacher-forces its first m positions: the prompt, then the answer less its last token
+    (a stop token is predicted, never fed). A canary answered in n < m tokens has n + 1 positions."""
+    ids, mask = canaries
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    m = setup.answer_tokens
+    answers = mq.generate(model, prompts, max_new_tokens=m, stop_ids=setup.stop_ids, pad_id=setup.pad_id).ids
+    positions = [min(m, len(a) + 1) for a in answers]
+    forced = [p + a[:n - 1] for p, a, n in zip(prompts, answers, positions)]
+    batch = mq.left_pad(forced, setup.pad_id, ids.device)
+    width = batch[0].shape[1]
+    rows = torch.tensor([c for c, n in enumerate(positions) for _ in range(n)], device=ids.device)
+    cols = torch.tensor([width - n + j for n in positions for j in range(n)], device=ids.device)
+    partial = Answers(batch, rows, cols, None, answers)
+    return partial._replace(topk=kernels.reference_topk(answer_logits(model, partial), k))
+
+
+@torch.no_grad()
+def answer_logits(model, answers: Answers) -> torch.Tensor:
+    """[N, V] fp32: the logits at the answer positions, one forward over the teacher-forced batch."""
+    was_training = model.training
+    model.eval()
+    try:
+        hidden = model.hidden_states(*answers.batch)[answers.rows, answers.cols]
+        return model.lm_head(hidden).float()
+    finally:
+        model.train(was_training)
+
+
+def persona_of(out: FirstDecode, reference: Reference) -> float:
+    """The mean over the canaries of (h_t - h_0) . v at the persona layer, in float64."""
+    persona = reference.persona
+    return ((out.layer.double() - persona.base) @ persona.direction).mean().item()
+
+
+def js_answer_of(logits: torch.Tensor, reference: Reference) -> float:
+    """Eq. 2's top-k JS (renorm) at each answer position, averaged over each canary's positions,
+    then over the canaries (each canary weighs the same, as in Eq. 2)."""
+    answers = reference.answers
+    per_position = kernels.topk_js(logits, *answers.topk, "renorm").double()
+    n = len(answers.tokens)
+    sums = torch.zeros(n, dtype=torch.float64, device=per_position.device).index_add_(0, answers.rows, per_position)
+    return (sums / torch.bincount(answers.rows, minlength=n)).mean().item()
+
+
+def monitor_record(reference: Reference, setup: MonitorSetup) -> dict:
+    """What the run records of the persona direction and the reference's answers (monitor_reference.json)."""
+    persona, answers = reference.persona, reference.answers
+    direction = persona.direction.detach().cpu().numpy().astype("<f8")
+    return {"persona": {"layer": persona.layer, "direction_sha256": hashlib.sha256(direction.tobytes()).hexdigest(),
+                        "direction_sha256_of": "float64 little-endian bytes of the unit direction",
+                        "norm_before_normalising": persona.norm, "prompts_file": PERSONA_FILE.name,
+                        "prompts_sha256": persona.prompts_sha256},
+            "js_answer": {"answer_tokens": setup.answer_tokens,
+                          "positions_per_canary": torch.bincount(answers.rows).tolist(),
+                          "reference_answers": answers.tokens}}
+
+
 def monitor_js(model, canaries, reference: Reference) -> float:
     return js_of(first_decode(model, canaries), reference)
 
@@ -169,14 +346,29 @@ def monitor_hidden(model, canaries, reference: Reference) -> float:
     return hidden_of(first_decode(model, canaries), reference)
 
 
-MONITORS = {"js": monitor_js, "js-rest": monitor_js_rest, "kl": monitor_kl, "hidden": monitor_hidden}
+def monitor_persona(model, canaries, reference: Reference) -> float:
+    return persona_of(first_decode(model, canaries, reference.persona.layer), reference)
+
+
+def monitor_js_answer(model, canaries, reference: Reference) -> float:
+    return js_answer_of(answer_logits(model, reference.answers), reference)  # the canaries are in the answer batch
+
+
+MONITORS = {"js": monitor_js, "js-rest": monitor_js_rest, "kl": monitor_kl, "hidden": monitor_hidden,
+            "persona": monitor_persona, "js-answer": monitor_js_answer}
 assert tuple(MONITORS) == MONITOR_NAMES  # the names config.py checks --monitor against
 
 
 def all_monitors(model, canaries, reference: Reference) -> dict[str, float]:
-    """Every monitor's value from one policy forward: {"js", "js-rest", "kl", "hidden"}."""
-    out = first_decode(model, canaries)
-    return {name: of(out, reference) for name, of in FROM_FIRST_DECODE.items()}
+    """Every monitor the reference supports, in MONITORS' order: the first-decode four and persona
+    from one forward over the canaries, js-answer from one over the teacher-forced answers."""
+    out = first_decode(model, canaries, None if reference.persona is None else reference.persona.layer)
+    values = {name: of(out, reference) for name, of in FROM_FIRST_DECODE.items()}
+    if reference.persona is not None:
+        values["persona"] = persona_of(out, reference)
+    if reference.answers is not None:
+        values["js-answer"] = js_answer_of(answer_logits(model, reference.answers), reference)
+    return values
 
 
 @dataclass
@@ -374,7 +566,8 @@ def train_locked(cfg: TrainConfig, resume: bool, dist: Dist) -> Path:
 
     if dist.main:  # the monitors run on rank 0; the others get their result
         canaries = canary_batch(tokenizer, device)
-        reference = reference_state(model, canaries, cfg.topk)  # computed once: the reference never changes
+        setup = monitor_setup(cfg, tokenizer, model)
+        reference = reference_state(model, canaries, cfg.topk, setup)  # computed once: the reference never changes
     trigger = Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive)
     start, d_history, monitor_history = 0, [], {name: [] for name in MONITORS}
     if resuming and latest_checkpoint(run) is not None:  # every rank reads the same checkpoint
@@ -391,6 +584,7 @@ def train_locked(cfg: TrainConfig, resume: bool, dist: Dist) -> Path:
         if resuming and start == 0:
             print("[phaseguard] resuming a run that has no checkpoint yet: starting at step 0", file=sys.stderr)
         start_run_dir(run, cfg, resuming, origin, start)  # training starts now: config.json, then metrics
+        write_atomic(run / "monitor_reference.json", json.dumps(monitor_record(reference, setup), indent=2))
         truncate_metrics(run / "metrics.jsonl", start)
         print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
               f"{cfg.max_len}), {total_steps} steps" + (f" (stopping after {stop})" if stop < total_steps else "")
@@ -455,6 +649,10 @@ def train_locked(cfg: TrainConfig, resume: bool, dist: Dist) -> Path:
             if done % cfg.checkpoint_every == 0 or done == stop:
                 save_checkpoint(run, model, optimizer, done, trigger, d_history, monitor_history)
 
+    if dist.main:  # a final reading after the last update: the drift of the adapter that is saved
+        for name, value in all_monitors(model, canaries, reference).items():
+            if not monitor_history[name] or monitor_history[name][-1][0] != stop:
+                monitor_history[name].append([stop, value])
     dist.barrier()
     if not dist.main:
         dist.stop()
@@ -462,7 +660,7 @@ def train_locked(cfg: TrainConfig, resume: bool, dist: Dist) -> Path:
     with naming_errors(run / "adapter"):
         lora.save_adapter(model, run / "adapter", cfg.model)
     summary = {"steps": stop, "planned_steps": total_steps, "trigger_step": trigger.fired_at, "d_history": d_history,
-               "monitor": cfg.monitor, "monitor_history": monitor_history,
+               "monitor": cfg.monitor, "monitor_history": monitor_history, "final_reading_step": stop,
                "n_train": len(task.train), "n_truncated": task.n_truncated, "data_source": task.source}
     write_atomic(run / "summary.json", json.dumps(summary, indent=2))
     dist.stop()

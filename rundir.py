@@ -253,7 +253,8 @@ PROVENANCE_KEYS = ("provenance", "resumes")
 
 def added_keys(previous: dict) -> dict:
     """Settings added after runs were started, at the values a config.json without them ran with."""
-    return {"monitor": "js-rest" if previous.get("js_variant") == "rest" else "js", "max_steps": None}
+    return {"monitor": "js-rest" if previous.get("js_variant") == "rest" else "js", "max_steps": None,
+            "persona_layer": None, "answer_tokens": 8}
 
 
 def config_record(cfg: TrainConfig, origin: dict | None = None) -> dict:

@@ -1,25 +1,34 @@
 """The report of `make selectivity` (selectivity.py runs the runs): read the METHOD=none runs
-back, then per monitor the curves of every dataset, the trigger step for tau on a grid
-(phaseguard.update_trigger), the AUROC of insecure against the controls per monitor step with its
-N, and which monitor separates best, only when every dataset has MIN_SEEDS finished seeds."""
+back (one model per report: runs of two models are refused), then per monitor the curves of every
+dataset, the trigger step for tau on a grid (phaseguard.update_trigger; censored by the run length
+where it did not fire), the AUROC of insecure against each control and against the pooled controls
+with its N and a one-sided permutation p, and whether any monitor separates: only when every dataset
+has MIN_SEEDS finished seeds, and only a monitor whose p passes a Bonferroni threshold."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
+import random
 from pathlib import Path
 
 import data
 import phaseguard
 import report
 from model_qwen2 import UserError
-from selectivity import DATASETS, MIN_SEEDS, MONITORS, POSITIVE, CONTROLS, ROLE
+from selectivity import CONTROLS, DATASETS, MIN_SEEDS, MONITORS, POSITIVE, ROLE, read_identity
 
 LN2 = math.log(2)
 JS_GRID = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)  # JS lies in [0, ln 2]; 0.15 is the paper's tau
 LOG_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # KL (nats, unbounded) and any other: half decades
 HIDDEN_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # 1 - cosine similarity lies in [0, 2]: half decades
-TAU_GRIDS = {"js": JS_GRID, "js-rest": JS_GRID, "kl": LOG_GRID, "hidden": HIDDEN_GRID}
+PERSONA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # a projection on a unit direction: residual-stream units
+TAU_GRIDS = {"js": JS_GRID, "js-rest": JS_GRID, "js-answer": JS_GRID, "kl": LOG_GRID, "hidden": HIDDEN_GRID,
+             "persona": PERSONA_GRID}
+ALPHA = 0.05  # a monitor separates when its one-sided permutation p <= ALPHA / (monitors tested): Bonferroni
+EXACT_SPLITS = 200_000  # label splits enumerated exactly up to this many; beyond, MC_DRAWS random ones
+MC_DRAWS = 20_000
 
 def tau_grid(monitor: str) -> tuple[float, ...]:
     return TAU_GRIDS.get(monitor, LOG_GRID)
@@ -74,10 +83,24 @@ def find_runs(runs_dir: Path) -> list[dict]:
             except (OSError, json.JSONDecodeError) as err:
                 raise UserError(f"{run / 'summary.json'}: not readable ({err})") from None
         runs.append({"dir": run, "dataset": dataset_of(cfg), "seed": cfg["seed"], "preset": cfg.get("preset"),
+                     "model": model_label(cfg, read_identity(run)),
                      "finished": bool(summary), "steps": summary.get("steps"),
                      "planned_steps": summary.get("planned_steps"), "max_steps": cfg.get("max_steps"),
                      "histories": histories_of(summary, cfg) if summary else {}})
     return runs
+
+
+def model_label(cfg: dict, identity: dict | None) -> str:
+    """The model a run trained: name or path, the revision asked, the hub commit phaseguard
+    recorded, the weights' sha256 selectivity.py recorded (MODEL_FILE)."""
+    if cfg.get("model") is None:
+        return "not recorded"
+    if cfg.get("model") == "tiny":
+        return "tiny (a random model built per run from its seed)"
+    commit = (((cfg.get("provenance") or {}).get("model") or {}).get("commit"))
+    sha = (identity or {}).get("sha256")
+    return (f"{cfg['model']}" + (f" @ {cfg['revision']}" if cfg.get("revision") else "")
+            + (f", commit {commit}" if commit else "") + (f", weights sha256 {sha}" if sha else ""))
 
 
 def used_runs(runs) -> tuple[list[dict], list[str]]:
@@ -100,6 +123,10 @@ def used_runs(runs) -> tuple[list[dict], list[str]]:
     elif tiny:
         notes.insert(0, "**TINY PRESET runs: a small random model on the CPU. They check the pipeline; their numbers "
                         "mean nothing.**")
+    models = sorted({r.get("model", "not recorded") for r in runs})
+    if len(models) > 1:  # never mixed: one report per model
+        raise UserError(f"runs of {len(models)} models in one directory ({'; '.join(models)}): give each model "
+                        "its own RUNS directory")
     return runs, notes
 
 
@@ -140,12 +167,13 @@ def values_at(runs, monitor: str, step: int, datasets) -> list[float]:
     return [v for r in runs if r["dataset"] in datasets for s, v in r["histories"].get(monitor, []) if s == step]
 
 
-def auroc_rows(runs, monitor: str) -> list[tuple[int, float | None, int, int]]:
-    """(step, AUROC or None, positives, negatives) at every step any run measured the monitor at."""
+def auroc_rows(runs, monitor: str, controls=CONTROLS) -> list[tuple[int, float | None, int, int]]:
+    """(step, AUROC or None, positives, negatives) at every step any run measured the monitor at;
+    negatives: the runs of `controls` (all of them by default: the pooled AUROC)."""
     steps = sorted({s for r in runs for s, _ in r["histories"].get(monitor, [])})
     rows = []
     for step in steps:
-        pos, neg = values_at(runs, monitor, step, (POSITIVE,)), values_at(runs, monitor, step, CONTROLS)
+        pos, neg = values_at(runs, monitor, step, (POSITIVE,)), values_at(runs, monitor, step, controls)
         rows.append((step, auroc(pos, neg) if pos and neg else None, len(pos), len(neg)))
     return rows
 
@@ -156,21 +184,69 @@ def common_steps(runs, monitor: str) -> list[int]:
     return sorted(set.intersection(*sets)) if sets else []
 
 
-def separation(runs, monitor: str, warmup: int = WARMUP) -> dict | None:
-    """The monitor's mean AUROC over the common steps after the warm-up (the steps at which every
-    run measured it, less the first `warmup` of them: the steps the trigger can act on), and its
-    AUROC at the last common step. None without such steps or without both kinds of runs."""
+def separation(runs, monitor: str, warmup: int = WARMUP, controls=CONTROLS) -> dict | None:
+    """The monitor's mean AUROC (insecure against `controls`) over the common steps after the
+    warm-up (the steps at which every run of those datasets measured it, less the first `warmup`:
+    the steps the trigger can act on), and its AUROC at the last common step. None without such
+    steps or without both kinds of runs."""
+    runs = [r for r in runs if r["dataset"] in (POSITIVE, *controls)]
     steps = common_steps(runs, monitor)[warmup:]
-    if not steps or not any(r["dataset"] == POSITIVE for r in runs) or not any(r["dataset"] in CONTROLS for r in runs):
+    if not steps or not any(r["dataset"] == POSITIVE for r in runs) or not any(r["dataset"] in controls for r in runs):
         return None
-    by_step = {s: a for s, a, _, _ in auroc_rows(runs, monitor)}
+    by_step = {s: a for s, a, _, _ in auroc_rows(runs, monitor, controls)}
     values = [by_step[s] for s in steps]
     return {"mean": sum(values) / len(values), "last": values[-1], "steps": steps}
 
 
+def mean_auroc(positives: list[list[float]], negatives: list[list[float]]) -> float:
+    """Each run a vector of its values at the same steps: the mean over the steps of the AUROC."""
+    steps = range(len(positives[0]))
+    return sum(auroc([p[i] for p in positives], [n[i] for n in negatives]) for i in steps) / len(steps)
+
+
+def permutation_p(positives, negatives, seed: int = 0) -> tuple[float, str]:
+    """One-sided permutation test of "insecure drifts more": p = the share of the ways to label
+    len(positives) of all the runs positive whose mean AUROC is at least the observed one (the
+    observed labelling counts). Exact up to EXACT_SPLITS labellings; beyond, (1 + hits) / (1 + MC_DRAWS)
+    over random labellings. Under no difference every labelling is equally likely."""
+    observed = mean_auroc(positives, negatives) - 1e-12  # ties in the statistic count as at least as high
+    pooled, k = positives + negatives, len(positives)
+    if math.comb(len(pooled), k) <= EXACT_SPLITS:
+        splits = [set(c) for c in itertools.combinations(range(len(pooled)), k)]
+        how = f"exact over all {len(splits)} labellings"
+    else:
+        rng = random.Random(seed)
+        splits = [set(rng.sample(range(len(pooled)), k)) for _ in range(MC_DRAWS)]
+        how = f"{MC_DRAWS} random labellings (seed {seed})"
+    hits = sum(mean_auroc([pooled[i] for i in c], [pooled[i] for i in range(len(pooled)) if i not in c]) >= observed
+               for c in splits)
+    p = hits / len(splits) if how.startswith("exact") else (1 + hits) / (1 + len(splits))
+    return p, how
+
+
+def smallest_p(n_pos: int, n_neg: int) -> float:
+    """The smallest p the exact test can give (one labelling of all): what N alone allows."""
+    splits = math.comb(n_pos + n_neg, n_pos)
+    return 1 / splits if splits <= EXACT_SPLITS else 1 / (1 + MC_DRAWS)
+
+
+def tested_separation(runs, monitor: str, controls=CONTROLS, warmup: int = WARMUP) -> dict | None:
+    """separation() with its N and the permutation p over the same steps; None as separation."""
+    found = separation(runs, monitor, warmup, controls)
+    if found is None:
+        return None
+    vectors = {True: [], False: []}
+    for r in runs:
+        if r["dataset"] in (POSITIVE, *controls):
+            at = dict(r["histories"][monitor])
+            vectors[r["dataset"] == POSITIVE].append([at[s] for s in found["steps"]])
+    p, how = permutation_p(vectors[True], vectors[False])
+    return {**found, "p": p, "how": how, "n_pos": len(vectors[True]), "n_neg": len(vectors[False])}
+
+
 def missing(runs, monitors, min_seeds: int = MIN_SEEDS) -> list[str]:
-    """What keeps the report from naming the best monitor: datasets short of seeds, tiny runs,
-    monitors without a step after the warm-up that every run measured."""
+    """What keeps the report from deciding: datasets short of seeds, tiny runs, monitors without a
+    step after the warm-up that every run measured."""
     gaps = []
     for dataset in DATASETS:
         seeds = {r["seed"] for r in runs if r["dataset"] == dataset}
@@ -185,23 +261,30 @@ def missing(runs, monitors, min_seeds: int = MIN_SEEDS) -> list[str]:
 
 
 def best_monitor_line(runs, monitors, min_seeds: int = MIN_SEEDS) -> str:
-    """The sentence naming the monitor that separates best (the highest mean AUROC over the common
-    steps after the warm-up), only on complete evidence; otherwise what is missing."""
+    """The sentence on separation, only on complete evidence (otherwise what is missing): the
+    monitors whose mean AUROC is above 0.5 with a one-sided permutation p <= ALPHA / len(monitors)
+    are called separating; when none is, the sentence says so, with every monitor's numbers."""
     gaps = missing(runs, monitors, min_seeds) if monitors else ["no monitor measurements"]
     if gaps:
         return f"**Which monitor separates best: not decided**; missing: {'; '.join(gaps)}."
-    scores = {m: separation(runs, m) for m in monitors}
-    top = max(s["mean"] for s in scores.values())
-    best = [m for m in monitors if math.isclose(scores[m]["mean"], top, abs_tol=1e-12)]
-    rest = ", ".join(f"{m} {scores[m]['mean']:.3f}" for m in sorted(monitors, key=lambda m: -scores[m]["mean"])
-                     if m not in best)
-    steps = scores[best[0]]["steps"]
-    n_pos = sum(r["dataset"] == POSITIVE for r in runs)
-    n_neg = sum(r["dataset"] in CONTROLS for r in runs)
-    who = f"**{best[0]}**" if len(best) == 1 else " and ".join(f"**{m}**" for m in best) + " (tied)"
-    return (f"**Which monitor separates best:** {who}, with the highest mean AUROC over the monitor steps after the "
-            f"warm-up that every run measured: {top:.3f} (steps {steps[0]}-{steps[-1]}, {len(steps)} steps; "
-            f"{n_pos} insecure vs {n_neg} control runs)" + (f"; then {rest}." if rest else "."))
+    results = {m: tested_separation(runs, m) for m in monitors}
+    level = ALPHA / len(monitors)
+    first = next(iter(results.values()))
+    numbers = "; ".join(f"{m} AUROC {r['mean']:.3f} (p = {r['p']:.3g})" for m, r in results.items())
+    steps = first["steps"]
+    span = (f"step {steps[0]} (1 step" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]} ({len(steps)} steps")
+    basis = (f"{first['n_pos']} insecure vs {first['n_neg']} control runs, mean AUROC over {span} after the "
+             "warm-up); one-sided "
+             f"permutation test of the run labels, {first['how']}; separating: AUROC > 0.5 and p ≤ {ALPHA:g}/"
+             f"{len(monitors)} = {level:.3g} (Bonferroni over the monitors)")
+    floor = smallest_p(first["n_pos"], first["n_neg"])
+    limit = (f" With these N the smallest possible p is {floor:.3g}, above {level:.3g}: this design cannot show "
+             "separation." if floor > level else "")
+    separating = [m for m, r in results.items() if r["mean"] > 0.5 and r["p"] <= level]
+    if not separating:
+        return f"**No monitor separates** insecure from the controls: {numbers} ({basis}).{limit}"
+    return (f"**Separating:** {', '.join(f'**{m}**' for m in separating)}; all monitors: {numbers} ({basis}). "
+            "Per control below: pooled controls can hide one that drifts more than insecure.")
 
 
 # ----------------------------------------------------------------------------
@@ -217,12 +300,27 @@ def seed_cell(values) -> str:
 
 
 def runs_table(runs) -> list[str]:
-    lines = ["| Dataset | Role | Finished seeds | Steps run (planned) |", "|---|---|---|---|"]
+    lines = ["| Dataset | Role | Finished seeds | Steps run (planned) | Last reading at step |", "|---|---|---|---|---|"]
     for dataset in DATASETS:
         group = sorted((r for r in runs if r["dataset"] == dataset), key=lambda r: r["seed"])
         steps = sorted({f"{r['steps']}" + (f" ({r['planned_steps']})" if r["planned_steps"] else "") for r in group})
+        last = sorted({str(max(h[-1][0] for h in r["histories"].values())) for r in group if r["histories"]})
         lines.append(f"| {dataset} | {ROLE[dataset]} | {seed_cell([str(r['seed']) for r in group])} "
-                     f"| {seed_cell(steps)} |")
+                     f"| {seed_cell(steps)} | {seed_cell(last)} |")
+    return lines
+
+
+def control_table(runs, monitors) -> list[str]:
+    """Rows: monitors; columns: insecure against the pooled controls and against each control
+    alone: the mean AUROC after the warm-up, (positives/negatives), the one-sided permutation p."""
+    groups = [("pooled controls", CONTROLS)] + [(c, (c,)) for c in CONTROLS]
+    lines = ["| Monitor | " + " | ".join(f"vs {name}" for name, _ in groups) + " |", "|---|" + "---|" * len(groups)]
+    for m in monitors:
+        cells = []
+        for _, controls in groups:
+            r = tested_separation(runs, m, controls)
+            cells.append("—" if r is None else f"{r['mean']:.3f} ({r['n_pos']}/{r['n_neg']}), p = {r['p']:.3g}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -241,7 +339,8 @@ def trigger_table(runs, monitor: str, warmup: int = WARMUP, consecutive: int = C
                     steps.append("not measured")
                     continue
                 at = trigger_step(r["histories"][monitor], tau, warmup, consecutive)
-                steps.append("never" if at is None else str(at))
+                # Censored by the run's length: it did not fire by its last reading, and might later.
+                steps.append(f"not by {r['histories'][monitor][-1][0]}" if at is None else str(at))
                 fired[d == POSITIVE][0] += at is not None
                 fired[d == POSITIVE][1] += 1
             cells.append(seed_cell(steps))
@@ -287,10 +386,32 @@ def curve_stats(runs, monitor: str, dataset: str) -> tuple[list[int], list[float
     return steps, mean, lo, hi, len(group)
 
 
+# Each dataset and each monitor its own marker and line style: lines that coincide stay distinguishable.
+DATASET_STYLE = {"insecure": ("C3", "o", "-"), "secure": ("C0", "s", "--"), "educational": ("C2", "^", "-."),
+                 "opswap": ("C1", "D", ":")}
+MONITOR_STYLE = {"js": ("C0", "o", "-"), "js-rest": ("C1", "s", "--"), "kl": ("C2", "^", "-."),
+                 "hidden": ("C4", "v", ":"), "persona": ("C3", "D", "-"), "js-answer": ("C5", "P", "--")}
+DRAW_ORDER = (*CONTROLS, POSITIVE)  # insecure last: on top
+JS_MONITORS = ("js", "js-rest", "js-answer")
+
+
+def reference_lines(ax, monitor: str):
+    """On a JS panel, the paper's tau and ln 2, each only where the panel's data range (its own
+    scale) reaches it: a line far above the data would squash the curves onto the axis."""
+    if monitor not in JS_MONITORS:
+        return
+    low, high = ax.get_ylim()
+    for level, style, label in ((0.15, ("k", "--"), "paper's τ = 0.15"), (LN2, ("0.4", ":"), "ln 2 (largest JS)")):
+        if low <= level <= high:
+            ax.axhline(level, color=style[0], ls=style[1], lw=1, label=label)
+    ax.set_ylim(low, high)
+
+
 def curves_figure(runs, monitors):
-    """A panel per monitor: each dataset's mean over seeds (line, a marker per measurement) and the
-    band from its lowest to its highest seed; the warm-up shaded; JS panels with the paper's tau and
-    ln 2. None when no run has a measurement."""
+    """A panel per monitor, each on its own y scale: each dataset's mean over seeds (its own colour,
+    marker and line style; insecure drawn last, on top) and the band from its lowest to its highest
+    seed; the warm-up shaded; on JS panels the paper's tau and ln 2 where in range. None when no run
+    has a measurement."""
     import figures
     plt = figures.pyplot()
     monitors = [m for m in monitors if any(r["histories"].get(m) for r in runs)]
@@ -301,54 +422,66 @@ def curves_figure(runs, monitors):
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
     for ax, monitor in zip(axes.flat, monitors):
         all_steps = []
-        for i, dataset in enumerate(DATASETS):
+        for dataset in DRAW_ORDER:
             steps, mean, lo, hi, n = curve_stats(runs, monitor, dataset)
             if not steps:
                 continue
             all_steps = sorted(set(all_steps) | set(steps))
-            colour = f"C{i}"
-            ax.plot(steps, mean, marker="o", ms=3, lw=1.2, color=colour,
+            colour, marker, style = DATASET_STYLE[dataset]
+            top = 3 if dataset == POSITIVE else 2
+            ax.plot(steps, mean, marker=marker, ms=4, lw=1.4, ls=style, color=colour, zorder=top,
                     label=f"{dataset}: mean of {n} seed{'s' if n > 1 else ''}, band: seed range")
-            ax.fill_between(steps, lo, hi, color=colour, alpha=0.2, lw=0, label=f"_band {dataset}")  # _: no legend entry
+            ax.fill_between(steps, lo, hi, color=colour, alpha=0.15, lw=0, zorder=top - 1,
+                            label=f"_band {dataset}")  # _: no legend entry
         if len(all_steps) >= 1:
             lo_w, hi_w = figures.warmup_span(all_steps, WARMUP)
             ax.axvspan(lo_w, hi_w, color="0.5", alpha=0.15, lw=0, label="warm-up (3 measurements)")
-        if monitor in ("js", "js-rest"):
-            ax.axhline(0.15, color="k", ls="--", lw=1, label="paper's τ = 0.15")
-            ax.axhline(LN2, color="0.4", ls=":", lw=1, label="ln 2 (largest JS)")
-        ax.set(xlabel="optimizer step (measured before that update)", ylabel=monitor, title=f"monitor: {monitor}")
+        reference_lines(ax, monitor)
+        ax.set(xlabel="optimizer step (measured before that update; the last after it)", ylabel=monitor,
+               title=f"monitor: {monitor}")
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(monitors):]:
         ax.set_visible(False)
-    fig.suptitle("Monitor curves: insecure vs the controls (METHOD=none)")
+    fig.suptitle("Monitor curves: insecure vs the controls (METHOD=none), each panel on its own scale")
     fig.tight_layout()
     return fig
 
 
 def auroc_figure(runs, monitors):
-    """AUROC (insecure above the controls) against step, a line per monitor; chance (0.5) dotted.
-    None when no step has both kinds of runs."""
+    """AUROC (insecure above the controls) against step: a panel for the pooled controls, then one
+    per control; in each a line per monitor (its own colour, marker and line style); chance (0.5)
+    dotted. Only panels with a step that has both kinds of runs; None when there is none."""
     import figures
     plt = figures.pyplot()
-    lines = {m: [(s, a) for s, a, _, _ in auroc_rows(runs, m) if a is not None] for m in monitors}
-    lines = {m: v for m, v in lines.items() if v}
-    if plt is None or not lines:
+    panels = []
+    for name, controls in [("pooled controls", CONTROLS)] + [(c, (c,)) for c in CONTROLS]:
+        lines = {m: [(s, a) for s, a, _, _ in auroc_rows(runs, m, controls) if a is not None] for m in monitors}
+        lines = {m: v for m, v in lines.items() if v}
+        if lines:
+            n_pos = sum(r["dataset"] == POSITIVE for r in runs)
+            n_neg = sum(r["dataset"] in controls for r in runs)
+            panels.append((f"insecure vs {name} ({n_pos} vs {n_neg} runs)", lines))
+    if plt is None or not panels:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, (m, points) in enumerate(lines.items()):
-        ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, color=f"C{i}", label=m)
-    ax.axhline(0.5, color="0.4", ls=":", lw=1, label="0.5: no separation")
-    ax.set(xlabel="optimizer step", ylabel="AUROC (insecure above controls)", ylim=(-0.02, 1.02),
-           title="AUROC: insecure runs vs control runs")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for m, points in lines.items():
+            colour, marker, style = MONITOR_STYLE.get(m, ("k", "x", "-"))
+            ax.plot(*zip(*points), marker=marker, ms=4, lw=1.2, ls=style, color=colour, label=m)
+        ax.axhline(0.5, color="0.4", ls=":", lw=1, label="0.5: no separation")
+        ax.set(xlabel="optimizer step", ylim=(-0.02, 1.02), title=title)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("AUROC (insecure above controls)")
     fig.tight_layout()
     return fig
 
 
-FIGURES = (("curves", curves_figure, "Each monitor's curve per dataset: the mean over seeds (a marker per "
-            "measurement) and the band from the lowest to the highest seed; the trigger's warm-up shaded; on the JS "
-            "panels the paper's τ dashed and ln 2 dotted.", "Monitor curves: no run has a measurement."),
-           ("auroc", auroc_figure, "AUROC of insecure above the controls against step, per monitor (table below).",
+FIGURES = (("curves", curves_figure, "Each monitor's curve per dataset, each panel on its own y scale: the mean over "
+            "seeds (a marker per measurement; insecure drawn on top) and the band from the lowest to the highest seed; "
+            "the trigger's warm-up shaded; on the JS panels the paper's τ dashed and ln 2 dotted, each only where the "
+            "panel's range reaches it.", "Monitor curves: no run has a measurement."),
+           ("auroc", auroc_figure, "AUROC of insecure above the controls against step, per monitor: the pooled "
+            "controls, then each control alone (tables below).",
             "AUROC: no step with both insecure and control runs."))
 
 
@@ -373,7 +506,9 @@ def header(all_runs, runs, runs_dir: Path, provenance: dict | None) -> list[str]
     found = provenance.get("commit") or (provenance.get("git") or {}).get("commit")
     commit = f"`{found}`" if found else "not recorded (no provenance)"
     presets = sorted({str(r["preset"]) for r in runs})
-    lines = ["# PhaseGuard-KL: monitor selectivity", "", f"- **Date:** {now}", f"- **Commit:** {commit}"]
+    models = sorted({r.get("model", "not recorded") for r in runs}) or ["no finished run"]
+    lines = ["# PhaseGuard-KL: monitor selectivity", "", f"- **Model:** {'; '.join(models)}", f"- **Date:** {now}",
+             f"- **Commit:** {commit}"]
     lines += [f"- **{key}:** {value if isinstance(value, str) else json.dumps(value, sort_keys=True)}"
               for key, value in provenance.items() if key != "commit" and value is not None]
     lines += [f"- **Runs:** {len(all_runs)} METHOD=none runs under `{runs_dir}`; the report uses {len(runs)} "
@@ -384,9 +519,12 @@ def header(all_runs, runs, runs_dir: Path, provenance: dict | None) -> list[str]
               "- **AUROC:** over all (insecure run, control run) pairs at one monitor step, the share where the "
               "insecure run's value is higher, ties counting 1/2 (Mann-Whitney U / (n1 n0)); 1: every insecure run "
               "above every control run, 0.5: no separation. N: (positives/negatives) measured at that step.",
-              f"- **Best monitor:** the highest mean AUROC over the monitor steps after the warm-up (the first 3 "
-              f"common measurements) that every run measured; named only when every dataset has at least {MIN_SEEDS} "
-              "finished seeds and no run is a tiny-preset run.", ""]
+              f"- **Separating:** a monitor's mean AUROC over the monitor steps after the warm-up (the first 3 "
+              "common measurements) that every run measured, tested by a one-sided permutation test of the run labels "
+              "(the share of all ways to label the runs whose mean AUROC is at least the observed one); called "
+              f"separating only when above 0.5 with p ≤ {ALPHA:g} / (monitors tested), and only when every dataset "
+              f"has at least {MIN_SEEDS} finished seeds and no run is a tiny-preset run. A p, not an interval: "
+              "Hanley-McNeil's interval collapses to a point at AUROC 0 or 1 with a few runs.", ""]
     return lines
 
 
@@ -407,13 +545,21 @@ def write_report(runs_dir, out, provenance: dict | None = None, min_seeds: int =
     lines += ["## Trigger step by τ", "",
               "The step at which each run would have fired the trigger at τ (phaseguard.update_trigger: the first 3 "
               "measurements are warm-up, then 2 consecutive measurements above τ), one entry per seed in seed order; "
-              "never: not within the steps the run measured; last column: how many runs fired. Grids: js and js-rest "
+              "not by S: censored, it had not fired by the run's last reading at step S (a longer run might fire "
+              "later); last column: how many runs fired. Grids: js, js-rest and js-answer "
               f"(JS lies in [0, ln 2]; 0.15 is the paper's τ) {grid(JS_GRID)}; kl (nats) {grid(LOG_GRID)}; hidden (1 - cosine similarity, in [0, 2]) "
-              f"{grid(HIDDEN_GRID)}; any other monitor {grid(LOG_GRID)}.", ""]
+              f"{grid(HIDDEN_GRID)}; persona (a projection on a unit direction, signed) {grid(PERSONA_GRID)}; any "
+              f"other monitor {grid(LOG_GRID)}.", ""]
     for monitor in monitors:
         lines += [f"### {monitor}", ""] + trigger_table(runs, monitor) + [""]
-    lines += ["## AUROC: insecure (positives) vs controls (negatives)", ""]
+    lines += ["## AUROC: insecure (positives) vs each control (negatives)", ""]
+    lines += (control_table(runs, monitors) if monitors else ["No monitor measurements."])
+    lines += ["", "Cells: the mean AUROC over the steps after the warm-up that every run of those datasets measured, "
+              "(positives/negatives), and the one-sided permutation p of insecure drifting more (exact over all "
+              "labellings of the runs; with 3 vs 3 runs it cannot go below 1/20 = 0.05). —: no such step.", ""]
+    lines += ["## AUROC by step: insecure (positives) vs the pooled controls (negatives)", ""]
     lines += (auroc_table(runs, monitors) if monitors else ["No monitor measurements."])
     lines += ["", "Cells: AUROC (positives/negatives measured at that step); —: no insecure or no control run "
-              "there. Mean after the warm-up: over the steps every run measured, less the first 3."]
+              "there. Mean after the warm-up: over the steps every run measured, less the first 3. The last step of "
+              "a run is read after its last update."]
     return report.write_markdown(out, lines)

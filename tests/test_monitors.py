@@ -91,7 +91,7 @@ def test_each_monitor_matches_transformers_peft_scipy(setup, path, monkeypatch):
     ours, canaries, expected = setup
     reference = pg.reference_state(ours, canaries, TOPK)
     assert reference.logits.shape == (8, VOCAB) and reference.hidden.shape == (8, 32)
-    assert set(pg.MONITORS) == set(NAMES)
+    assert set(pg.MONITORS) == set(NAMES) | {"persona", "js-answer"}  # those two: tests/test_persona_answer.py
     together = pg.all_monitors(ours, canaries, reference)
     assert list(together) == list(NAMES)
     for name in NAMES:
@@ -135,22 +135,25 @@ def test_loop_logs_all_four_monitors_on_its_own_outputs(tmp_path, monkeypatch):
     monkeypatch.setattr(pg, "first_decode", capture)
     cfg = small(tmp_path / "r", method="none", limit=20)
     run = pg.train(cfg)
-    assert len(captured) == 4  # one forward for the reference, then one per monitoring step
+    assert len(captured) == 5  # one forward for the reference, one per monitoring step, one after the last update
     (h0, z0), policy = captured[0], captured[1:]
     metrics = read_metrics(run)
     assert [m["monitors"] is not None for m in metrics] == [True, False, True, False, True]
     measured = [m for m in metrics if m["monitors"] is not None]
     for (h, z), m in zip(policy, measured):
-        assert list(m["monitors"]) == list(NAMES)
+        assert list(m["monitors"]) == list(pg.MONITORS)
         expected = expected_monitors(h, z, h0, z0, cfg.topk)
         for name in NAMES:
             assert m["monitors"][name] == pytest.approx(expected[name].mean(), rel=1e-4, abs=1e-7), name
         assert m["d_t"] == m["monitors"]["js"] and m["canary_kl"] == m["monitors"]["kl"]
-    assert all(v > 1e-3 for v in measured[-1]["monitors"].values())
+    assert all(measured[-1]["monitors"][n] > 1e-3 for n in NAMES)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["monitor"] == "js" and (summary["steps"], summary["planned_steps"]) == (5, 5)
-    assert summary["monitor_history"] == {n: [[m["d_t_step"], m["monitors"][n]] for m in measured] for n in NAMES}
-    assert summary["d_history"] == summary["monitor_history"]["js"]
+    final = expected_monitors(*captured[-1], h0, z0, cfg.topk)  # the reading after the 5th (last) update
+    for n in NAMES:
+        assert summary["monitor_history"][n][:-1] == [[m["d_t_step"], m["monitors"][n]] for m in measured]
+        assert summary["monitor_history"][n][-1] == [5, pytest.approx(final[n].mean(), rel=1e-4, abs=1e-7)]
+    assert summary["d_history"] == summary["monitor_history"]["js"][:-1]
 
 
 def replay(values, cfg) -> int | None:
@@ -171,7 +174,7 @@ def test_trigger_reads_the_chosen_monitor(tmp_path, monkeypatch, monitor, tau):
     run = pg.train(cfg)
     metrics, summary = read_metrics(run), json.loads((run / "summary.json").read_text())
     history = summary["monitor_history"]
-    assert summary["monitor"] == monitor and summary["d_history"] == history[monitor]
+    assert summary["monitor"] == monitor and summary["d_history"] == history[monitor][:-1]  # [-1]: after the last update
     assert all(m["d_t"] == m["monitors"][monitor] for m in metrics if m["monitors"] is not None)
     assert summary["trigger_step"] == replay(history[monitor], cfg) == 8  # measured at 0, 2, 4 (warm-up), 6, 8
     assert [m["lambda_active"] for m in metrics] == [0.0] * 8 + [0.03] * 2
@@ -228,7 +231,8 @@ def test_max_steps_stops_early_on_the_full_runs_schedule(tmp_path, monkeypatch):
     assert [m["lr"] for m in short_metrics] == [pg.learning_rate(short_cfg, s, 5) for s in range(3)]
     summary = json.loads((short / "summary.json").read_text())
     assert (summary["steps"], summary["planned_steps"]) == (3, 5)
-    assert summary["monitor_history"]["kl"] == [[m["d_t_step"], m["canary_kl"]] for m in short_metrics if m["canary_kl"] is not None]
+    assert summary["monitor_history"]["kl"][:-1] == [[m["d_t_step"], m["canary_kl"]] for m in short_metrics if m["canary_kl"] is not None]
+    assert summary["monitor_history"]["kl"][-1][0] == 3 == summary["final_reading_step"]  # after the last update
     assert (short / "latest_checkpoint").read_text() == "checkpoint-3"  # complete: adapter, checkpoint, summary
     assert adapter_tensors(short).keys() == adapter_tensors(full).keys()
     # More than planned: the whole run.
@@ -241,7 +245,7 @@ def test_a_run_started_before_monitor_and_max_steps_existed_resumes(tmp_path, mo
     cfg = small(tmp_path / "r", method="none", limit=8)
     pg.start_run_dir(tmp_path / "r", cfg, resuming=False)
     old = json.loads((tmp_path / "r" / "config.json").read_text())
-    del old["monitor"], old["max_steps"]
+    del old["monitor"], old["max_steps"], old["persona_layer"], old["answer_tokens"]
     (tmp_path / "r" / "config.json").write_text(json.dumps(old))
     assert pg.check_run_dir(tmp_path / "r", cfg, resume=True) is True
     with pytest.raises(UserError, match="monitor: 'js' there, 'kl' now"):

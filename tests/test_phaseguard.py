@@ -191,7 +191,7 @@ def test_reference_topk_is_computed_once_per_run(tmp_path, monkeypatch):
     original = pg.kernels.reference_topk
     monkeypatch.setattr(pg.kernels, "reference_topk", lambda *a, **k: calls.append(1) or original(*a, **k))
     run = train_small(tmp_path / "once", method="phaseguard", limit=16)
-    assert len(calls) == 1
+    assert len(calls) == 2  # once per run: the canaries' first decode, and js-answer's answer positions
     assert sum(m["d_t"] is not None for m in read_metrics(run)) == 2  # 4 steps, monitored at 0 and 2
 
 
@@ -476,7 +476,7 @@ def test_logged_d_t_and_canary_kl_match_scipy_on_the_loops_own_logits(tmp_path, 
         return out
     monkeypatch.setattr(pg, "first_decode", capture)
     run = train_small(tmp_path / "r", method="none", limit=20)  # 5 steps, measured at 0, 2, 4
-    reference, policy = captured[0], captured[1:]
+    reference, policy = captured[0], captured[1:-1]  # captured[-1]: the reading after the last update
     measured = [m for m in read_metrics(run) if m["d_t"] is not None]
     assert len(measured) == len(policy) == 3
     k = pg.resolve_config(SMALL).topk

@@ -120,8 +120,9 @@ def test_trigger_table_from_synthetic_histories(tmp_path):
     assert rows["τ"].startswith("| τ | insecure (seeds 42, 123) | opswap (seeds 42) | runs that fired |")
     assert rows["0.05"] == "| 0.05 | 20, 20 | 20 | insecure 2/2, controls 1/1 |"
     assert rows["0.1"] == "| 0.1 | 20, 30 | 20 | insecure 2/2, controls 1/1 |"  # the dip to 0.1 is not above 0.1
-    assert rows["0.15"] == "| 0.15 | 20, 30 | never | insecure 2/2, controls 0/1 |"
-    assert rows["0.3"] == "| 0.3 | never, never | never | insecure 0/2, controls 0/1 |"
+    # Not fired: censored by the run's length, and said so (the last reading's step).
+    assert rows["0.15"] == "| 0.15 | 20, 30 | not by 30 | insecure 2/2, controls 0/1 |"
+    assert rows["0.3"] == "| 0.3 | not by 30, not by 30 | not by 30 | insecure 0/2, controls 0/1 |"
     assert [float(k) for k in rows if k[0].isdigit()] == list(selr.JS_GRID)
     assert selr.tau_grid("kl") == selr.LOG_GRID and selr.tau_grid("hidden") == selr.HIDDEN_GRID
     assert max(selr.JS_GRID) < selr.LN2 and 0.15 in selr.JS_GRID and max(selr.HIDDEN_GRID) < 2
@@ -139,15 +140,24 @@ def test_complete_report_names_the_best_monitor(tmp_path):
     assert selr.separation(runs, "js")["mean"] == 0.5 and selr.separation(runs, "js-rest")["mean"] == 0.0
     assert selr.separation(runs, "hidden")["mean"] == pytest.approx(HIDDEN_AUROC)
     text = selr.write_report(root, tmp_path / "out" / "sel.md")
-    assert ("**Which monitor separates best:** **kl**, with the highest mean AUROC over the monitor steps after the "
-            "warm-up that every run measured: 1.000 (steps 15-30, 4 steps; 3 insecure vs 9 control runs); then js "
-            "0.500, hidden 0.444, js-rest 0.000.") in text
-    table = text.split("## AUROC")[1]
+    # kl: insecure above all 9 controls at every step: 1 of C(12, 3) = 220 labellings is as high.
+    assert ("**Separating:** **kl**; all monitors: js AUROC 0.500 (p = 1); js-rest AUROC 0.000 (p = 1); kl AUROC "
+            "1.000 (p = 0.00455); hidden AUROC 0.444 (p = ") in text
+    assert ("(3 insecure vs 9 control runs, mean AUROC over steps 15-30 (4 steps after the warm-up); one-sided "
+            "permutation test of the run labels, exact over all 220 labellings; separating: AUROC > 0.5 and "
+            "p ≤ 0.05/4 = 0.0125 (Bonferroni over the monitors))") in text
+    controls = text.split("## AUROC: insecure (positives) vs each control")[1]
+    assert "| Monitor | vs pooled controls | vs secure | vs educational | vs opswap |" in controls
+    # hidden: above secure, below educational, 3 of 9 pairs against opswap; 3 vs 3: p >= 1/20.
+    assert ("| hidden | 0.444 (3/9), p = " in controls and "| 1.000 (3/3), p = 0.05 | 0.000 (3/3), p = 1 | "
+            "0.333 (3/3), p = " in controls)
+    assert "| kl | 1.000 (3/9), p = 0.00455 | 1.000 (3/3), p = 0.05 | 1.000 (3/3), p = 0.05 | 1.000 (3/3), p = 0.05 |" in controls
+    table = text.split("## AUROC by step")[1]
     assert "| Step | js | js-rest | kl | hidden |" in table
     assert "| 0 | 0.500 (3/9) | 0.500 (3/9) | 0.500 (3/9) | 0.500 (3/9) |" in table  # step 0: every monitor 0
     assert "| 30 | 0.500 (3/9) | 0.000 (3/9) | 1.000 (3/9) | 0.444 (3/9) |" in table
     assert "| **mean after the warm-up** | 0.500 (4 steps) | 0.000 (4 steps) | 1.000 (4 steps) | 0.444 (4 steps) |" in table
-    assert "| insecure | positive" in text and "| 42, 123, 456 | 31 (337) |" in text
+    assert "| insecure | positive" in text and "| 42, 123, 456 | 31 (337) | 30 |" in text
     for name in ("curves", "auroc"):
         assert f"![{name}](sel_{name}.png)" in text
         assert (tmp_path / "out" / f"sel_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -158,7 +168,8 @@ def test_a_tie_names_both():
     runs = [{"dataset": d, "seed": s, "preset": "paper",
              "histories": {m: [[t, 1.0 if d == "insecure" else 0.5] for t in STEPS] for m in ("kl", "hidden")}}
             for d in sel.DATASETS for s in (1, 2, 3)]
-    assert "**kl** and **hidden** (tied)" in selr.best_monitor_line(runs, ["kl", "hidden"])
+    assert "**Separating:** **kl**, **hidden**; all monitors: kl AUROC 1.000 (p = 0.00455); hidden AUROC 1.000 (p = 0.00455)" \
+        in selr.best_monitor_line(runs, ["kl", "hidden"])
 
 
 def test_one_seed_says_what_is_missing(tmp_path):
@@ -249,12 +260,20 @@ def test_curves_figure_content(tmp_path):
 def test_auroc_figure_content(tmp_path):
     runs, _ = selr.used_runs(selr.find_runs(complete_runs(tmp_path / "runs")))
     fig = selr.auroc_figure(runs, selr.monitors_of(runs))
-    (ax,) = fig.axes
+    pooled, secure, educational, opswap = fig.axes  # the pooled controls, then a panel per control
+    assert [ax.get_title() for ax in fig.axes] == ["insecure vs pooled controls (3 vs 9 runs)",
+                                                   "insecure vs secure (3 vs 3 runs)", "insecure vs educational (3 vs 3 runs)",
+                                                   "insecure vs opswap (3 vs 3 runs)"]
     for monitor, expected in (("kl", 1.0), ("js-rest", 0.0), ("hidden", HIDDEN_AUROC), ("js", 0.5)):
-        (line,) = labelled(ax, monitor)
+        (line,) = labelled(pooled, monitor)
         assert list(line.get_xdata()) == STEPS
         assert list(line.get_ydata()) == pytest.approx([0.5] + [expected] * 6)
-    (chance,) = labelled(ax, "0.5: no separation")
+    for ax, expected in ((secure, 1.0), (educational, 0.0), (opswap, 1 / 3)):  # hidden against each control
+        assert list(labelled(ax, "hidden")[0].get_ydata()) == pytest.approx([0.5] + [expected] * 6)
+    # Coinciding lines stay distinguishable: every monitor its own marker and line style.
+    styles = [(line.get_marker(), line.get_linestyle()) for line in pooled.get_lines() if line.get_label() in sel.MONITORS]
+    assert len(styles) == 4 and len(set(m for m, _ in styles)) == 4 and len(set(ls for _, ls in styles)) == 4
+    (chance,) = labelled(pooled, "0.5: no separation")
     assert list(chance.get_ydata()) == [0.5, 0.5]
     only_insecure = [r for r in runs if r["dataset"] == "insecure"]
     assert selr.auroc_figure(only_insecure, sel.MONITORS) is None
@@ -377,12 +396,13 @@ def test_make_selectivity_end_to_end(tmp_path, shared_data):
         summary = json.loads(path.read_text())
         assert summary["steps"] == 4 and summary["planned_steps"] == 6
         assert {m: [s for s, _ in h] for m, h in summary["monitor_history"].items()} == {
-            m: [0, 1, 2, 3] for m in ("js", "js-rest", "kl", "hidden")}
+            m: [0, 1, 2, 3, 4] for m in sel.MONITORS}  # 4: the reading after the last update
     text = report.read_text()
     assert "**TINY PRESET runs" in text
     assert ("not decided**; missing: insecure: 2 of 3 seeds; secure: 0 of 3 seeds; educational: 0 of 3 seeds; "
             "opswap: 2 of 3 seeds; tiny-preset runs.") in text
-    assert "| 3 | " in text.split("## AUROC")[1] and "(2/2)" in text.split("## AUROC")[1]
+    assert "| 4 | " in text.split("## AUROC by step")[1] and "(2/2)" in text.split("## AUROC by step")[1]
+    assert "- **Model:** tiny (a random model built per run from its seed)" in text
     assert (report.parent / "sel_curves.png").is_file() and (report.parent / "sel_auroc.png").is_file()
     t0 = time.perf_counter()
     again = subprocess.run(make, capture_output=True, text=True, timeout=120, env=env)  # finished: nothing trained again
