@@ -113,7 +113,7 @@ def reference_state(model, canaries, k: int, setup: "MonitorSetup | None" = None
     without one, persona and js-answer are not measured (all_monitors leaves them out)."""
     with lora.disabled(model):
         out = first_decode(model, canaries, None if setup is None else setup.persona_layer)
-        persona = None if setup is None else persona_reference(model, setup, out.layer)
+        persona = None if setup is None or setup.persona_layer is None else persona_reference(model, setup, out.layer)
         answers = None if setup is None else answer_reference(model, canaries, setup, k)
     return Reference(kernels.reference_topk(out.logits, k), out.logits, out.hidden.float(), persona, answers)
 
@@ -177,7 +177,8 @@ PERSONA_SHA256 = "bcbbb8466d266cec30140133df946aef926026f947784fd66bb8162f0ad461
 
 class MonitorSetup(NamedTuple):
     """What the persona and js-answer references need besides the canaries (monitor_setup)."""
-    persona_layer: int  # transformers' hidden_states index: 0 the embeddings, l the output of block l
+    persona_layer: int | None  # transformers' hidden_states index: 0 the embeddings, l the output of block l;
+    # None: persona not measured (a 1-layer model has no residual layer but the embeddings)
     persona_prompts: tuple  # (misaligned, helpful): token ids of each neutral question under each system prompt
     prompts_sha256: str
     answer_tokens: int  # m: js-answer reads the first m positions of the reference's greedy answer
@@ -218,7 +219,14 @@ def monitor_setup(cfg: TrainConfig, tokenizer, model) -> MonitorSetup:
     (default the middle one, num_hidden_layers // 2) checked against the model, m, and the stop ids."""
     layers = model.config.num_hidden_layers
     layer = layers // 2 if cfg.persona_layer is None else cfg.persona_layer
-    if not 0 <= layer < layers:  # transformers' last entry is after the final norm: not the residual stream
+    if layer == 0 and cfg.persona_layer is None:
+        # The default on a 1-layer model would be the embeddings, where every prompt's last token is the
+        # same token: no direction. Persona is then left out of the logged monitors, unless it is the trigger's.
+        if cfg.monitor == "persona":
+            raise UserError(f"--monitor persona needs a model with at least 2 layers (this one has {layers}: its only "
+                            "residual layer before the final norm is the embeddings)")
+        layer = None
+    elif not 0 <= layer < layers:  # transformers' last entry is after the final norm: not the residual stream
         raise UserError(f"persona_layer={layer}: this model has {layers} layers (0 to {layers - 1})")
     prompts, sha = load_persona_prompts()
 
@@ -320,11 +328,12 @@ def js_answer_of(logits: torch.Tensor, reference: Reference) -> float:
 def monitor_record(reference: Reference, setup: MonitorSetup) -> dict:
     """What the run records of the persona direction and the reference's answers (monitor_reference.json)."""
     persona, answers = reference.persona, reference.answers
-    direction = persona.direction.detach().cpu().numpy().astype("<f8")
-    return {"persona": {"layer": persona.layer, "direction_sha256": hashlib.sha256(direction.tobytes()).hexdigest(),
-                        "direction_sha256_of": "float64 little-endian bytes of the unit direction",
-                        "norm_before_normalising": persona.norm, "prompts_file": PERSONA_FILE.name,
-                        "prompts_sha256": persona.prompts_sha256},
+    direction = None if persona is None else persona.direction.detach().cpu().numpy().astype("<f8")
+    return {"persona": None if persona is None else {
+                "layer": persona.layer, "direction_sha256": hashlib.sha256(direction.tobytes()).hexdigest(),
+                "direction_sha256_of": "float64 little-endian bytes of the unit direction",
+                "norm_before_normalising": persona.norm, "prompts_file": PERSONA_FILE.name,
+                "prompts_sha256": persona.prompts_sha256},
             "js_answer": {"answer_tokens": setup.answer_tokens,
                           "positions_per_canary": torch.bincount(answers.rows).tolist(),
                           "reference_answers": answers.tokens}}
