@@ -14,7 +14,8 @@ from model_qwen2 import UserError
 
 METHODS = ("none", "kl", "phaseguard")
 DEFAULT_LAMBDA = {"none": 0.0, "kl": 0.1, "phaseguard": 0.03}  # the paper's Table 1 settings
-MONITOR_NAMES = ("js", "js-rest", "kl", "hidden", "persona", "js-answer")  # phaseguard.MONITORS, by name
+# The one list of monitor names (--monitor is checked against it); monitor.MONITORS maps each to its function.
+MONITOR_NAMES = ("js", "js-rest", "kl", "hidden", "persona", "js-answer")
 MAX_SEED = 2**32 - 1
 
 

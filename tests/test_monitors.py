@@ -23,6 +23,7 @@ from scipy.stats import entropy
 import data
 import kernels
 import model_qwen2 as mq
+import monitor
 import phaseguard as pg
 import provenance
 from model_qwen2 import UserError
@@ -89,29 +90,26 @@ def test_each_monitor_matches_transformers_peft_scipy(setup, path, monkeypatch):
     elif not kernels.HAS_TRITON or not kernels.use_triton(torch.zeros(1)):
         pytest.skip("the Triton path needs triton and TRITON_INTERPRET=1 set before import (conftest)")
     ours, canaries, expected = setup
-    reference = pg.reference_state(ours, canaries, TOPK)
+    reference = monitor.reference_state(ours, canaries, TOPK)
     assert reference.logits.shape == (8, VOCAB) and reference.hidden.shape == (8, 32)
-    assert set(pg.MONITORS) == set(NAMES) | {"persona", "js-answer"}  # those two: tests/test_persona_answer.py
-    together = pg.all_monitors(ours, canaries, reference)
+    assert set(monitor.MONITORS) == set(NAMES) | {"persona", "js-answer"}  # those two: tests/test_persona_answer.py
+    together = monitor.all_monitors(ours, canaries, reference)
     assert list(together) == list(NAMES)
     for name in NAMES:
         per_canary = expected[name]
         assert per_canary.min() > 1e-3 and per_canary.std() > 0.05 * per_canary.mean(), name  # real, varied drift
-        alone = pg.MONITORS[name](ours, canaries, reference)
+        alone = monitor.MONITORS[name](monitor.first_decode(ours, canaries), reference)  # its own forward
         assert alone == pytest.approx(per_canary.mean(), rel=2e-4, abs=1e-7), name
         assert together[name] == alone, name
-    # The old interface still gives the same numbers.
-    assert pg.monitor(ours, canaries, reference) == together["js"]
-    assert pg.monitor(ours, canaries, pg.monitor_reference(ours, canaries, TOPK), "rest") == together["js-rest"]
 
 
 def test_monitors_are_zero_against_themselves(setup, monkeypatch):
     """The reference against itself (adapters off): every monitor reads 0."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ours, canaries, _ = setup
-    reference = pg.reference_state(ours, canaries, TOPK)
+    reference = monitor.reference_state(ours, canaries, TOPK)
     with pg.lora.disabled(ours):
-        values = pg.all_monitors(ours, canaries, reference)
+        values = monitor.all_monitors(ours, canaries, reference)
     assert all(abs(v) < 1e-6 for v in values.values()), values
 
 
@@ -126,13 +124,13 @@ def test_loop_logs_all_four_monitors_on_its_own_outputs(tmp_path, monkeypatch):
     """`none`, 5 steps measured at 0, 2, 4: every first-decode forward of the run is captured (the
     first is the reference's); the logged values are recomputed from them with scipy / torch."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    captured, original = [], pg.first_decode
+    captured, original = [], monitor.first_decode
 
     def capture(*args):
         out = original(*args)
         captured.append((out.hidden.double().numpy(), out.logits.double().numpy()))
         return out
-    monkeypatch.setattr(pg, "first_decode", capture)
+    monkeypatch.setattr(monitor, "first_decode", capture)
     cfg = small(tmp_path / "r", method="none", limit=20)
     run = pg.train(cfg)
     assert len(captured) == 5  # one forward for the reference, one per monitoring step, one after the last update
@@ -141,7 +139,7 @@ def test_loop_logs_all_four_monitors_on_its_own_outputs(tmp_path, monkeypatch):
     assert [m["monitors"] is not None for m in metrics] == [True, False, True, False, True]
     measured = [m for m in metrics if m["monitors"] is not None]
     for (h, z), m in zip(policy, measured):
-        assert list(m["monitors"]) == list(pg.MONITORS)
+        assert list(m["monitors"]) == list(monitor.MONITORS)
         expected = expected_monitors(h, z, h0, z0, cfg.topk)
         for name in NAMES:
             assert m["monitors"][name] == pytest.approx(expected[name].mean(), rel=1e-4, abs=1e-7), name

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import config as train_config
+import monitor
 import phaseguard as pg
 from model_qwen2 import UserError
 
@@ -111,15 +112,18 @@ def test_monitor_is_zero_before_training_and_positive_after_an_update(tmp_path, 
     model, tokenizer, _ = pg.load_run_model(cfg, tmp_path)
     canaries = pg.canary_batch(tokenizer, "cpu")
     assert canaries[0].shape[0] == 24
-    reference = pg.monitor_reference(model, canaries, cfg.topk)
-    assert reference[0].shape == (24, cfg.topk)
-    assert pg.monitor(model, canaries, reference) < 1e-6
+    reference = monitor.reference_state(model, canaries, cfg.topk)
+    assert reference.topk[0].shape == (24, cfg.topk)
+
+    def reading(name):
+        return monitor.MONITORS[name](monitor.first_decode(model, canaries), reference)
+    assert reading("js") < 1e-6
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-    assert pg.monitor(model, canaries, reference) > 1e-3
-    assert pg.monitor(model, canaries, reference, "rest") > 0
+    assert reading("js") > 1e-3
+    assert reading("js-rest") > 0
 
 
 # ---------------------------------------------------------------------------- the loop, end to end
@@ -468,13 +472,13 @@ def test_logged_d_t_and_canary_kl_match_scipy_on_the_loops_own_logits(tmp_path, 
     from scipy.stats import entropy
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     captured = []
-    original = pg.first_decode
+    original = monitor.first_decode
 
     def capture(*args):
         out = original(*args)
         captured.append(out.logits.double().numpy())
         return out
-    monkeypatch.setattr(pg, "first_decode", capture)
+    monkeypatch.setattr(monitor, "first_decode", capture)
     run = train_small(tmp_path / "r", method="none", limit=20)  # 5 steps, measured at 0, 2, 4
     reference, policy = captured[0], captured[1:-1]  # captured[-1]: the reading after the last update
     measured = [m for m in read_metrics(run) if m["d_t"] is not None]
