@@ -38,8 +38,8 @@ import provenance
 from config import PRESETS, TrainConfig, resolve_config
 from distributed import Dist
 from model_qwen2 import UserError
-from monitor import (MONITORS, Trigger, all_monitors, canary_batch, monitor_record, monitor_setup, reference_state,
-                     update_trigger)
+from monitor import (MONITORS, MonitorSetup, Reference, Trigger, all_monitors, canary_batch, monitor_record,
+                     monitor_setup, reference_state, update_trigger)
 from rundir import (check_run_dir, latest_checkpoint, load_checkpoint, naming_errors, resume_hint, run_lock,
                     save_checkpoint, start_run_dir, truncate_metrics, write_atomic)
 
@@ -76,7 +76,7 @@ def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocas
     n_ce = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
     n_kl = sum(int(kl_mask_of(mb).sum()) for mb in micro_batches)
     ce_sum = kl_sum = 0.0
-    for mb in micro_batches[dist.rank::dist.world]:
+    for mb in dist.share_of(micro_batches):
         ids, mask = mb["input_ids"].to(device), mb["attention_mask"].to(device)
         with autocast():
             hidden = model.hidden_states(ids, mask)
@@ -92,7 +92,7 @@ def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocas
         out.loss.backward()
         ce_sum += float(out.ce_sum)
         kl_sum += float(out.kl_sum)
-    ce_sum, kl_sum = dist.sum_gradients_and([ce_sum, kl_sum], [p for p in model.parameters() if p.requires_grad])
+    ce_sum, kl_sum = dist.sum_across_ranks([p for p in model.parameters() if p.requires_grad], [ce_sum, kl_sum])
     ce, kl = ce_sum / max(1, n_ce), (kl_sum / max(1, n_kl) if lam > 0 else None)
     tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
     return {"ce": ce, "kl": kl, "loss": ce + lam * (kl or 0.0), "tokens": tokens, "supervised_tokens": n_ce}
@@ -178,143 +178,203 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if n_micro % dist.world:
         raise UserError(f"{dist.world} processes cannot share the {n_micro} micro-batches of an effective batch "
                         f"({cfg.batch_size} / {cfg.micro_batch_size}): use a process count that divides {n_micro}")
-    with run_lock(Path(cfg.out)) if dist.main else contextlib.nullcontext():
+    with run_lock(Path(cfg.out)) if dist.is_main else contextlib.nullcontext():
         return train_locked(cfg, resume, dist)
 
 
+@dataclasses.dataclass
+class Run:
+    """What the loop needs, from setup_run. canaries and reference exist on rank 0 only (it monitors)."""
+    dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    task: data.TaskData
+    optimizer: torch.optim.Optimizer
+    device: str
+    total_steps: int  # the whole schedule's optimizer updates (what the learning rate decays over)
+    stop: int  # the update the run stops after (--max-steps)
+    step_batch: object  # step -> its effective batch's sample indices
+    trigger: Trigger
+    start: int  # the first update to run: 0, or the resumed checkpoint's step
+    d_history: list  # [[step, value], ...] of cfg.monitor
+    monitor_history: dict  # name -> [[step, value], ...]
+    canaries: tuple | None = None
+    reference: Reference | None = None
+    setup: MonitorSetup | None = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
+
+
 def train_locked(cfg: TrainConfig, resume: bool, dist: Dist) -> Path:
+    """The loop, nanoGPT-style: set up, then per update monitor -> lambda -> Eq. 1 -> log and
+    checkpoint, then the final reading and the adapter. Under torchrun every rank runs this;
+    rank 0 alone monitors and writes, and hands the monitors' result to the others."""
+    run = setup_run(cfg, resume, dist)  # model, data, optimizer, reference, resume
+    trigger, shown_d_t = run.trigger, None
+    from tqdm import tqdm
+    bar = tqdm(range(run.start, run.stop), initial=run.start, total=run.stop, dynamic_ncols=True,
+               disable=not dist.is_main)
+    run.model.train()
+    with (open(run.dir / "metrics.jsonl", "a") if dist.is_main else contextlib.nullcontext()) as log:
+        for step in bar:
+            # Monitor, between optimizer updates: every monitor, for every method, so drift can be
+            # compared across methods and monitors; the trigger reads cfg.monitor (D_t, Eq. 2, for "js").
+            values = None
+            if step % cfg.monitor_every == 0:
+                values, trigger = measure(cfg, run, trigger, step, dist)
+                shown_d_t = values[cfg.monitor]
+                run.d_history.append([step, shown_d_t])
+                for name, value in values.items():
+                    run.monitor_history[name].append([step, value])
+            # Eq. 1: lambda from the method and the trigger, then one optimizer update.
+            lam, lr = active_lambda(cfg, trigger), learning_rate(cfg, step, run.total_steps)
+            stats, grad_norm, seconds = optimizer_update(cfg, run, step, lam, lr, dist)
+            if not dist.is_main:
+                continue
+            # Log and checkpoint (rank 0).
+            with naming_errors(run.dir / "metrics.jsonl"):
+                log.write(json.dumps(step_record(cfg, step, stats, lam, lr, grad_norm, seconds, values, trigger,
+                                                 run.cuda)) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", kl="-" if stats["kl"] is None else f"{stats['kl']:.4f}",
+                            lam=f"{lam:g}", D_t=f"{shown_d_t:.3f}" if shown_d_t is not None else "-",
+                            trigger=trigger.fired_at if trigger.fired else ("off" if cfg.method == "phaseguard" else "n/a"))
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == run.stop:
+                save_checkpoint(run.dir, run.model, run.optimizer, step + 1, trigger, run.d_history, run.monitor_history)
+    return finish(cfg, run, trigger, dist)  # the final reading, the adapter and summary.json
+
+
+def setup_run(cfg: TrainConfig, resume: bool, dist: Dist) -> Run:
     """Data, tokenizer and model are loaded and checked first; config.json is written only when
     training really starts, so a failed start leaves nothing that refuses the same command with
-    the input fixed. Under torchrun, every rank runs this; rank 0 alone monitors and writes."""
-    run = Path(cfg.out)
-    resuming = check_run_dir(run, cfg, resume)
-    device = dist.start(cfg.device)
+    the input fixed."""
+    run_dir = Path(cfg.out)
+    resuming = check_run_dir(run_dir, cfg, resume)
+    device = dist.join(cfg.device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: the same LoRA initialisation
-    if dist.main:
-        model, tokenizer, task = load_run_model(cfg, run, resuming, device)
+    if dist.is_main:
+        model, tokenizer, task = load_run_model(cfg, run_dir, resuming, device)
     dist.barrier()  # rank 0 has built the tiny model (if any) before the others read it
-    if not dist.main:
-        model, tokenizer, task = load_run_model(cfg, run, resuming, device, build=False)
+    if not dist.is_main:
+        model, tokenizer, task = load_run_model(cfg, run_dir, resuming, device, build=False)
     if cfg.topk > model.config.vocab_size:
         raise UserError(f"topk={cfg.topk} is larger than the vocabulary ({model.config.vocab_size})")
-    cuda = device.startswith("cuda")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
-
     # Effective batches (length-grouped), each split into micro-batches; 1 epoch in the paper.
     total_steps, step_batch = step_schedule([len(e["ids"]) for e in task.train], cfg)
-    # --max-steps stops early but keeps the whole run's learning-rate schedule (learning_rate
-    # below gets total_steps, not stop): the first N steps are then exactly those of the full run,
-    # so a short run shows what the full run's monitors read at those steps.
-    stop = min(total_steps, cfg.max_steps or total_steps)
     if total_steps == 0:
         raise UserError(f"no training samples from {task.source}: every sample lost its assistant tokens "
                         f"when cut at max_len={cfg.max_len} ({task.n_truncated} cut)" if task.n_truncated else
                         f"no training samples from {task.source} (limit={cfg.limit})")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    if dist.main:  # the monitors run on rank 0; the others get their result
-        canaries = canary_batch(tokenizer, device)
-        setup = monitor_setup(cfg, tokenizer, model)
-        reference = reference_state(model, canaries, cfg.topk, setup)  # computed once: the reference never changes
-    trigger = Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive)
-    start, d_history, monitor_history = 0, [], {name: [] for name in MONITORS}
-    if resuming and latest_checkpoint(run) is not None:  # every rank reads the same checkpoint
-        start, trigger_state, d_history, saved_histories = load_checkpoint(run, model, optimizer)
-        if dist.main:
-            print(f"[phaseguard] resuming from step {start} ({latest_checkpoint(run).name})", file=sys.stderr)
-        trigger = Trigger(**trigger_state)
+    # --max-steps stops early but keeps the whole run's learning-rate schedule (learning_rate gets
+    # total_steps, not stop): the first N steps are then exactly those of the full run, so a short
+    # run shows what the full run's monitors read at those steps.
+    stop = min(total_steps, cfg.max_steps or total_steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    run = Run(run_dir, model, tokenizer, task, optimizer, device, total_steps, stop, step_batch,
+              Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive), 0, [], {name: [] for name in MONITORS})
+    if dist.is_main:  # the monitors run on rank 0; the others get their result
+        run.canaries = canary_batch(tokenizer, device)
+        run.setup = monitor_setup(cfg, tokenizer, model)
+        run.reference = reference_state(model, run.canaries, cfg.topk, run.setup)  # once: the reference never changes
+    if resuming and latest_checkpoint(run_dir) is not None:  # every rank reads the same checkpoint
+        run.start, trigger_state, run.d_history, saved_histories = load_checkpoint(run_dir, model, optimizer)
+        if dist.is_main:
+            print(f"[phaseguard] resuming from step {run.start} ({latest_checkpoint(run_dir).name})", file=sys.stderr)
+        run.trigger = Trigger(**trigger_state)
         # A checkpoint from before monitor histories were kept: empty (metrics.jsonl has the values).
-        monitor_history = {name: [] for name in MONITORS} | saved_histories
+        run.monitor_history = {name: [] for name in MONITORS} | saved_histories
     dist.barrier()  # nobody reads the run directory once rank 0 starts writing it
-    if dist.main:
-        origin = provenance.collect(model=provenance.model_record(cfg.model, cfg.revision, model.weights_dir),
-                                    data=provenance.data_record(task.source, task.sha256, task.sha256_of))
-        if resuming and start == 0:
-            print("[phaseguard] resuming a run that has no checkpoint yet: starting at step 0", file=sys.stderr)
-        start_run_dir(run, cfg, resuming, origin, start)  # training starts now: config.json, then metrics
-        write_atomic(run / "monitor_reference.json", json.dumps(monitor_record(reference, setup), indent=2))
-        truncate_metrics(run / "metrics.jsonl", start)
-        print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
-              f"{cfg.max_len}), {total_steps} steps" + (f" (stopping after {stop})" if stop < total_steps else "")
-              + f", lambda={cfg.lam}, monitor {cfg.monitor}, data from {task.source}"
-              + (f", {dist.world} processes" if dist.on else ""), file=sys.stderr)
-
-    from tqdm import tqdm
-    bar = tqdm(range(start, stop), initial=start, total=stop, dynamic_ncols=True, disable=not dist.main)
-    model.train()
-    d_t = None
-    with (open(run / "metrics.jsonl", "a") if dist.main else contextlib.nullcontext()) as log:
-        for step in bar:
-            # The monitors and the trigger, between optimizer steps: all four monitors are logged
-            # for every method, so drift can be compared across methods and monitors; the trigger
-            # reads cfg.monitor (D_t, Eq. 2, for "js").
-            values = measured = None
-            if step % cfg.monitor_every == 0:
-                if dist.main:
-                    values = all_monitors(model, canaries, reference)
-                    if cfg.method == "phaseguard":
-                        update_trigger(trigger, values[cfg.monitor], step)
-                # Every rank applies the same lambda on the same step.
-                values, trigger = dist.from_main((values, trigger))
-                d_t = measured = values[cfg.monitor]
-                d_history.append([step, d_t])
-                for name, value in values.items():
-                    monitor_history[name].append([step, value])
-            lam = active_lambda(cfg, trigger)
-
-            lr = learning_rate(cfg, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            examples = sorted((task.train[i] for i in step_batch(step)), key=lambda e: len(e["ids"]))
-            micro = [data.collate(examples[i:i + cfg.micro_batch_size], tokenizer.pad_id)
-                     for i in range(0, len(examples), cfg.micro_batch_size)]
-            stats = train_step(model, micro, lam, cfg.kl_tokens, device, autocast, dist)
-            # grad_clip 0 is "off": an infinite max norm still returns the norm for the log.
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()  # the step's kernels are queued, not finished
-            seconds = time.perf_counter() - t0
-
-            record = {"step": step + 1, **stats, "lambda_active": lam, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens_per_s": stats["tokens"] / seconds, "peak_memory_gb": peak_memory_gb(cuda),
-                      "d_t": measured, "d_t_step": step if measured is not None else None,
-                      "canary_kl": None if values is None else values["kl"], "monitors": values,
-                      "trigger_fired_at": trigger.fired_at, "time": round(time.time(), 3)}
-            done = step + 1
-            if not dist.main:
-                continue
-            with naming_errors(run / "metrics.jsonl"):
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", kl="-" if stats["kl"] is None else f"{stats['kl']:.4f}",
-                            lam=f"{lam:g}", D_t=f"{d_t:.3f}" if d_t is not None else "-",
-                            trigger=trigger.fired_at if trigger.fired else ("off" if cfg.method == "phaseguard" else "n/a"))
-            if done % cfg.checkpoint_every == 0 or done == stop:
-                save_checkpoint(run, model, optimizer, done, trigger, d_history, monitor_history)
-
-    if dist.main:  # a final reading after the last update: the drift of the adapter that is saved
-        for name, value in all_monitors(model, canaries, reference).items():
-            if not monitor_history[name] or monitor_history[name][-1][0] != stop:
-                monitor_history[name].append([stop, value])
-    dist.barrier()
-    if not dist.main:
-        dist.stop()
-        return run
-    with naming_errors(run / "adapter"):
-        lora.save_adapter(model, run / "adapter", cfg.model)
-    summary = {"steps": stop, "planned_steps": total_steps, "trigger_step": trigger.fired_at, "d_history": d_history,
-               "monitor": cfg.monitor, "monitor_history": monitor_history, "final_reading_step": stop,
-               "n_train": len(task.train), "n_truncated": task.n_truncated, "data_source": task.source}
-    write_atomic(run / "summary.json", json.dumps(summary, indent=2))
-    dist.stop()
+    if dist.is_main:
+        start_writing(cfg, run, resuming, dist)
     return run
+
+
+def start_writing(cfg: TrainConfig, run: Run, resuming: bool, dist: Dist):
+    """Rank 0, as training starts: config.json and provenance, the monitors' reference record,
+    metrics.jsonl cut back to the resumed step, and one line saying what runs."""
+    origin = provenance.collect(model=provenance.model_record(cfg.model, cfg.revision, run.model.weights_dir),
+                                data=provenance.data_record(run.task.source, run.task.sha256, run.task.sha256_of))
+    if resuming and run.start == 0:
+        print("[phaseguard] resuming a run that has no checkpoint yet: starting at step 0", file=sys.stderr)
+    start_run_dir(run.dir, cfg, resuming, origin, run.start)  # training starts now: config.json, then metrics
+    write_atomic(run.dir / "monitor_reference.json", json.dumps(monitor_record(run.reference, run.setup), indent=2))
+    truncate_metrics(run.dir / "metrics.jsonl", run.start)
+    task, total_steps, stop = run.task, run.total_steps, run.stop
+    print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
+          f"{cfg.max_len}), {total_steps} steps" + (f" (stopping after {stop})" if stop < total_steps else "")
+          + f", lambda={cfg.lam}, monitor {cfg.monitor}, data from {task.source}"
+          + (f", {dist.world} processes" if dist.parallel else ""), file=sys.stderr)
+
+
+def measure(cfg: TrainConfig, run: Run, trigger: Trigger, step: int, dist: Dist) -> tuple[dict, Trigger]:
+    """Every monitor (rank 0) and, for phaseguard, the trigger updated from cfg.monitor's value;
+    every rank gets both, so every rank applies the same lambda on the same step."""
+    values = None
+    if dist.is_main:
+        values = all_monitors(run.model, run.canaries, run.reference)
+        if cfg.method == "phaseguard":
+            update_trigger(trigger, values[cfg.monitor], step)
+    return dist.broadcast_from_main((values, trigger))
+
+
+def optimizer_update(cfg: TrainConfig, run: Run, step: int, lam: float, lr: float, dist: Dist):
+    """One AdamW update of Eq. 1 on step's effective batch: (train_step's stats, the gradient norm
+    before clipping, the wall seconds)."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    if run.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    examples = sorted((run.task.train[i] for i in run.step_batch(step)), key=lambda e: len(e["ids"]))
+    micro = [data.collate(examples[i:i + cfg.micro_batch_size], run.tokenizer.pad_id)
+             for i in range(0, len(examples), cfg.micro_batch_size)]
+    stats = train_step(run.model, micro, lam, cfg.kl_tokens, run.device, run.autocast, dist)
+    # grad_clip 0 is "off": an infinite max norm still returns the norm for the log.
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"],
+                                               cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.cuda:
+        torch.cuda.synchronize()  # the step's kernels are queued, not finished
+    return stats, float(grad_norm), time.perf_counter() - t0
+
+
+def step_record(cfg: TrainConfig, step: int, stats: dict, lam: float, lr: float, grad_norm: float, seconds: float,
+                values: dict | None, trigger: Trigger, cuda: bool) -> dict:
+    """One line of metrics.jsonl: the update's Eq. 1 terms and costs, and the monitors when measured."""
+    measured = None if values is None else values[cfg.monitor]
+    return {"step": step + 1, **stats, "lambda_active": lam, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": stats["tokens"] / seconds, "peak_memory_gb": peak_memory_gb(cuda),
+            "d_t": measured, "d_t_step": step if measured is not None else None,
+            "canary_kl": None if values is None else values["kl"], "monitors": values,
+            "trigger_fired_at": trigger.fired_at, "time": round(time.time(), 3)}
+
+
+def finish(cfg: TrainConfig, run: Run, trigger: Trigger, dist: Dist) -> Path:
+    """A final reading after the last update (the drift of the adapter that is saved), then rank 0
+    saves the adapter and summary.json."""
+    if dist.is_main:
+        for name, value in all_monitors(run.model, run.canaries, run.reference).items():
+            if not run.monitor_history[name] or run.monitor_history[name][-1][0] != run.stop:
+                run.monitor_history[name].append([run.stop, value])
+    dist.barrier()
+    if dist.is_main:
+        with naming_errors(run.dir / "adapter"):
+            lora.save_adapter(run.model, run.dir / "adapter", cfg.model)
+        summary = {"steps": run.stop, "planned_steps": run.total_steps, "trigger_step": trigger.fired_at,
+                   "d_history": run.d_history, "monitor": cfg.monitor, "monitor_history": run.monitor_history,
+                   "final_reading_step": run.stop, "n_train": len(run.task.train), "n_truncated": run.task.n_truncated,
+                   "data_source": run.task.source}
+        write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
+    dist.leave()
+    return run.dir
 
 
 def step_schedule(lengths: list[int], cfg: TrainConfig):
@@ -380,7 +440,7 @@ def main(argv=None) -> int:
         hint = resume_hint(Path(cfg.out)) if cfg is not None else None
         return fail("interrupted" + (f": {hint}" if hint else " before training started: the same command starts "
                                      "it afresh"), 130)
-    if Dist().main:
+    if Dist().is_main:
         print(f"[phaseguard] done: {run}", file=sys.stderr)
     return 0
 
@@ -390,9 +450,9 @@ def fail(line: str, code: int) -> int:
     Every rank also hands it to torchrun, whose failure summary then shows it instead of a pointer
     to its docs (a rank that fails alone is named there too)."""
     dist = Dist()
-    if dist.main:
+    if dist.is_main:
         print(line, file=sys.stderr)
-    if dist.on:
+    if dist.parallel:
         dist.tell_launcher(line)
     return code
 

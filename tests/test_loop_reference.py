@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 R, ALPHA = 4, 8
 TARGETS = list(lora.QWEN2_TARGETS)
-NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731  (what train() passes on a CPU)
+NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731  (what Run.autocast gives on a CPU)
 
 
 def tiny_hf(seed: int, **settings) -> transformers.Qwen2ForCausalLM:

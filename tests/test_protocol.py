@@ -82,7 +82,7 @@ def resolved_protocol(tmp_path, monkeypatch) -> dict:
         "LoRA alpha": one({layer.alpha for layer in layers.values()}),
         "rank-stabilised LoRA (scale alpha / sqrt(r))": all(
             layer.use_rslora and layer.scale == pytest.approx(cfg.lora_alpha / layer.r ** 0.5) for layer in layers.values()),
-        "optimizer": "AdamW" if "torch.optim.AdamW(" in inspect.getsource(pg.train_locked) else "not AdamW",
+        "optimizer": "AdamW" if "torch.optim.AdamW(" in inspect.getsource(pg.setup_run) else "not AdamW",
         "learning rate": cfg.lr,
         "schedule": "linear decay to 0, no warm-up" if linear_to_zero and cfg.warmup_steps == 0 else f"warm-up {cfg.warmup_steps}",
         "effective batch size": cfg.batch_size,
