@@ -196,7 +196,6 @@ class Run:
     step_batch: object  # step -> its effective batch's sample indices
     trigger: Trigger
     start: int  # the first update to run: 0, or the resumed checkpoint's step
-    d_history: list  # [[step, value], ...] of cfg.monitor
     monitor_history: dict  # name -> [[step, value], ...]
     canaries: tuple | None = None
     reference: Reference | None = None
@@ -228,7 +227,6 @@ def train_locked(cfg: TrainConfig, resume: bool, dist: Dist) -> Path:
             if step % cfg.monitor_every == 0:
                 values, trigger = measure(cfg, run, trigger, step, dist)
                 shown_d_t = values[cfg.monitor]
-                run.d_history.append([step, shown_d_t])
                 for name, value in values.items():
                     run.monitor_history[name].append([step, value])
             # Eq. 1: lambda from the method and the trigger, then one optimizer update.
@@ -245,7 +243,7 @@ def train_locked(cfg: TrainConfig, resume: bool, dist: Dist) -> Path:
                             lam=f"{lam:g}", D_t=f"{shown_d_t:.3f}" if shown_d_t is not None else "-",
                             trigger=trigger.fired_at if trigger.fired else ("off" if cfg.method == "phaseguard" else "n/a"))
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == run.stop:
-                save_checkpoint(run.dir, run.model, run.optimizer, step + 1, trigger, run.d_history, run.monitor_history)
+                save_checkpoint(run.dir, run.model, run.optimizer, step + 1, trigger, run.monitor_history)
     return finish(cfg, run, trigger, dist)  # the final reading, the adapter and summary.json
 
 
@@ -278,18 +276,16 @@ def setup_run(cfg: TrainConfig, resume: bool, dist: Dist) -> Run:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     run = Run(run_dir, model, tokenizer, task, optimizer, device, total_steps, stop, step_batch,
-              Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive), 0, [], {name: [] for name in MONITORS})
+              Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive), 0, {name: [] for name in MONITORS})
     if dist.is_main:  # the monitors run on rank 0; the others get their result
         run.canaries = canary_batch(tokenizer, device)
         run.setup = monitor_setup(cfg, tokenizer, model)
         run.reference = reference_state(model, run.canaries, cfg.topk, run.setup)  # once: the reference never changes
     if resuming and latest_checkpoint(run_dir) is not None:  # every rank reads the same checkpoint
-        run.start, trigger_state, run.d_history, saved_histories = load_checkpoint(run_dir, model, optimizer)
+        run.start, trigger_state, run.monitor_history = load_checkpoint(run_dir, model, optimizer)
         if dist.is_main:
             print(f"[phaseguard] resuming from step {run.start} ({latest_checkpoint(run_dir).name})", file=sys.stderr)
         run.trigger = Trigger(**trigger_state)
-        # A checkpoint from before monitor histories were kept: empty (metrics.jsonl has the values).
-        run.monitor_history = {name: [] for name in MONITORS} | saved_histories
     dist.barrier()  # nobody reads the run directory once rank 0 starts writing it
     if dist.is_main:
         start_writing(cfg, run, resuming, dist)
@@ -348,13 +344,11 @@ def optimizer_update(cfg: TrainConfig, run: Run, step: int, lam: float, lr: floa
 
 def step_record(cfg: TrainConfig, step: int, stats: dict, lam: float, lr: float, grad_norm: float, seconds: float,
                 values: dict | None, trigger: Trigger, cuda: bool) -> dict:
-    """One line of metrics.jsonl: the update's Eq. 1 terms and costs, and the monitors when measured."""
-    measured = None if values is None else values[cfg.monitor]
+    """One line of metrics.jsonl: the update's Eq. 1 terms and costs, and every monitor when they were
+    measured before this update (at step `step`, the record's step - 1), else null."""
     return {"step": step + 1, **stats, "lambda_active": lam, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": stats["tokens"] / seconds, "peak_memory_gb": peak_memory_gb(cuda),
-            "d_t": measured, "d_t_step": step if measured is not None else None,
-            "canary_kl": None if values is None else values["kl"], "monitors": values,
-            "trigger_fired_at": trigger.fired_at, "time": round(time.time(), 3)}
+            "monitors": values, "trigger_fired_at": trigger.fired_at, "time": round(time.time(), 3)}
 
 
 def finish(cfg: TrainConfig, run: Run, trigger: Trigger, dist: Dist) -> Path:
@@ -369,7 +363,7 @@ def finish(cfg: TrainConfig, run: Run, trigger: Trigger, dist: Dist) -> Path:
         with naming_errors(run.dir / "adapter"):
             lora.save_adapter(run.model, run.dir / "adapter", cfg.model)
         summary = {"steps": run.stop, "planned_steps": run.total_steps, "trigger_step": trigger.fired_at,
-                   "d_history": run.d_history, "monitor": cfg.monitor, "monitor_history": run.monitor_history,
+                   "monitor": cfg.monitor, "monitor_history": run.monitor_history,
                    "final_reading_step": run.stop, "n_train": len(run.task.train), "n_truncated": run.task.n_truncated,
                    "data_source": run.task.source}
         write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))

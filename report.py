@@ -62,7 +62,7 @@ def find_runs(runs_dir: Path) -> list[dict]:
         runs.append({"dir": run, **{k: cfg[k] for k in ("method", "task", "lam", "seed")}, "preset": cfg.get("preset"),
                      "tau": cfg.get("tau"), "warmup": cfg.get("warmup_measurements", 3),
                      "trigger": summary.get("trigger_step"), "steps": summary.get("steps"),
-                     "d_history": summary.get("d_history", []), "security": results.get("security"),
+                     "monitor_curve": monitor_curve(summary), "security": results.get("security"),
                      "opswap": results.get("opswap"), "settings": results.get("settings") or {},
                      "coverage": results.get("coverage"), "judge_mode": results.get("judge_mode"),
                      "provenance": results.get("provenance"), "off_protocol": off_protocol(cfg, summary)})
@@ -108,12 +108,22 @@ def checked_summary(path: Path) -> dict:
     for key in ("steps", "trigger_step", "planned_steps"):
         if summary.get(key) is not None:
             count(path, f'"{key}"', summary[key])
-    history = summary.get("d_history", [])
-    if not isinstance(history, list) or not all(
-            isinstance(p, list) and len(p) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p)
-            for p in history):
-        raise malformed(path, '"d_history"', history, "a list of [step, D_t] pairs")
+    histories = summary.get("monitor_history", {})
+    if not isinstance(histories, dict):
+        raise malformed(path, '"monitor_history"', histories, "an object of monitor name -> [step, value] pairs")
+    for name, history in histories.items():
+        if not isinstance(history, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p)
+                for p in history):
+            raise malformed(path, f'"monitor_history" "{name}"', history, "a list of [step, value] pairs")
     return summary
+
+
+def monitor_curve(summary: dict) -> list:
+    """The trigger's monitor (summary "monitor") at each measurement during training: its
+    monitor_history less the reading after the last update (final_reading_step)."""
+    history = summary.get("monitor_history", {}).get(summary.get("monitor"), [])
+    return [p for p in history if p[0] != summary.get("final_reading_step")]
 
 
 def check_counts(path: Path, where: str, block) -> dict:

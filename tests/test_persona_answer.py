@@ -195,10 +195,10 @@ def test_the_loop_logs_records_and_reads_both_after_the_last_update(tmp_path, mo
     history = summary["monitor_history"]
     assert list(history) == list(monitor.MONITORS)
     assert all([s for s, _ in h] == [0, 2, 4, 6, 8, 9] for h in history.values())  # 9: after the last update
-    assert summary["final_reading_step"] == 9 and summary["d_history"] == history[chosen][:-1]
-    assert all(m["d_t"] == m["monitors"][chosen] for m in metrics if m["monitors"])
+    assert summary["final_reading_step"] == 9 and summary["monitor"] == chosen
+    assert [[m["step"] - 1, m["monitors"][chosen]] for m in metrics if m["monitors"]] == history[chosen][:-1]
     trigger = pg.Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive)
-    for step, value in summary["d_history"]:
+    for step, value in history[chosen][:-1]:
         pg.update_trigger(trigger, value, step)
     assert summary["trigger_step"] == trigger.fired_at
     if chosen == "js-answer":  # > 0 from step 2 on: warm-up 0, 2, 4, then 6 and 8 above tau ~ 0

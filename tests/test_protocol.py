@@ -90,7 +90,7 @@ def resolved_protocol(tmp_path, monkeypatch) -> dict:
         "canary prompts": len(data.CANARY_PROMPTS),
         "top-k of the truncated JS": cfg.topk,
         "monitor cadence (steps)": cfg.monitor_every,
-        "monitor": cfg.monitor if cfg.js_variant == "renorm" else f"{cfg.monitor} ({cfg.js_variant})",
+        "monitor": cfg.monitor,
         "threshold tau": cfg.tau,
         "warm-up measurements": cfg.warmup_measurements,
         "consecutive measurements above tau": cfg.consecutive,
