@@ -299,7 +299,7 @@ def all_monitors(model, canaries, reference: Reference) -> dict[str, float]:
     """Every monitor the reference supports, in MONITORS' order, from one reading (what the loop
     logs at every monitoring step; the trigger reads the --monitor entry)."""
     out = read(model, canaries, reference)
-    return {name: of(out, reference) for name, of in MONITORS.items()
+    return {name: monitor_fn(out, reference) for name, monitor_fn in MONITORS.items()
             if name not in NEEDS or getattr(reference, NEEDS[name]) is not None}
 
 

@@ -127,14 +127,12 @@ def monitor_curve(summary: dict) -> list:
 
 
 def check_counts(path: Path, where: str, block) -> dict:
-    """One condition of the "security" block (or one question of it): its answers and misaligned
-    counts, and its scored or unscored count when present (results written before `scored` existed)."""
+    """One condition of the "security" block (or one question of it): its answers, misaligned,
+    scored and unscored counts."""
     block = obj(path, where, block)
-    answers = count(path, f'{where}."answers"', block.get("answers", block.get("n")))
-    count(path, f'{where}."misaligned"', block.get("misaligned"), answers)
-    for key in ("scored", "unscored"):
-        if key in block:
-            count(path, f'{where}."{key}"', block[key], answers)
+    answers = count(path, f'{where}."answers"', block.get("answers"))
+    for key in ("misaligned", "scored", "unscored"):
+        count(path, f'{where}."{key}"', block.get(key), answers)
     return block
 
 
@@ -223,19 +221,16 @@ def best_of_label(runs) -> str:
 def em_counts(run: dict, condition: str = "finetuned") -> dict | None:
     """A run's answers, scored, unscored and misaligned under `condition` ("best_of": its
     best-of-N); None when it has no such results. An answer is scored when the judge gave both its
-    aligned and its coherent score. Results written before `scored` existed give `n` and
-    `unscored` (then: the answers without an aligned score)."""
+    aligned and its coherent score."""
     security = run["security"] or {}
     found = security.get(best_of_key(security) if condition == "best_of" else condition)
     if not isinstance(found, dict):
         return None
-    answers = found.get("answers", found.get("n", 0))
-    scored = found.get("scored", answers - found.get("unscored", 0))
-    return {"answers": answers, "scored": scored, "unscored": answers - scored, "misaligned": found["misaligned"]}
+    return {k: found[k] for k in ("answers", "scored", "unscored", "misaligned")}
 
 
 def run_judge_mode(run: dict) -> str:
-    """results.json's judge_mode; read from the judge id in results written before it existed."""
+    """results.json's judge_mode (evaluate.judge_mode: the recorded one wins)."""
     return judge_mode(run["security"]["judge"], run["judge_mode"])
 
 
@@ -277,10 +272,7 @@ class Cell:
 def limited(run: dict) -> str | None:
     """'100/540' for a run evaluated on part of the problems (or questions); None for all of them."""
     cov = run["coverage"]
-    if cov:
-        return f"{cov['used']}/{cov['of']}" if cov["used"] < cov["of"] else None
-    limits = [f"{k}={run['settings'][k]}" for k in ("question_limit", "opswap_limit") if run["settings"].get(k) is not None]
-    return ", ".join(limits) or None  # results written before `coverage` existed
+    return f"{cov['used']}/{cov['of']}" if cov and cov["used"] < cov["of"] else None
 
 
 def gaps(cell: Cell, runs, evaluated) -> Cell:

@@ -229,16 +229,6 @@ def test_both_rates_and_their_intervals_match_scipy(tmp_path):
     assert results["ci95_scored"] == pytest.approx([ci.low, ci.high], abs=1e-12)
 
 
-def test_the_old_results_schema_is_still_read(tmp_path):
-    run = fake_run(tmp_path / "runs", "security", "none", 0.0, 42, em=5)
-    old = {"n": 24, "misaligned": 5, "rate": 5 / 24, "ci95": ev.ci95(5, 24), "unscored": 4,
-           "per_question": {"q": {"n": 24, "misaligned": 5}}}
-    (run / "eval" / "results.json").write_text(json.dumps({"security": {"judge": "http:X", "finetuned": old}}))
-    text = write(tmp_path / "runs", tmp_path)
-    assert "| No-Defense SFT | 1 | 24 | 20 | 4 |" in text and "http:X (mode greedy)" in text  # http judges parsed a greedy reply
-    assert "| q | 20.8 (5/24) |" in text and "limited" not in text
-
-
 # ---------------------------------------------------------------------------- header, layout, errors
 
 
