@@ -279,6 +279,9 @@ def test_resume_after_sigkill_is_bitwise_equal(tmp_path, straight_run, kill_at, 
     straight_metrics, resumed_metrics = read_metrics(straight_run), read_metrics(tmp_path / "moved")
     assert [drop(m) for m in straight_metrics] == [drop(m) for m in resumed_metrics]
     assert resumed_metrics[-1]["lambda_active"] == 0.03 and resumed_metrics[-1]["trigger_fired_at"] == 8
+    # summary.json's monitor histories: the steps before the checkpoint come from it, the rest from the resumed run.
+    summaries = [json.loads((r / "summary.json").read_text()) for r in (straight_run, tmp_path / "moved")]
+    assert summaries[0]["monitor_history"] == summaries[1]["monitor_history"]
 
 
 # ---------------------------------------------------------------------------- bad input
