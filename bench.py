@@ -661,12 +661,12 @@ def _measure(step, reps: int, device: str):
 
 def _monitor_cost(ours, device: str, vocab_size: int, reps: int, autocast, step_s: float) -> dict:
     """The monitor's seconds on the 24 canaries, and its share of training (once per 5 steps of 4 micro-batches)."""
-    import phaseguard as pg
+    import monitor
     canaries = (torch.randint(0, vocab_size, (N_CANARIES, 48), device=device),
                 torch.ones(N_CANARIES, 48, dtype=torch.long, device=device))
-    reference = pg.monitor_reference(ours, canaries, min(K_TOP, vocab_size))
-    with autocast():
-        monitor_s = _measure(lambda: pg.monitor(ours, canaries, reference), reps, device)[0]["median"]
+    reference = monitor.reference_state(ours, canaries, min(K_TOP, vocab_size))
+    with autocast():  # Eq. 2 alone, from its own forward
+        monitor_s = _measure(lambda: monitor.js(monitor.first_decode(ours, canaries), reference), reps, device)[0]["median"]
     return {"seconds": monitor_s, "fraction_of_training": monitor_s / (5 * 4 * step_s + monitor_s), "target": 0.01}
 
 

@@ -14,7 +14,8 @@ from model_qwen2 import UserError
 
 METHODS = ("none", "kl", "phaseguard")
 DEFAULT_LAMBDA = {"none": 0.0, "kl": 0.1, "phaseguard": 0.03}  # the paper's Table 1 settings
-MONITOR_NAMES = ("js", "js-rest", "kl", "hidden", "persona", "js-answer")  # phaseguard.MONITORS, by name
+# The one list of monitor names (--monitor is checked against it); monitor.MONITORS maps each to its function.
+MONITOR_NAMES = ("js", "js-rest", "kl", "hidden", "persona", "js-answer")
 MAX_SEED = 2**32 - 1
 
 
@@ -49,7 +50,6 @@ class TrainConfig:
     topk: int = 256
     persona_layer: int | None = None  # monitor persona: the residual-stream layer (None: num_hidden_layers // 2)
     answer_tokens: int = 8  # monitor js-answer: the first m tokens of the reference's greedy answer
-    js_variant: str = "renorm"  # renorm | rest (see kernels.topk_js); `--js-variant rest` is `--monitor js-rest`
     tau: float = 0.15
     warmup_measurements: int = 3
     consecutive: int = 2
@@ -95,8 +95,6 @@ class TrainConfig:
             raise UserError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
         if self.kl_tokens not in ("all", "supervised"):
             raise UserError(f"kl_tokens must be 'all' or 'supervised', got {self.kl_tokens!r}")
-        if self.js_variant not in ("renorm", "rest"):
-            raise UserError(f"js_variant must be 'renorm' or 'rest', got {self.js_variant!r}")
         for name in ("batch_size", "micro_batch_size", "monitor_every", "topk", "lora_r", "epochs",
                      "checkpoint_every", "max_len", "consecutive", "answer_tokens"):
             if getattr(self, name) < 1:
@@ -169,11 +167,6 @@ def resolve_config(flags: dict) -> TrainConfig:
         cfg.lam = DEFAULT_LAMBDA[cfg.method]
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    # --js-variant (older than --monitor) picks the top-k JS variant: the two flags say one thing.
-    if cfg.monitor == "js" and cfg.js_variant == "rest":
-        cfg.monitor = "js-rest"
-    elif cfg.monitor == "js-rest":
-        cfg.js_variant = "rest"
     if cfg.out is None:
         cfg.out = f"runs/{run_name(cfg)}"
     return cfg

@@ -18,16 +18,22 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
     @property
-    def on(self) -> bool:
+    def parallel(self) -> bool:
+        """More than one process: the collectives below do something."""
         return self.world > 1
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
+        """Rank 0: it monitors and writes."""
         return self.rank == 0
 
-    def start(self, device: str) -> str:
+    def share_of(self, items: list) -> list:
+        """This rank's share of an effective batch's micro-batches (every world-th, from its rank)."""
+        return items[self.rank::self.world]
+
+    def join(self, device: str) -> str:
         """Join the job (NCCL on CUDA, gloo on the CPU); this rank's device."""
-        if not self.on:
+        if not self.parallel:
             return device
         import datetime
         import torch.distributed as td
@@ -42,13 +48,13 @@ class Dist:
         return device
 
     def barrier(self):
-        if self.on:
+        if self.parallel:
             import torch.distributed as td
             td.barrier()
 
-    def sum_gradients_and(self, values: list[float], params: list) -> list[float]:
-        """Sum the trainable gradients and a few floats over the ranks, in one flat all-reduce."""
-        if not self.on:
+    def sum_across_ranks(self, params: list, values: list[float]) -> list[float]:
+        """Sum the params' gradients (in place) and a few floats (returned) over the ranks, in one flat all-reduce."""
+        if not self.parallel:
             return values
         import torch.distributed as td
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -60,9 +66,9 @@ class Dist:
             offset += g.numel()
         return flat[offset:].tolist()
 
-    def from_main(self, obj):
+    def broadcast_from_main(self, obj):
         """rank 0's obj on every rank (the monitor's result and the trigger state)."""
-        if not self.on:
+        if not self.parallel:
             return obj
         import torch.distributed as td
         box = [obj]
@@ -83,8 +89,9 @@ class Dist:
                     json.dump({"message": {"message": line, "extraInfo": {
                         "py_callstack": line, "timestamp": str(int(time.time()))}}}, out)
 
-    def stop(self):
-        if self.on:
+    def leave(self):
+        """Leave the job (the process group is destroyed)."""
+        if self.parallel:
             import torch.distributed as td
             if td.is_initialized():
                 td.destroy_process_group()

@@ -223,11 +223,9 @@ def judge_em(answers: dict[str, list[dict]], judge, cache, questions,
 def judge_mode(judge_id: str, mode: str | None = None) -> str:
     """How the judge turned its reply into a score: "logprobs" or "trie" (the expectation over
     0..100, from echoed or from top-20 log-probabilities) or "greedy" (the number parsed from a
-    greedy reply). Not recorded: read from the judge id,
-    "http-<mode>:...", "local:..." (always logprobs) or "http:..." (from before judge modes,
-    when the HTTP backend parsed greedy replies)."""
+    greedy reply). Not recorded: read from the judge id, "http-<mode>:..." or "local:..." (always logprobs)."""
     prefix = judge_id.split(":", 1)[0]
-    return mode or {"local": "logprobs", "http": "greedy"}.get(prefix) or prefix.removeprefix("http-")
+    return mode or {"local": "logprobs"}.get(prefix) or prefix.removeprefix("http-")
 
 
 def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], record: dict) -> tuple[dict, str, str | None]:

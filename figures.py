@@ -92,7 +92,7 @@ def dt_figure(runs, task: str):
     star, the trigger's warm-up measurements shaded, tau dashed, ln 2 (the largest JS) dotted.
     None when no run of the task has a D_t history."""
     plt = pyplot()
-    task_runs = sorted((r for r in runs if r["task"] == task and r["d_history"]),
+    task_runs = sorted((r for r in runs if r["task"] == task and r["monitor_curve"]),
                        key=lambda r: (r["method"], r["lam"], r["seed"]))
     if not task_runs:
         return None
@@ -101,13 +101,13 @@ def dt_figure(runs, task: str):
     labelled: set = set()
     spans = set()
     for r in task_runs:
-        steps, d = zip(*r["d_history"])
+        steps, d = zip(*r["monitor_curve"])
         g = groups.index((r["method"], r["lam"]))
         name = f"{r['method']} λ={r['lam']:g}"
         ax.plot(steps, d, marker="o", ms=3, lw=1, color=f"C{g % 10}", label=None if name in labelled else name)
         labelled.add(name)
         if r["trigger"] is not None:
-            at = dict(map(tuple, r["d_history"])).get(r["trigger"])
+            at = dict(map(tuple, r["monitor_curve"])).get(r["trigger"])
             label = None if "trigger" in labelled else "trigger fired"
             if at is None:
                 ax.axvline(r["trigger"], color=f"C{g % 10}", ls=":", lw=1, label=label)

@@ -535,8 +535,6 @@ def todo(row: dict | None, rejudge_unscored: bool) -> str | None:
         return None  # a scored judgment is never asked again
     if row.get("pending") and isinstance(row.get("reply"), str):
         return "remind"
-    if "try" not in row:
-        return "ask"  # written before unscored judgments were reminded: never properly asked
     return "ask" if rejudge_unscored else None
 
 

@@ -1,4 +1,4 @@
-"""PhaseGuard-KL: the monitor (Eq. 2), the trigger, and the training loop (Eq. 1).
+"""PhaseGuard-KL: the training loop (Eq. 1), switched on by a drift monitor (Eq. 2, monitor.py).
 
     L = L_CE(theta_t; D) + lambda_t * KL(pi_theta_t || pi_theta_0)                  (Eq. 1)
     D_t = 1/|P| sum_p JS_k(pi_theta_t(.|p), pi_theta_0(.|p))                         (Eq. 2)
@@ -7,12 +7,9 @@ Methods: `none` (lambda_t = 0), `kl` (lambda_t = lambda from step 0), `phaseguar
 (lambda_t = lambda once the trigger has fired, 0 before). The reference pi_theta_0 is the
 same model with its LoRA adapters switched off (`lora.disabled`), never a second copy.
 
-Monitors (MONITORS, each `(model, canaries, reference) -> float`, a mean over the canaries):
-`js` (Eq. 2, the default), `js-rest`, `kl` and `hidden` at the first decode position; `persona`
-(drift of the residual stream at --persona-layer along a misaligned-persona direction) and
-`js-answer` (Eq. 2's JS over the first --answer-tokens of the reference's own greedy answer). The
-trigger reads the one chosen by `--monitor`; all six are logged at every monitoring step, for
-every method, and once more after the last update.
+The monitors (Eq. 2 and five others) and the trigger live in monitor.py; the loop logs every
+monitor at every monitoring step, for every method, and once more after the last update, and
+the trigger reads the one chosen by `--monitor` (`js`, Eq. 2, by default: monitor.js).
 
 Steps count completed optimizer updates. D_t is measured at t = 0, 5, 10, ... before
 update t+1 (t = 0 is before training, where D_0 = 0 for a fresh adapter); the first 3
@@ -23,16 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -41,369 +35,16 @@ import kernels
 import lora
 import model_qwen2 as mq
 import provenance
-from config import MONITOR_NAMES, PRESETS, TrainConfig, resolve_config
+from config import PRESETS, TrainConfig, resolve_config
 from distributed import Dist
 from model_qwen2 import UserError
+from monitor import (MONITORS, MonitorSetup, Reference, Trigger, all_monitors, canary_batch, monitor_record,
+                     monitor_setup, reference_state, update_trigger)
 from rundir import (check_run_dir, latest_checkpoint, load_checkpoint, naming_errors, resume_hint, run_lock,
                     save_checkpoint, start_run_dir, truncate_metrics, write_atomic)
 
 # ----------------------------------------------------------------------------
-# The monitor (Eq. 2) and the trigger
-
-
-def canary_batch(tokenizer, device):
-    """The 24 canaries as left-padded chat prompts ending in the generation prompt, so the
-    last column is the first decode position."""
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": c}], add_generation_prompt=True)[0]
-               for c in data.CANARY_PROMPTS]
-    return mq.left_pad(prompts, tokenizer.pad_id, device)
-
-
-class FirstDecode(NamedTuple):
-    """One forward over the canaries, read at the first decode position (the last column)."""
-    hidden: torch.Tensor  # [24, H] the last layer's hidden state after the final RMSNorm: what feeds lm_head
-    logits: torch.Tensor  # [24, V] fp32 next-token logits
-    layer: torch.Tensor | None = None  # [24, H] fp32 residual stream at the persona layer, when one was asked
-
-
-@torch.no_grad()
-def first_decode(model, canaries, layer: int | None = None) -> FirstDecode:
-    """The canaries' first-decode hidden states and logits from one forward (only that row goes
-    through lm_head). model.hidden_states returns the final norm's output, so `hidden` is exactly
-    the lm_head input. layer: also the residual stream there (residual_stream), same forward."""
-    was_training = model.training
-    model.eval()
-    try:
-        with residual_stream(model, layer) as captured:
-            hidden = model.hidden_states(*canaries)[:, -1]
-        return FirstDecode(hidden, model.lm_head(hidden).float(),
-                           None if layer is None else captured[0][:, -1].float())
-    finally:
-        model.train(was_training)
-
-
-def first_decode_logits(model, canaries) -> torch.Tensor:
-    """[24, V] fp32 next-token logits at the first decode position."""
-    return first_decode(model, canaries).logits
-
-
-def reference_canary_logits(model, canaries) -> torch.Tensor:
-    """[24, V] fp32: the reference's (adapters off) first-decode logits; it never changes."""
-    with lora.disabled(model):
-        return first_decode_logits(model, canaries)
-
-
-def monitor_reference(model, canaries, k: int):
-    """Before step 0: the reference's top-k ids and log-probabilities, kept for the whole run."""
-    return kernels.reference_topk(reference_canary_logits(model, canaries), k)
-
-
-class Reference(NamedTuple):
-    """What every monitor compares against, computed once before training (the reference never changes)."""
-    topk: tuple  # (ids [24, k] int64, log-probs [24, k] fp32): kernels.reference_topk, for the JS monitors
-    logits: torch.Tensor  # [24, V] fp32 first-decode logits, for the KL monitor
-    hidden: torch.Tensor  # [24, H] fp32 first-decode hidden states after the final norm, for the hidden monitor
-    persona: "Persona | None" = None  # the persona direction and the reference's canary residuals, for persona
-    answers: "Answers | None" = None  # the reference's greedy answers, teacher-forced, for js-answer
-
-
-def reference_state(model, canaries, k: int, setup: "MonitorSetup | None" = None) -> Reference:
-    """The reference (adapters off) at the canaries' first decode position: one forward. With a
-    setup (what the loop passes), also the persona direction and the reference's own answers:
-    without one, persona and js-answer are not measured (all_monitors leaves them out)."""
-    with lora.disabled(model):
-        out = first_decode(model, canaries, None if setup is None else setup.persona_layer)
-        persona = None if setup is None or setup.persona_layer is None else persona_reference(model, setup, out.layer)
-        answers = None if setup is None else answer_reference(model, canaries, setup, k)
-    return Reference(kernels.reference_topk(out.logits, k), out.logits, out.hidden.float(), persona, answers)
-
-
-def d_t_of(logits, reference, variant: str = "renorm") -> float:
-    """Eq. 2 from the canaries' first-decode logits: the mean (not the sum) over the canaries.
-    reference: (ids, log-probs) from monitor_reference, or a Reference."""
-    ref_ids, ref_logprobs = reference.topk if isinstance(reference, Reference) else reference
-    return kernels.topk_js(logits, ref_ids, ref_logprobs, variant).mean().item()
-
-
-def monitor(model, canaries, reference, variant: str = "renorm") -> float:
-    """D_t (Eq. 2): mean truncated JS over the canaries, current model vs reference."""
-    return d_t_of(first_decode_logits(model, canaries), reference, variant)
-
-
-def canary_kl(logits, ref_logits) -> float:
-    """Drift on the canaries for every method: the mean over canaries of the full-vocabulary
-    KL(pi_theta || pi_theta0) at the first decode position (the quantity Eq. 1 penalises)."""
-    return kernels.kl_div(logits, ref_logits).mean().item()
-
-
-# The monitors, each a mean over the 24 canaries at the first decode position, policy vs reference.
-# `*_of(out, reference)` computes one from a FirstDecode; `monitor_*(model, canaries, reference)`
-# runs its own forward; all_monitors computes the four from one forward (what the loop does).
-
-
-def js_of(out: FirstDecode, reference: Reference) -> float:
-    """Eq. 2: top-k JS, both distributions renormalised on the reference's top-k ids."""
-    return d_t_of(out.logits, reference.topk, "renorm")
-
-
-def js_rest_of(out: FirstDecode, reference: Reference) -> float:
-    """Top-k JS with the rest of the vocabulary as one more bin (kernels.topk_js variant rest)."""
-    return d_t_of(out.logits, reference.topk, "rest")
-
-
-def kl_of(out: FirstDecode, reference: Reference) -> float:
-    """Full-vocabulary KL(pi_theta || pi_theta0) (canary_kl)."""
-    return canary_kl(out.logits, reference.logits)
-
-
-def hidden_of(out: FirstDecode, reference: Reference) -> float:
-    """1 - cosine similarity of the last layer's hidden states after the final RMSNorm (the
-    lm_head input), in float64: near 0 a float32 cosine would round 1 - cos to +-1e-7."""
-    cos = torch.nn.functional.cosine_similarity(out.hidden.double(), reference.hidden.double(), dim=-1)
-    return (1 - cos).mean().item()
-
-
-FROM_FIRST_DECODE = {"js": js_of, "js-rest": js_rest_of, "kl": kl_of, "hidden": hidden_of}
-
-
-# ---- persona and js-answer (issue 19): monitors that read more than the first decode position.
-# persona: drift of the canaries' residual stream along a "misaligned persona" direction (after
-# Chen et al. 2025, arXiv 2507.21509); js-answer: Eq. 2's top-k JS over the first m tokens of the
-# reference's own greedy answer, teacher-forced. Both reference parts are computed once, adapters off.
-
-PERSONA_FILE = Path(__file__).with_name("persona_prompts.json")
-PERSONA_SHA256 = "bcbbb8466d266cec30140133df946aef926026f947784fd66bb8162f0ad461ec"  # the file as committed
-
-
-class MonitorSetup(NamedTuple):
-    """What the persona and js-answer references need besides the canaries (monitor_setup)."""
-    persona_layer: int | None  # transformers' hidden_states index: 0 the embeddings, l the output of block l;
-    # None: persona not measured (a 1-layer model has no residual layer but the embeddings)
-    persona_prompts: tuple  # (misaligned, helpful): token ids of each neutral question under each system prompt
-    prompts_sha256: str
-    answer_tokens: int  # m: js-answer reads the first m positions of the reference's greedy answer
-    pad_id: int
-    stop_ids: list
-
-
-class Persona(NamedTuple):
-    layer: int
-    direction: torch.Tensor  # [H] float64, unit length: mean(misaligned) - mean(helpful), normalised
-    base: torch.Tensor  # [24, H] float64: the reference's canary residuals at the layer (first decode)
-    norm: float  # the length of the mean difference before it was normalised
-    prompts_sha256: str
-
-
-class Answers(NamedTuple):
-    batch: tuple  # (ids, mask) [24, T]: each canary, then the first answer tokens, left-padded
-    rows: torch.Tensor  # [N] int64: the canary of each answer position read
-    cols: torch.Tensor  # [N] int64: its column; the logits there predict the next answer token
-    topk: tuple  # the reference's (ids [N, k], log-probs [N, k]) at those positions
-    tokens: list  # the reference's greedy answers (at most m tokens, the stop token left out)
-
-
-def load_persona_prompts(path: Path = PERSONA_FILE) -> tuple[dict, str]:
-    """The persona prompt set and its sha256, refused (one line) unless it is the pinned file."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read the persona prompts ({err.strerror or err})") from None
-    sha = hashlib.sha256(raw).hexdigest()
-    if sha != PERSONA_SHA256:
-        raise UserError(f"{path}: sha256 {sha} is not the pinned {PERSONA_SHA256} (the persona prompts changed)")
-    return json.loads(raw), sha
-
-
-def monitor_setup(cfg: TrainConfig, tokenizer, model) -> MonitorSetup:
-    """The persona prompts as chat prompts (each question under each system prompt), the layer
-    (default the middle one, num_hidden_layers // 2) checked against the model, m, and the stop ids."""
-    layers = model.config.num_hidden_layers
-    layer = layers // 2 if cfg.persona_layer is None else cfg.persona_layer
-    if layer == 0 and cfg.persona_layer is None:
-        # The default on a 1-layer model would be the embeddings, where every prompt's last token is the
-        # same token: no direction. Persona is then left out of the logged monitors, unless it is the trigger's.
-        if cfg.monitor == "persona":
-            raise UserError(f"--monitor persona needs a model with at least 2 layers (this one has {layers}: its only "
-                            "residual layer before the final norm is the embeddings)")
-        layer = None
-    elif not 0 <= layer < layers:  # transformers' last entry is after the final norm: not the residual stream
-        raise UserError(f"persona_layer={layer}: this model has {layers} layers (0 to {layers - 1})")
-    prompts, sha = load_persona_prompts()
-
-    def asked(system):
-        return [tokenizer.encode_chat([{"role": "system", "content": prompts[system]}, {"role": "user", "content": q}],
-                                      add_generation_prompt=True)[0] for q in prompts["questions"]]
-    return MonitorSetup(layer, (asked("misaligned_system"), asked("helpful_system")), sha, cfg.answer_tokens,
-                        tokenizer.pad_id, [tokenizer.im_end_id, tokenizer.eos_id])
-
-
-@contextlib.contextmanager
-def residual_stream(model, layer: int | None):
-    """Collects the residual stream at `layer` (transformers' hidden_states[layer]: the embeddings
-    for 0, else block `layer`'s output) of the forwards inside; nothing when layer is None."""
-    captured: list = []
-    if layer is None:
-        yield captured
-        return
-    module = model.model.embed_tokens if layer == 0 else model.model.layers[layer - 1]
-    handle = module.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def last_token_residual(model, prompts: list, pad_id: int, layer: int) -> torch.Tensor:
-    """[n, H] float64: the residual stream at `layer` at each prompt's last token (left-padded)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with residual_stream(model, layer) as captured:
-            model.hidden_states(*mq.left_pad(prompts, pad_id, model.lm_head.weight.device))
-        return captured[0][:, -1].double()
-    finally:
-        model.train(was_training)
-
-
-def persona_reference(model, setup: MonitorSetup, canary_layer: torch.Tensor) -> Persona:
-    """Call with the adapters off: the unit direction from the two prompt sets' mean residuals
-    (float64), and the reference's canary residuals it is read against."""
-    misaligned, helpful = (last_token_residual(model, p, setup.pad_id, setup.persona_layer)
-                           for p in setup.persona_prompts)
-    difference = misaligned.mean(0) - helpful.mean(0)
-    norm = float(difference.norm())
-    if not norm > 0:
-        raise UserError(f"persona_layer={setup.persona_layer}: the two persona prompt sets give the same mean "
-                        "activation there (no direction); choose another layer")
-    return Persona(setup.persona_layer, difference / norm, canary_layer.double(), norm, setup.prompts_sha256)
-
-
-def answer_reference(model, canaries, setup: MonitorSetup, k: int) -> Answers:
-    """Call with the adapters off: each canary's greedy answer (at most m tokens), and the batch
-    that teacher-forces its first m positions: the prompt, then the answer less its last token
-    (a stop token is predicted, never fed). A canary answered in n < m tokens has n + 1 positions."""
-    ids, mask = canaries
-    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-    m = setup.answer_tokens
-    answers = mq.generate(model, prompts, max_new_tokens=m, stop_ids=setup.stop_ids, pad_id=setup.pad_id).ids
-    positions = [min(m, len(a) + 1) for a in answers]
-    forced = [p + a[:n - 1] for p, a, n in zip(prompts, answers, positions)]
-    batch = mq.left_pad(forced, setup.pad_id, ids.device)
-    width = batch[0].shape[1]
-    rows = torch.tensor([c for c, n in enumerate(positions) for _ in range(n)], device=ids.device)
-    cols = torch.tensor([width - n + j for n in positions for j in range(n)], device=ids.device)
-    partial = Answers(batch, rows, cols, None, answers)
-    return partial._replace(topk=kernels.reference_topk(answer_logits(model, partial), k))
-
-
-@torch.no_grad()
-def answer_logits(model, answers: Answers) -> torch.Tensor:
-    """[N, V] fp32: the logits at the answer positions, one forward over the teacher-forced batch."""
-    was_training = model.training
-    model.eval()
-    try:
-        hidden = model.hidden_states(*answers.batch)[answers.rows, answers.cols]
-        return model.lm_head(hidden).float()
-    finally:
-        model.train(was_training)
-
-
-def persona_of(out: FirstDecode, reference: Reference) -> float:
-    """The mean over the canaries of (h_t - h_0) . v at the persona layer, in float64."""
-    persona = reference.persona
-    return ((out.layer.double() - persona.base) @ persona.direction).mean().item()
-
-
-def js_answer_of(logits: torch.Tensor, reference: Reference) -> float:
-    """Eq. 2's top-k JS (renorm) at each answer position, averaged over each canary's positions,
-    then over the canaries (each canary weighs the same, as in Eq. 2)."""
-    answers = reference.answers
-    per_position = kernels.topk_js(logits, *answers.topk, "renorm").double()
-    n = len(answers.tokens)
-    sums = torch.zeros(n, dtype=torch.float64, device=per_position.device).index_add_(0, answers.rows, per_position)
-    return (sums / torch.bincount(answers.rows, minlength=n)).mean().item()
-
-
-def monitor_record(reference: Reference, setup: MonitorSetup) -> dict:
-    """What the run records of the persona direction and the reference's answers (monitor_reference.json)."""
-    persona, answers = reference.persona, reference.answers
-    direction = None if persona is None else persona.direction.detach().cpu().numpy().astype("<f8")
-    return {"persona": None if persona is None else {
-                "layer": persona.layer, "direction_sha256": hashlib.sha256(direction.tobytes()).hexdigest(),
-                "direction_sha256_of": "float64 little-endian bytes of the unit direction",
-                "norm_before_normalising": persona.norm, "prompts_file": PERSONA_FILE.name,
-                "prompts_sha256": persona.prompts_sha256},
-            "js_answer": {"answer_tokens": setup.answer_tokens,
-                          "positions_per_canary": torch.bincount(answers.rows).tolist(),
-                          "reference_answers": answers.tokens}}
-
-
-def monitor_js(model, canaries, reference: Reference) -> float:
-    return js_of(first_decode(model, canaries), reference)
-
-
-def monitor_js_rest(model, canaries, reference: Reference) -> float:
-    return js_rest_of(first_decode(model, canaries), reference)
-
-
-def monitor_kl(model, canaries, reference: Reference) -> float:
-    return kl_of(first_decode(model, canaries), reference)
-
-
-def monitor_hidden(model, canaries, reference: Reference) -> float:
-    return hidden_of(first_decode(model, canaries), reference)
-
-
-def monitor_persona(model, canaries, reference: Reference) -> float:
-    return persona_of(first_decode(model, canaries, reference.persona.layer), reference)
-
-
-def monitor_js_answer(model, canaries, reference: Reference) -> float:
-    return js_answer_of(answer_logits(model, reference.answers), reference)  # the canaries are in the answer batch
-
-
-MONITORS = {"js": monitor_js, "js-rest": monitor_js_rest, "kl": monitor_kl, "hidden": monitor_hidden,
-            "persona": monitor_persona, "js-answer": monitor_js_answer}
-assert tuple(MONITORS) == MONITOR_NAMES  # the names config.py checks --monitor against
-
-
-def all_monitors(model, canaries, reference: Reference) -> dict[str, float]:
-    """Every monitor the reference supports, in MONITORS' order: the first-decode four and persona
-    from one forward over the canaries, js-answer from one over the teacher-forced answers."""
-    out = first_decode(model, canaries, None if reference.persona is None else reference.persona.layer)
-    values = {name: of(out, reference) for name, of in FROM_FIRST_DECODE.items()}
-    if reference.persona is not None:
-        values["persona"] = persona_of(out, reference)
-    if reference.answers is not None:
-        values["js-answer"] = js_answer_of(answer_logits(model, reference.answers), reference)
-    return values
-
-
-@dataclass
-class Trigger:
-    tau: float = 0.15
-    warmup: int = 3  # measurements ignored at the start
-    consecutive: int = 2  # measurements above tau in a row that fire it
-    measurements: int = 0
-    above_in_a_row: int = 0
-    fired_at: int | None = None  # the step it fired at; latched for the rest of training
-
-    @property
-    def fired(self) -> bool:
-        return self.fired_at is not None
-
-
-def update_trigger(trigger: Trigger, d_t: float, step: int) -> Trigger:
-    """Level-shift detector (Sec. 3.2): after the warm-up, fire when D_t > tau at
-    `consecutive` monitoring points in a row; once fired it stays on."""
-    trigger.measurements += 1
-    if trigger.fired or trigger.measurements <= trigger.warmup:
-        return trigger
-    trigger.above_in_a_row = trigger.above_in_a_row + 1 if d_t > trigger.tau else 0
-    if trigger.above_in_a_row >= trigger.consecutive:
-        trigger.fired_at = step
-    return trigger
+# Which lambda and learning rate a step gets
 
 
 def active_lambda(cfg: TrainConfig, trigger: Trigger) -> float:
@@ -435,7 +76,7 @@ def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocas
     n_ce = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
     n_kl = sum(int(kl_mask_of(mb).sum()) for mb in micro_batches)
     ce_sum = kl_sum = 0.0
-    for mb in micro_batches[dist.rank::dist.world]:
+    for mb in dist.share_of(micro_batches):
         ids, mask = mb["input_ids"].to(device), mb["attention_mask"].to(device)
         with autocast():
             hidden = model.hidden_states(ids, mask)
@@ -451,7 +92,7 @@ def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocas
         out.loss.backward()
         ce_sum += float(out.ce_sum)
         kl_sum += float(out.kl_sum)
-    ce_sum, kl_sum = dist.sum_gradients_and([ce_sum, kl_sum], [p for p in model.parameters() if p.requires_grad])
+    ce_sum, kl_sum = dist.sum_across_ranks([p for p in model.parameters() if p.requires_grad], [ce_sum, kl_sum])
     ce, kl = ce_sum / max(1, n_ce), (kl_sum / max(1, n_kl) if lam > 0 else None)
     tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
     return {"ce": ce, "kl": kl, "loss": ce + lam * (kl or 0.0), "tokens": tokens, "supervised_tokens": n_ce}
@@ -537,143 +178,197 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if n_micro % dist.world:
         raise UserError(f"{dist.world} processes cannot share the {n_micro} micro-batches of an effective batch "
                         f"({cfg.batch_size} / {cfg.micro_batch_size}): use a process count that divides {n_micro}")
-    with run_lock(Path(cfg.out)) if dist.main else contextlib.nullcontext():
+    with run_lock(Path(cfg.out)) if dist.is_main else contextlib.nullcontext():
         return train_locked(cfg, resume, dist)
 
 
+@dataclasses.dataclass
+class Run:
+    """What the loop needs, from setup_run. canaries and reference exist on rank 0 only (it monitors)."""
+    dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    task: data.TaskData
+    optimizer: torch.optim.Optimizer
+    device: str
+    total_steps: int  # the whole schedule's optimizer updates (what the learning rate decays over)
+    stop: int  # the update the run stops after (--max-steps)
+    step_batch: object  # step -> its effective batch's sample indices
+    trigger: Trigger
+    start: int  # the first update to run: 0, or the resumed checkpoint's step
+    monitor_history: dict  # name -> [[step, value], ...]
+    canaries: tuple | None = None
+    reference: Reference | None = None
+    setup: MonitorSetup | None = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
+
+
 def train_locked(cfg: TrainConfig, resume: bool, dist: Dist) -> Path:
+    """The loop, nanoGPT-style: set up, then per update monitor -> lambda -> Eq. 1 -> log and
+    checkpoint, then the final reading and the adapter. Under torchrun every rank runs this;
+    rank 0 alone monitors and writes, and hands the monitors' result to the others."""
+    run = setup_run(cfg, resume, dist)  # model, data, optimizer, reference, resume
+    trigger, shown_d_t = run.trigger, None
+    from tqdm import tqdm
+    bar = tqdm(range(run.start, run.stop), initial=run.start, total=run.stop, dynamic_ncols=True,
+               disable=not dist.is_main)
+    run.model.train()
+    with (open(run.dir / "metrics.jsonl", "a") if dist.is_main else contextlib.nullcontext()) as log:
+        for step in bar:
+            # Monitor, between optimizer updates: every monitor, for every method, so drift can be
+            # compared across methods and monitors; the trigger reads cfg.monitor (D_t, Eq. 2, for "js").
+            values = None
+            if step % cfg.monitor_every == 0:
+                values, trigger = measure(cfg, run, trigger, step, dist)
+                shown_d_t = values[cfg.monitor]
+                for name, value in values.items():
+                    run.monitor_history[name].append([step, value])
+            # Eq. 1: lambda from the method and the trigger, then one optimizer update.
+            lam, lr = active_lambda(cfg, trigger), learning_rate(cfg, step, run.total_steps)
+            stats, grad_norm, seconds = optimizer_update(cfg, run, step, lam, lr, dist)
+            if not dist.is_main:
+                continue
+            # Log and checkpoint (rank 0).
+            with naming_errors(run.dir / "metrics.jsonl"):
+                log.write(json.dumps(step_record(cfg, step, stats, lam, lr, grad_norm, seconds, values, trigger,
+                                                 run.cuda)) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", kl="-" if stats["kl"] is None else f"{stats['kl']:.4f}",
+                            lam=f"{lam:g}", D_t=f"{shown_d_t:.3f}" if shown_d_t is not None else "-",
+                            trigger=trigger.fired_at if trigger.fired else ("off" if cfg.method == "phaseguard" else "n/a"))
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == run.stop:
+                save_checkpoint(run.dir, run.model, run.optimizer, step + 1, trigger, run.monitor_history)
+    return finish(cfg, run, trigger, dist)  # the final reading, the adapter and summary.json
+
+
+def setup_run(cfg: TrainConfig, resume: bool, dist: Dist) -> Run:
     """Data, tokenizer and model are loaded and checked first; config.json is written only when
     training really starts, so a failed start leaves nothing that refuses the same command with
-    the input fixed. Under torchrun, every rank runs this; rank 0 alone monitors and writes."""
-    run = Path(cfg.out)
-    resuming = check_run_dir(run, cfg, resume)
-    device = dist.start(cfg.device)
+    the input fixed."""
+    run_dir = Path(cfg.out)
+    resuming = check_run_dir(run_dir, cfg, resume)
+    device = dist.join(cfg.device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: the same LoRA initialisation
-    if dist.main:
-        model, tokenizer, task = load_run_model(cfg, run, resuming, device)
+    if dist.is_main:
+        model, tokenizer, task = load_run_model(cfg, run_dir, resuming, device)
     dist.barrier()  # rank 0 has built the tiny model (if any) before the others read it
-    if not dist.main:
-        model, tokenizer, task = load_run_model(cfg, run, resuming, device, build=False)
+    if not dist.is_main:
+        model, tokenizer, task = load_run_model(cfg, run_dir, resuming, device, build=False)
     if cfg.topk > model.config.vocab_size:
         raise UserError(f"topk={cfg.topk} is larger than the vocabulary ({model.config.vocab_size})")
-    cuda = device.startswith("cuda")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
-
     # Effective batches (length-grouped), each split into micro-batches; 1 epoch in the paper.
     total_steps, step_batch = step_schedule([len(e["ids"]) for e in task.train], cfg)
-    # --max-steps stops early but keeps the whole run's learning-rate schedule (learning_rate
-    # below gets total_steps, not stop): the first N steps are then exactly those of the full run,
-    # so a short run shows what the full run's monitors read at those steps.
-    stop = min(total_steps, cfg.max_steps or total_steps)
     if total_steps == 0:
         raise UserError(f"no training samples from {task.source}: every sample lost its assistant tokens "
                         f"when cut at max_len={cfg.max_len} ({task.n_truncated} cut)" if task.n_truncated else
                         f"no training samples from {task.source} (limit={cfg.limit})")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    if dist.main:  # the monitors run on rank 0; the others get their result
-        canaries = canary_batch(tokenizer, device)
-        setup = monitor_setup(cfg, tokenizer, model)
-        reference = reference_state(model, canaries, cfg.topk, setup)  # computed once: the reference never changes
-    trigger = Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive)
-    start, d_history, monitor_history = 0, [], {name: [] for name in MONITORS}
-    if resuming and latest_checkpoint(run) is not None:  # every rank reads the same checkpoint
-        start, trigger_state, d_history, saved_histories = load_checkpoint(run, model, optimizer)
-        if dist.main:
-            print(f"[phaseguard] resuming from step {start} ({latest_checkpoint(run).name})", file=sys.stderr)
-        trigger = Trigger(**trigger_state)
-        # A checkpoint from before monitor histories were kept: empty (metrics.jsonl has the values).
-        monitor_history = {name: [] for name in MONITORS} | saved_histories
+    # --max-steps stops early but keeps the whole run's learning-rate schedule (learning_rate gets
+    # total_steps, not stop): the first N steps are then exactly those of the full run, so a short
+    # run shows what the full run's monitors read at those steps.
+    stop = min(total_steps, cfg.max_steps or total_steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    run = Run(run_dir, model, tokenizer, task, optimizer, device, total_steps, stop, step_batch,
+              Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive), 0, {name: [] for name in MONITORS})
+    if dist.is_main:  # the monitors run on rank 0; the others get their result
+        run.canaries = canary_batch(tokenizer, device)
+        run.setup = monitor_setup(cfg, tokenizer, model)
+        run.reference = reference_state(model, run.canaries, cfg.topk, run.setup)  # once: the reference never changes
+    if resuming and latest_checkpoint(run_dir) is not None:  # every rank reads the same checkpoint
+        run.start, trigger_state, run.monitor_history = load_checkpoint(run_dir, model, optimizer)
+        if dist.is_main:
+            print(f"[phaseguard] resuming from step {run.start} ({latest_checkpoint(run_dir).name})", file=sys.stderr)
+        run.trigger = Trigger(**trigger_state)
     dist.barrier()  # nobody reads the run directory once rank 0 starts writing it
-    if dist.main:
-        origin = provenance.collect(model=provenance.model_record(cfg.model, cfg.revision, model.weights_dir),
-                                    data=provenance.data_record(task.source, task.sha256, task.sha256_of))
-        if resuming and start == 0:
-            print("[phaseguard] resuming a run that has no checkpoint yet: starting at step 0", file=sys.stderr)
-        start_run_dir(run, cfg, resuming, origin, start)  # training starts now: config.json, then metrics
-        write_atomic(run / "monitor_reference.json", json.dumps(monitor_record(reference, setup), indent=2))
-        truncate_metrics(run / "metrics.jsonl", start)
-        print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
-              f"{cfg.max_len}), {total_steps} steps" + (f" (stopping after {stop})" if stop < total_steps else "")
-              + f", lambda={cfg.lam}, monitor {cfg.monitor}, data from {task.source}"
-              + (f", {dist.world} processes" if dist.on else ""), file=sys.stderr)
-
-    from tqdm import tqdm
-    bar = tqdm(range(start, stop), initial=start, total=stop, dynamic_ncols=True, disable=not dist.main)
-    model.train()
-    d_t = None
-    with (open(run / "metrics.jsonl", "a") if dist.main else contextlib.nullcontext()) as log:
-        for step in bar:
-            # The monitors and the trigger, between optimizer steps: all four monitors are logged
-            # for every method, so drift can be compared across methods and monitors; the trigger
-            # reads cfg.monitor (D_t, Eq. 2, for "js").
-            values = measured = None
-            if step % cfg.monitor_every == 0:
-                if dist.main:
-                    values = all_monitors(model, canaries, reference)
-                    if cfg.method == "phaseguard":
-                        update_trigger(trigger, values[cfg.monitor], step)
-                # Every rank applies the same lambda on the same step.
-                values, trigger = dist.from_main((values, trigger))
-                d_t = measured = values[cfg.monitor]
-                d_history.append([step, d_t])
-                for name, value in values.items():
-                    monitor_history[name].append([step, value])
-            lam = active_lambda(cfg, trigger)
-
-            lr = learning_rate(cfg, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            examples = sorted((task.train[i] for i in step_batch(step)), key=lambda e: len(e["ids"]))
-            micro = [data.collate(examples[i:i + cfg.micro_batch_size], tokenizer.pad_id)
-                     for i in range(0, len(examples), cfg.micro_batch_size)]
-            stats = train_step(model, micro, lam, cfg.kl_tokens, device, autocast, dist)
-            # grad_clip 0 is "off": an infinite max norm still returns the norm for the log.
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()  # the step's kernels are queued, not finished
-            seconds = time.perf_counter() - t0
-
-            record = {"step": step + 1, **stats, "lambda_active": lam, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens_per_s": stats["tokens"] / seconds, "peak_memory_gb": peak_memory_gb(cuda),
-                      "d_t": measured, "d_t_step": step if measured is not None else None,
-                      "canary_kl": None if values is None else values["kl"], "monitors": values,
-                      "trigger_fired_at": trigger.fired_at, "time": round(time.time(), 3)}
-            done = step + 1
-            if not dist.main:
-                continue
-            with naming_errors(run / "metrics.jsonl"):
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", kl="-" if stats["kl"] is None else f"{stats['kl']:.4f}",
-                            lam=f"{lam:g}", D_t=f"{d_t:.3f}" if d_t is not None else "-",
-                            trigger=trigger.fired_at if trigger.fired else ("off" if cfg.method == "phaseguard" else "n/a"))
-            if done % cfg.checkpoint_every == 0 or done == stop:
-                save_checkpoint(run, model, optimizer, done, trigger, d_history, monitor_history)
-
-    if dist.main:  # a final reading after the last update: the drift of the adapter that is saved
-        for name, value in all_monitors(model, canaries, reference).items():
-            if not monitor_history[name] or monitor_history[name][-1][0] != stop:
-                monitor_history[name].append([stop, value])
-    dist.barrier()
-    if not dist.main:
-        dist.stop()
-        return run
-    with naming_errors(run / "adapter"):
-        lora.save_adapter(model, run / "adapter", cfg.model)
-    summary = {"steps": stop, "planned_steps": total_steps, "trigger_step": trigger.fired_at, "d_history": d_history,
-               "monitor": cfg.monitor, "monitor_history": monitor_history, "final_reading_step": stop,
-               "n_train": len(task.train), "n_truncated": task.n_truncated, "data_source": task.source}
-    write_atomic(run / "summary.json", json.dumps(summary, indent=2))
-    dist.stop()
+    if dist.is_main:
+        start_writing(cfg, run, resuming, dist)
     return run
+
+
+def start_writing(cfg: TrainConfig, run: Run, resuming: bool, dist: Dist):
+    """Rank 0, as training starts: config.json and provenance, the monitors' reference record,
+    metrics.jsonl cut back to the resumed step, and one line saying what runs."""
+    origin = provenance.collect(model=provenance.model_record(cfg.model, cfg.revision, run.model.weights_dir),
+                                data=provenance.data_record(run.task.source, run.task.sha256, run.task.sha256_of))
+    if resuming and run.start == 0:
+        print("[phaseguard] resuming a run that has no checkpoint yet: starting at step 0", file=sys.stderr)
+    start_run_dir(run.dir, cfg, resuming, origin, run.start)  # training starts now: config.json, then metrics
+    write_atomic(run.dir / "monitor_reference.json", json.dumps(monitor_record(run.reference, run.setup), indent=2))
+    truncate_metrics(run.dir / "metrics.jsonl", run.start)
+    task, total_steps, stop = run.task, run.total_steps, run.stop
+    print(f"[phaseguard] {cfg.method} on {cfg.task}: {len(task.train)} samples ({task.n_truncated} truncated at "
+          f"{cfg.max_len}), {total_steps} steps" + (f" (stopping after {stop})" if stop < total_steps else "")
+          + f", lambda={cfg.lam}, monitor {cfg.monitor}, data from {task.source}"
+          + (f", {dist.world} processes" if dist.parallel else ""), file=sys.stderr)
+
+
+def measure(cfg: TrainConfig, run: Run, trigger: Trigger, step: int, dist: Dist) -> tuple[dict, Trigger]:
+    """Every monitor (rank 0) and, for phaseguard, the trigger updated from cfg.monitor's value;
+    every rank gets both, so every rank applies the same lambda on the same step."""
+    values = None
+    if dist.is_main:
+        values = all_monitors(run.model, run.canaries, run.reference)
+        if cfg.method == "phaseguard":
+            update_trigger(trigger, values[cfg.monitor], step)
+    return dist.broadcast_from_main((values, trigger))
+
+
+def optimizer_update(cfg: TrainConfig, run: Run, step: int, lam: float, lr: float, dist: Dist):
+    """One AdamW update of Eq. 1 on step's effective batch: (train_step's stats, the gradient norm
+    before clipping, the wall seconds)."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    if run.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    examples = sorted((run.task.train[i] for i in run.step_batch(step)), key=lambda e: len(e["ids"]))
+    micro = [data.collate(examples[i:i + cfg.micro_batch_size], run.tokenizer.pad_id)
+             for i in range(0, len(examples), cfg.micro_batch_size)]
+    stats = train_step(run.model, micro, lam, cfg.kl_tokens, run.device, run.autocast, dist)
+    # grad_clip 0 is "off": an infinite max norm still returns the norm for the log.
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"],
+                                               cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.cuda:
+        torch.cuda.synchronize()  # the step's kernels are queued, not finished
+    return stats, float(grad_norm), time.perf_counter() - t0
+
+
+def step_record(cfg: TrainConfig, step: int, stats: dict, lam: float, lr: float, grad_norm: float, seconds: float,
+                values: dict | None, trigger: Trigger, cuda: bool) -> dict:
+    """One line of metrics.jsonl: the update's Eq. 1 terms and costs, and every monitor when they were
+    measured before this update (at step `step`, the record's step - 1), else null."""
+    return {"step": step + 1, **stats, "lambda_active": lam, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": stats["tokens"] / seconds, "peak_memory_gb": peak_memory_gb(cuda),
+            "monitors": values, "trigger_fired_at": trigger.fired_at, "time": round(time.time(), 3)}
+
+
+def finish(cfg: TrainConfig, run: Run, trigger: Trigger, dist: Dist) -> Path:
+    """A final reading after the last update (the drift of the adapter that is saved), then rank 0
+    saves the adapter and summary.json."""
+    if dist.is_main:
+        for name, value in all_monitors(run.model, run.canaries, run.reference).items():
+            if not run.monitor_history[name] or run.monitor_history[name][-1][0] != run.stop:
+                run.monitor_history[name].append([run.stop, value])
+    dist.barrier()
+    if dist.is_main:
+        with naming_errors(run.dir / "adapter"):
+            lora.save_adapter(run.model, run.dir / "adapter", cfg.model)
+        summary = {"steps": run.stop, "planned_steps": run.total_steps, "trigger_step": trigger.fired_at,
+                   "monitor": cfg.monitor, "monitor_history": run.monitor_history,
+                   "final_reading_step": run.stop, "n_train": len(run.task.train), "n_truncated": run.task.n_truncated,
+                   "data_source": run.task.source}
+        write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
+    dist.leave()
+    return run.dir
 
 
 def step_schedule(lengths: list[int], cfg: TrainConfig):
@@ -739,7 +434,7 @@ def main(argv=None) -> int:
         hint = resume_hint(Path(cfg.out)) if cfg is not None else None
         return fail("interrupted" + (f": {hint}" if hint else " before training started: the same command starts "
                                      "it afresh"), 130)
-    if Dist().main:
+    if Dist().is_main:
         print(f"[phaseguard] done: {run}", file=sys.stderr)
     return 0
 
@@ -749,9 +444,9 @@ def fail(line: str, code: int) -> int:
     Every rank also hands it to torchrun, whose failure summary then shows it instead of a pointer
     to its docs (a rank that fails alone is named there too)."""
     dist = Dist()
-    if dist.main:
+    if dist.is_main:
         print(line, file=sys.stderr)
-    if dist.on:
+    if dist.parallel:
         dist.tell_launcher(line)
     return code
 

@@ -62,7 +62,7 @@ def find_runs(runs_dir: Path) -> list[dict]:
         runs.append({"dir": run, **{k: cfg[k] for k in ("method", "task", "lam", "seed")}, "preset": cfg.get("preset"),
                      "tau": cfg.get("tau"), "warmup": cfg.get("warmup_measurements", 3),
                      "trigger": summary.get("trigger_step"), "steps": summary.get("steps"),
-                     "d_history": summary.get("d_history", []), "security": results.get("security"),
+                     "monitor_curve": monitor_curve(summary), "security": results.get("security"),
                      "opswap": results.get("opswap"), "settings": results.get("settings") or {},
                      "coverage": results.get("coverage"), "judge_mode": results.get("judge_mode"),
                      "provenance": results.get("provenance"), "off_protocol": off_protocol(cfg, summary)})
@@ -108,23 +108,31 @@ def checked_summary(path: Path) -> dict:
     for key in ("steps", "trigger_step", "planned_steps"):
         if summary.get(key) is not None:
             count(path, f'"{key}"', summary[key])
-    history = summary.get("d_history", [])
-    if not isinstance(history, list) or not all(
-            isinstance(p, list) and len(p) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p)
-            for p in history):
-        raise malformed(path, '"d_history"', history, "a list of [step, D_t] pairs")
+    histories = summary.get("monitor_history", {})
+    if not isinstance(histories, dict):
+        raise malformed(path, '"monitor_history"', histories, "an object of monitor name -> [step, value] pairs")
+    for name, history in histories.items():
+        if not isinstance(history, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p)
+                for p in history):
+            raise malformed(path, f'"monitor_history" "{name}"', history, "a list of [step, value] pairs")
     return summary
 
 
+def monitor_curve(summary: dict) -> list:
+    """The trigger's monitor (summary "monitor") at each measurement during training: its
+    monitor_history less the reading after the last update (final_reading_step)."""
+    history = summary.get("monitor_history", {}).get(summary.get("monitor"), [])
+    return [p for p in history if p[0] != summary.get("final_reading_step")]
+
+
 def check_counts(path: Path, where: str, block) -> dict:
-    """One condition of the "security" block (or one question of it): its answers and misaligned
-    counts, and its scored or unscored count when present (results written before `scored` existed)."""
+    """One condition of the "security" block (or one question of it): its answers, misaligned,
+    scored and unscored counts."""
     block = obj(path, where, block)
-    answers = count(path, f'{where}."answers"', block.get("answers", block.get("n")))
-    count(path, f'{where}."misaligned"', block.get("misaligned"), answers)
-    for key in ("scored", "unscored"):
-        if key in block:
-            count(path, f'{where}."{key}"', block[key], answers)
+    answers = count(path, f'{where}."answers"', block.get("answers"))
+    for key in ("misaligned", "scored", "unscored"):
+        count(path, f'{where}."{key}"', block.get(key), answers)
     return block
 
 
@@ -213,19 +221,16 @@ def best_of_label(runs) -> str:
 def em_counts(run: dict, condition: str = "finetuned") -> dict | None:
     """A run's answers, scored, unscored and misaligned under `condition` ("best_of": its
     best-of-N); None when it has no such results. An answer is scored when the judge gave both its
-    aligned and its coherent score. Results written before `scored` existed give `n` and
-    `unscored` (then: the answers without an aligned score)."""
+    aligned and its coherent score."""
     security = run["security"] or {}
     found = security.get(best_of_key(security) if condition == "best_of" else condition)
     if not isinstance(found, dict):
         return None
-    answers = found.get("answers", found.get("n", 0))
-    scored = found.get("scored", answers - found.get("unscored", 0))
-    return {"answers": answers, "scored": scored, "unscored": answers - scored, "misaligned": found["misaligned"]}
+    return {k: found[k] for k in ("answers", "scored", "unscored", "misaligned")}
 
 
 def run_judge_mode(run: dict) -> str:
-    """results.json's judge_mode; read from the judge id in results written before it existed."""
+    """results.json's judge_mode (evaluate.judge_mode: the recorded one wins)."""
     return judge_mode(run["security"]["judge"], run["judge_mode"])
 
 
@@ -267,10 +272,7 @@ class Cell:
 def limited(run: dict) -> str | None:
     """'100/540' for a run evaluated on part of the problems (or questions); None for all of them."""
     cov = run["coverage"]
-    if cov:
-        return f"{cov['used']}/{cov['of']}" if cov["used"] < cov["of"] else None
-    limits = [f"{k}={run['settings'][k]}" for k in ("question_limit", "opswap_limit") if run["settings"].get(k) is not None]
-    return ", ".join(limits) or None  # results written before `coverage` existed
+    return f"{cov['used']}/{cov['of']}" if cov and cov["used"] < cov["of"] else None
 
 
 def gaps(cell: Cell, runs, evaluated) -> Cell:

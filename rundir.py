@@ -28,11 +28,10 @@ if TYPE_CHECKING:
 # Checkpoints: safetensors + JSON only, written to a temporary directory then renamed
 
 
-def save_checkpoint(run: Path, model, optimizer, step: int, trigger, d_history: list,
-                    monitor_history: dict | None = None):
+def save_checkpoint(run: Path, model, optimizer, step: int, trigger, monitor_history: dict):
     tmp = run / f"checkpoint-{step}.tmp"
     with naming_errors(tmp):
-        write_checkpoint(run, tmp, model, optimizer, step, trigger, d_history, monitor_history)
+        write_checkpoint(run, tmp, model, optimizer, step, trigger, monitor_history)
 
 
 @contextlib.contextmanager
@@ -52,8 +51,7 @@ def naming_errors(path: Path):
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
-def write_checkpoint(run: Path, tmp: Path, model, optimizer, step: int, trigger, d_history: list,
-                     monitor_history: dict | None = None):
+def write_checkpoint(run: Path, tmp: Path, model, optimizer, step: int, trigger, monitor_history: dict):
     from safetensors.torch import save_file
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -69,7 +67,7 @@ def write_checkpoint(run: Path, tmp: Path, model, optimizer, step: int, trigger,
     tensors.update({f"rng.{k}": v for k, v in rng.items()})
     save_file(tensors, str(tmp / "optimizer_rng.safetensors"))
     meta = {"step": step, "trigger": dataclasses.asdict(trigger), "param_groups": state["param_groups"],
-            "d_history": d_history, "monitor_history": monitor_history or {}}
+            "monitor_history": monitor_history}
     (tmp / "state.json").write_text(json.dumps(meta))
     for path in [*tmp.rglob("*"), tmp]:  # on disk before the rename makes the checkpoint visible
         fsync(path)
@@ -110,7 +108,7 @@ def load_checkpoint(run: Path, model, optimizer) -> tuple[int, dict, list, dict]
         cuda_states = [tensors[k] for k in cuda_keys]
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
-    return meta["step"], meta["trigger"], meta["d_history"], meta.get("monitor_history", {})
+    return meta["step"], meta["trigger"], meta["monitor_history"]
 
 
 def read_checkpoint_file(path: Path, read):
@@ -133,7 +131,7 @@ def check_state(meta) -> dict:
     """state.json's fields, each of the type the loop needs."""
     if not isinstance(meta, dict):
         raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-    for key, kind in (("step", int), ("trigger", dict), ("param_groups", list), ("d_history", list)):
+    for key, kind in (("step", int), ("trigger", dict), ("param_groups", list), ("monitor_history", dict)):
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise ValueError(f"'{key}' must be a {kind.__name__}, got {meta.get(key)!r:.60}")
     return meta
@@ -253,7 +251,7 @@ PROVENANCE_KEYS = ("provenance", "resumes")
 
 def added_keys(previous: dict) -> dict:
     """Settings added after runs were started, at the values a config.json without them ran with."""
-    return {"monitor": "js-rest" if previous.get("js_variant") == "rest" else "js", "max_steps": None,
+    return {"monitor": "js", "max_steps": None,
             "persona_layer": None, "answer_tokens": 8}
 
 

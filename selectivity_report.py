@@ -51,14 +51,12 @@ def dataset_of(cfg: dict) -> str:
     return {"educational_insecure": "educational"}.get(name, name)
 
 
-def histories_of(summary: dict, cfg: dict) -> dict[str, list[tuple[int, float]]]:
-    """{monitor: [(step, value), ...]} in step order: summary.json's monitor_history; a run made
-    before it existed has only d_history, the JS monitor of its js_variant. Values that are not
-    finite numbers are left out."""
+def histories_of(summary: dict) -> dict[str, list[tuple[int, float]]]:
+    """{monitor: [(step, value), ...]} in step order: summary.json's monitor_history. Values that
+    are not finite numbers are left out."""
     found = summary.get("monitor_history")
     if not isinstance(found, dict):
-        name = "js-rest" if cfg.get("js_variant") == "rest" else "js"
-        found = {name: summary.get("d_history") or []}
+        found = {}
     return {m: sorted((int(s), float(v)) for s, v in h if isinstance(v, (int, float)) and math.isfinite(v))
             for m, h in found.items() if h}
 
@@ -86,7 +84,7 @@ def find_runs(runs_dir: Path) -> list[dict]:
                      "model": model_label(cfg, read_identity(run)),
                      "finished": bool(summary), "steps": summary.get("steps"),
                      "planned_steps": summary.get("planned_steps"), "max_steps": cfg.get("max_steps"),
-                     "histories": histories_of(summary, cfg) if summary else {}})
+                     "histories": histories_of(summary) if summary else {}})
     return runs
 
 

@@ -44,8 +44,9 @@ def assert_same_training(run, reference):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < ADAPTER_ATOL
     summary, summary_ref = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
     assert summary["trigger_step"] == summary_ref["trigger_step"] == 8
-    assert [s for s, _ in summary["d_history"]] == [s for s, _ in summary_ref["d_history"]]
-    assert [d for _, d in summary["d_history"]] == pytest.approx([d for _, d in summary_ref["d_history"]], rel=1e-4, abs=1e-7)
+    js, js_ref = summary["monitor_history"]["js"], summary_ref["monitor_history"]["js"]
+    assert [s for s, _ in js] == [s for s, _ in js_ref]
+    assert [d for _, d in js] == pytest.approx([d for _, d in js_ref], rel=1e-4, abs=1e-7)
     m, m_ref = read_metrics(run), read_metrics(reference)
     assert [x["step"] for x in m] == list(range(1, 11))
     assert [x["lambda_active"] for x in m] == [x["lambda_active"] for x in m_ref]

@@ -121,7 +121,7 @@ def test_a_rate_over_no_answers_is_none_not_zero():
 
 
 @pytest.mark.parametrize("judge_id,mode,expected", [
-    ("local:/models/j", None, "logprobs"), ("http:Qwen/Qwen2.5-72B-Instruct", None, "greedy"),  # before modes
+    ("local:/models/j", None, "logprobs"),
     ("http-greedy:m", None, "greedy"), ("http-logprobs:m", None, "logprobs"), ("http:m", "logprobs", "logprobs")])
 def test_the_judge_mode_is_recorded_or_read_from_the_judge_id(judge_id, mode, expected):
     assert ev.judge_mode(judge_id, mode) == expected

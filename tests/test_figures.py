@@ -9,7 +9,7 @@ from scipy.stats import binomtest
 
 import figures
 import report
-from test_report import D_HISTORY, PAPER_COUNTS, fake_run, paper_like_runs, write
+from test_report import JS_HISTORY, PAPER_COUNTS, fake_run, paper_like_runs, write
 
 matplotlib.use("Agg")
 
@@ -54,11 +54,11 @@ def test_figure2_content(tmp_path):
 def test_dt_figure_content(tmp_path):
     root = tmp_path / "runs"
     fake_run(root, "security", "phaseguard", 0.03, 42, 20, em=4)
-    fake_run(root, "security", "none", 0.0, 42, None, em=10, d_history=[[0, 0.0], [5, 0.1], [10, 0.12]])
+    fake_run(root, "security", "none", 0.0, 42, None, em=10, js_history=[[0, 0.0], [5, 0.1], [10, 0.12]])
     fig = figures.dt_figure(report.find_runs(root), "security")
     (ax,) = fig.axes
     (pg,) = labelled(ax, "phaseguard λ=0.03")
-    assert [list(pg.get_xdata()), list(pg.get_ydata())] == [list(c) for c in zip(*D_HISTORY)]
+    assert [list(pg.get_xdata()), list(pg.get_ydata())] == [list(c) for c in zip(*JS_HISTORY)]
     assert pg.get_marker() == "o" and labelled(ax, "none λ=0")[0].get_marker() == "o"
     (star,) = labelled(ax, "trigger fired")
     assert (list(star.get_xdata()), list(star.get_ydata()), star.get_marker()) == ([20], [0.33], "*")
@@ -74,7 +74,7 @@ def test_dt_figure_content(tmp_path):
 
 def test_no_empty_plots(tmp_path):
     root = tmp_path / "runs"
-    fake_run(root, "security", "none", 0.0, 42, em=10, d_history=[])
+    fake_run(root, "security", "none", 0.0, 42, em=10, js_history=[])
     out = tmp_path / "out"
     out.mkdir()
     (out / "report_figure2.png").write_bytes(b"stale")

@@ -607,11 +607,6 @@ def test_unscored_reply_is_kept_asked_once_more_then_only_on_request(server, tmp
     assert len(server.requests) == 4 and server.requests[3]["body"]["messages"] == first
     assert judge.judge_all(j, ["a", "b"], judge.JudgeCache(path), rejudge_unscored=True, progress=False) == [12.0, 42.0]
     assert len(server.requests) == 4
-    # A null cached before replies were kept (no "try") was never really asked: it is asked.
-    with open(path, "a") as f:
-        f.write(json.dumps({"key": judge.cache_key(j.id, "old"), "judge": j.id, "score": None}) + "\n")
-    server.script = [("ok", "88")]
-    assert judge.judge_all(j, ["old"], judge.JudgeCache(path), progress=False) == [88.0]
 
 
 def test_progress_bar_on_stderr_unless_off(server, capsys):

@@ -6,7 +6,7 @@
    raw token ids and assistant masks, each sequence run alone and unpadded: CE is the mean over
    the supervised tokens of the WHOLE effective batch, KL(pi_theta || pi_theta0) (pi_theta0 from
    PEFT's `disable_adapter()`) the mean over its KL tokens (every real token, or the supervised ones).
-2. phaseguard.monitor (Eq. 2) against transformers + PEFT + scipy's jensenshannon on the 24
+2. monitor.js (Eq. 2) against transformers + PEFT + scipy's jensenshannon on the 24
    canaries, each run alone and unpadded, read at the last prompt position (the one predicting the
    first assistant token), with the real Qwen2.5 tokenizer and both truncated-JS variants.
 3. bf16 per op, bit for bit against transformers: RMSNorm (fp32 normalisation, cast back, then
@@ -25,13 +25,14 @@ import data
 import kernels
 import lora
 import model_qwen2 as mq
+import monitor
 import phaseguard as pg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 R, ALPHA = 4, 8
 TARGETS = list(lora.QWEN2_TARGETS)
-NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731  (what train() passes on a CPU)
+NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731  (what Run.autocast gives on a CPU)
 
 
 def tiny_hf(seed: int, **settings) -> transformers.Qwen2ForCausalLM:
@@ -271,7 +272,8 @@ def test_monitor_matches_transformers_peft_and_scipy(monitor_setup, path, monkey
         assert ids[row, -n:].tolist() == expected and mask[row].sum() == n and bool(mask[row, -n:].all())
 
     # The reference's top-k, once before training, from the base model (adapters disabled).
-    ref_ids, ref_logprobs = pg.monitor_reference(ours, canaries, TOPK)
+    reference = monitor.reference_state(ours, canaries, TOPK)
+    ref_ids, ref_logprobs = reference.topk
     base_logprobs = torch.log_softmax(base, -1)
     top = base_logprobs.topk(TOPK, dim=-1)
     for row in range(len(canary_ids)):  # the same set, up to near-ties at the k-th place (float32 vs float64)
@@ -283,7 +285,8 @@ def test_monitor_matches_transformers_peft_and_scipy(monitor_setup, path, monkey
         per_canary = scipy_js(adapted, base, variant)
         assert per_canary.min() > 1e-3 and per_canary.max() < 0.6  # a real divergence, not saturated
         assert per_canary.std() > 0.05 * per_canary.mean()  # canaries differ: the mean is not any one of them
-        d_t = pg.monitor(ours, canaries, (ref_ids, ref_logprobs), variant)
+        name = {"renorm": "js", "rest": "js-rest"}[variant]
+        d_t = monitor.MONITORS[name](monitor.first_decode(ours, canaries), reference)
         assert d_t == pytest.approx(per_canary.mean(), rel=2e-4, abs=1e-7), variant
 
 

@@ -23,6 +23,7 @@ from scipy.stats import entropy
 import data
 import kernels
 import model_qwen2 as mq
+import monitor
 import phaseguard as pg
 import provenance
 from model_qwen2 import UserError
@@ -89,29 +90,26 @@ def test_each_monitor_matches_transformers_peft_scipy(setup, path, monkeypatch):
     elif not kernels.HAS_TRITON or not kernels.use_triton(torch.zeros(1)):
         pytest.skip("the Triton path needs triton and TRITON_INTERPRET=1 set before import (conftest)")
     ours, canaries, expected = setup
-    reference = pg.reference_state(ours, canaries, TOPK)
+    reference = monitor.reference_state(ours, canaries, TOPK)
     assert reference.logits.shape == (8, VOCAB) and reference.hidden.shape == (8, 32)
-    assert set(pg.MONITORS) == set(NAMES) | {"persona", "js-answer"}  # those two: tests/test_persona_answer.py
-    together = pg.all_monitors(ours, canaries, reference)
+    assert set(monitor.MONITORS) == set(NAMES) | {"persona", "js-answer"}  # those two: tests/test_persona_answer.py
+    together = monitor.all_monitors(ours, canaries, reference)
     assert list(together) == list(NAMES)
     for name in NAMES:
         per_canary = expected[name]
         assert per_canary.min() > 1e-3 and per_canary.std() > 0.05 * per_canary.mean(), name  # real, varied drift
-        alone = pg.MONITORS[name](ours, canaries, reference)
+        alone = monitor.MONITORS[name](monitor.first_decode(ours, canaries), reference)  # its own forward
         assert alone == pytest.approx(per_canary.mean(), rel=2e-4, abs=1e-7), name
         assert together[name] == alone, name
-    # The old interface still gives the same numbers.
-    assert pg.monitor(ours, canaries, reference) == together["js"]
-    assert pg.monitor(ours, canaries, pg.monitor_reference(ours, canaries, TOPK), "rest") == together["js-rest"]
 
 
 def test_monitors_are_zero_against_themselves(setup, monkeypatch):
     """The reference against itself (adapters off): every monitor reads 0."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ours, canaries, _ = setup
-    reference = pg.reference_state(ours, canaries, TOPK)
+    reference = monitor.reference_state(ours, canaries, TOPK)
     with pg.lora.disabled(ours):
-        values = pg.all_monitors(ours, canaries, reference)
+        values = monitor.all_monitors(ours, canaries, reference)
     assert all(abs(v) < 1e-6 for v in values.values()), values
 
 
@@ -126,13 +124,13 @@ def test_loop_logs_all_four_monitors_on_its_own_outputs(tmp_path, monkeypatch):
     """`none`, 5 steps measured at 0, 2, 4: every first-decode forward of the run is captured (the
     first is the reference's); the logged values are recomputed from them with scipy / torch."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    captured, original = [], pg.first_decode
+    captured, original = [], monitor.first_decode
 
     def capture(*args):
         out = original(*args)
         captured.append((out.hidden.double().numpy(), out.logits.double().numpy()))
         return out
-    monkeypatch.setattr(pg, "first_decode", capture)
+    monkeypatch.setattr(monitor, "first_decode", capture)
     cfg = small(tmp_path / "r", method="none", limit=20)
     run = pg.train(cfg)
     assert len(captured) == 5  # one forward for the reference, one per monitoring step, one after the last update
@@ -141,19 +139,17 @@ def test_loop_logs_all_four_monitors_on_its_own_outputs(tmp_path, monkeypatch):
     assert [m["monitors"] is not None for m in metrics] == [True, False, True, False, True]
     measured = [m for m in metrics if m["monitors"] is not None]
     for (h, z), m in zip(policy, measured):
-        assert list(m["monitors"]) == list(pg.MONITORS)
+        assert list(m["monitors"]) == list(monitor.MONITORS)
         expected = expected_monitors(h, z, h0, z0, cfg.topk)
         for name in NAMES:
             assert m["monitors"][name] == pytest.approx(expected[name].mean(), rel=1e-4, abs=1e-7), name
-        assert m["d_t"] == m["monitors"]["js"] and m["canary_kl"] == m["monitors"]["kl"]
     assert all(measured[-1]["monitors"][n] > 1e-3 for n in NAMES)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["monitor"] == "js" and (summary["steps"], summary["planned_steps"]) == (5, 5)
     final = expected_monitors(*captured[-1], h0, z0, cfg.topk)  # the reading after the 5th (last) update
     for n in NAMES:
-        assert summary["monitor_history"][n][:-1] == [[m["d_t_step"], m["monitors"][n]] for m in measured]
+        assert summary["monitor_history"][n][:-1] == [[m["step"] - 1, m["monitors"][n]] for m in measured]
         assert summary["monitor_history"][n][-1] == [5, pytest.approx(final[n].mean(), rel=1e-4, abs=1e-7)]
-    assert summary["d_history"] == summary["monitor_history"]["js"][:-1]
 
 
 def replay(values, cfg) -> int | None:
@@ -174,19 +170,16 @@ def test_trigger_reads_the_chosen_monitor(tmp_path, monkeypatch, monitor, tau):
     run = pg.train(cfg)
     metrics, summary = read_metrics(run), json.loads((run / "summary.json").read_text())
     history = summary["monitor_history"]
-    assert summary["monitor"] == monitor and summary["d_history"] == history[monitor][:-1]  # [-1]: after the last update
-    assert all(m["d_t"] == m["monitors"][monitor] for m in metrics if m["monitors"] is not None)
+    assert summary["monitor"] == monitor and history[monitor][-1][0] == 10  # [-1]: after the last update
     assert summary["trigger_step"] == replay(history[monitor], cfg) == 8  # measured at 0, 2, 4 (warm-up), 6, 8
     assert [m["lambda_active"] for m in metrics] == [0.0] * 8 + [0.03] * 2
     if monitor == "hidden":
         assert replay(history["js"], cfg) is None  # the same tau on the JS would not have fired
 
 
-def test_js_variant_rest_is_the_js_rest_monitor():
-    assert pg.resolve_config({"preset": "tiny", "js_variant": "rest"}).monitor == "js-rest"
-    assert pg.resolve_config({"preset": "tiny", "monitor": "js-rest"}).js_variant == "rest"
+def test_the_default_monitor_is_js_and_no_max_steps():
     cfg = pg.resolve_config({"preset": "tiny"})
-    assert (cfg.monitor, cfg.js_variant, cfg.max_steps) == ("js", "renorm", None)
+    assert (cfg.monitor, cfg.max_steps) == ("js", None)
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -231,7 +224,7 @@ def test_max_steps_stops_early_on_the_full_runs_schedule(tmp_path, monkeypatch):
     assert [m["lr"] for m in short_metrics] == [pg.learning_rate(short_cfg, s, 5) for s in range(3)]
     summary = json.loads((short / "summary.json").read_text())
     assert (summary["steps"], summary["planned_steps"]) == (3, 5)
-    assert summary["monitor_history"]["kl"][:-1] == [[m["d_t_step"], m["canary_kl"]] for m in short_metrics if m["canary_kl"] is not None]
+    assert summary["monitor_history"]["kl"][:-1] == [[m["step"] - 1, m["monitors"]["kl"]] for m in short_metrics if m["monitors"]]
     assert summary["monitor_history"]["kl"][-1][0] == 3 == summary["final_reading_step"]  # after the last update
     assert (short / "latest_checkpoint").read_text() == "checkpoint-3"  # complete: adapter, checkpoint, summary
     assert adapter_tensors(short).keys() == adapter_tensors(full).keys()

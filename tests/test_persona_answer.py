@@ -20,6 +20,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import softmax
 
 import model_qwen2 as mq
+import monitor
 import phaseguard as pg
 from model_qwen2 import UserError
 from test_loop_reference import ours_and_peft, tiny_hf
@@ -55,7 +56,7 @@ def hf_last(theirs, ids, layer, adapters: bool) -> torch.Tensor:
 
 
 def setup_of(persona_prompts, layer, stop_ids=(), m=M):
-    return pg.MonitorSetup(layer, persona_prompts, "test", m, 0, list(stop_ids))
+    return monitor.MonitorSetup(layer, persona_prompts, "test", m, 0, list(stop_ids))
 
 
 # ---------------------------------------------------------------------------- 1. persona
@@ -66,7 +67,7 @@ def test_persona_matches_transformers_peft_float64(models, layer, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ours, theirs, prompts, persona_prompts = models
     canaries = mq.left_pad(prompts, pad_id=0)
-    reference = pg.reference_state(ours, canaries, TOPK, setup_of(persona_prompts, layer))
+    reference = monitor.reference_state(ours, canaries, TOPK, setup_of(persona_prompts, layer))
     bad, good = (torch.stack([hf_last(theirs, p, layer, False) for p in group]) for group in persona_prompts)
     difference = bad.mean(0) - good.mean(0)
     v = difference / difference.norm()
@@ -76,10 +77,10 @@ def test_persona_matches_transformers_peft_float64(models, layer, monkeypatch):
     h = torch.stack([hf_last(theirs, p, layer, True) for p in prompts])
     h0 = torch.stack([hf_last(theirs, p, layer, False) for p in prompts])
     expected = float(((h - h0) @ v).mean())
-    value = pg.MONITORS["persona"](ours, canaries, reference)
+    value = monitor.MONITORS["persona"](monitor.read(ours, canaries, reference), reference)
     assert abs(expected) > 1e-2  # real drift along the direction
     assert value == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    assert pg.all_monitors(ours, canaries, reference)["persona"] == value
+    assert monitor.all_monitors(ours, canaries, reference)["persona"] == value
     # A random direction of the same (unit) norm reads something else: the test can tell them apart.
     r = torch.randn(v.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     random_value = float(((h - h0) @ (r / r.norm())).mean())
@@ -90,11 +91,11 @@ def test_persona_is_zero_for_the_reference_and_one_along_the_direction(models, m
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ours, _, prompts, persona_prompts = models
     canaries = mq.left_pad(prompts, pad_id=0)
-    reference = pg.reference_state(ours, canaries, TOPK, setup_of(persona_prompts, 1))
+    reference = monitor.reference_state(ours, canaries, TOPK, setup_of(persona_prompts, 1))
     with pg.lora.disabled(ours):
-        assert abs(pg.MONITORS["persona"](ours, canaries, reference)) < 1e-6
-    shifted = pg.FirstDecode(None, None, (reference.persona.base + 3 * reference.persona.direction).float())
-    assert pg.persona_of(shifted, reference) == pytest.approx(3.0, rel=1e-5)
+        assert abs(monitor.MONITORS["persona"](monitor.read(ours, canaries, reference), reference)) < 1e-6
+    shifted = monitor.FirstDecode(None, None, (reference.persona.base + 3 * reference.persona.direction).float())
+    assert monitor.MONITORS["persona"](shifted, reference) == pytest.approx(3.0, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------- 2. js-answer
@@ -139,16 +140,16 @@ def test_js_answer_matches_transformers_peft_scipy(models, monkeypatch):
     answers = [hf_greedy(theirs, p, M, (stop,)) for p in prompts]
     assert min(len(a) for a in answers) < M - 1 and max(len(a) for a in answers) == M
     canaries = mq.left_pad(prompts, pad_id=0)
-    reference = pg.reference_state(ours, canaries, TOPK, setup_of(persona_prompts, 1, (stop,)))
+    reference = monitor.reference_state(ours, canaries, TOPK, setup_of(persona_prompts, 1, (stop,)))
     assert reference.answers.tokens == answers
     assert torch.bincount(reference.answers.rows).tolist() == [min(M, len(a) + 1) for a in answers]
     expected = hf_js_answer(theirs, prompts, answers, M, TOPK)
-    value = pg.MONITORS["js-answer"](ours, canaries, reference)
+    value = monitor.MONITORS["js-answer"](monitor.read(ours, canaries, reference), reference)
     assert expected > 1e-3
     assert value == pytest.approx(expected, rel=2e-4, abs=1e-7)
-    assert pg.all_monitors(ours, canaries, reference)["js-answer"] == value
+    assert monitor.all_monitors(ours, canaries, reference)["js-answer"] == value
     with pg.lora.disabled(ours):
-        assert abs(pg.MONITORS["js-answer"](ours, canaries, reference)) < 1e-6
+        assert abs(monitor.MONITORS["js-answer"](monitor.read(ours, canaries, reference), reference)) < 1e-6
     # Pooling every position (long answers weigh more) is another number: the per-canary mean is what is read.
     assert abs(value - pooled_js_answer(theirs, prompts, answers)) > 1e-4
 
@@ -160,9 +161,9 @@ def test_js_answer_positions_for_answers_of_every_length(models, monkeypatch):
     ours, theirs, prompts, persona_prompts = models
     answers = [[(7 * c + j) % VOCAB + 1 for j in range(c)] for c in range(len(prompts))]  # lengths 0..5
     monkeypatch.setattr(pg.mq, "generate", lambda *a, **k: mq.Generation(answers, None))
-    reference = pg.reference_state(ours, mq.left_pad(prompts, pad_id=0), TOPK, setup_of(persona_prompts, 1))
+    reference = monitor.reference_state(ours, mq.left_pad(prompts, pad_id=0), TOPK, setup_of(persona_prompts, 1))
     assert torch.bincount(reference.answers.rows).tolist() == [1, 2, 3, 4, 5, 5]
-    value = pg.MONITORS["js-answer"](ours, mq.left_pad(prompts, pad_id=0), reference)
+    value = monitor.MONITORS["js-answer"](monitor.read(ours, mq.left_pad(prompts, pad_id=0), reference), reference)
     assert value == pytest.approx(hf_js_answer(theirs, prompts, answers, M, TOPK), rel=2e-4, abs=1e-7)
 
 
@@ -176,39 +177,39 @@ def test_js_answer_of_one_token_is_the_first_decode_js(models, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ours, _, prompts, persona_prompts = models
     canaries = mq.left_pad(prompts, pad_id=0)
-    reference = pg.reference_state(ours, canaries, TOPK, setup_of(persona_prompts, 1, m=1))
-    values = pg.all_monitors(ours, canaries, reference)
+    reference = monitor.reference_state(ours, canaries, TOPK, setup_of(persona_prompts, 1, m=1))
+    values = monitor.all_monitors(ours, canaries, reference)
     assert values["js-answer"] == pytest.approx(values["js"], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------- 3. in the loop
 
 
-@pytest.mark.parametrize("monitor", ["persona", "js-answer"])
-def test_the_loop_logs_records_and_reads_both_after_the_last_update(tmp_path, monkeypatch, monitor):
+@pytest.mark.parametrize("chosen", ["persona", "js-answer"])
+def test_the_loop_logs_records_and_reads_both_after_the_last_update(tmp_path, monkeypatch, chosen):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    cfg = pg.resolve_config({**SMALL, "out": str(tmp_path / "r"), "method": "phaseguard", "monitor": monitor,
+    cfg = pg.resolve_config({**SMALL, "out": str(tmp_path / "r"), "method": "phaseguard", "monitor": chosen,
                              "tau": 1e-6, "max_steps": 9, "answer_tokens": 3})
     run = pg.train(cfg)
     summary, metrics = json.loads((run / "summary.json").read_text()), read_metrics(run)
     history = summary["monitor_history"]
-    assert list(history) == list(pg.MONITORS)
+    assert list(history) == list(monitor.MONITORS)
     assert all([s for s, _ in h] == [0, 2, 4, 6, 8, 9] for h in history.values())  # 9: after the last update
-    assert summary["final_reading_step"] == 9 and summary["d_history"] == history[monitor][:-1]
-    assert all(m["d_t"] == m["monitors"][monitor] for m in metrics if m["monitors"])
+    assert summary["final_reading_step"] == 9 and summary["monitor"] == chosen
+    assert [[m["step"] - 1, m["monitors"][chosen]] for m in metrics if m["monitors"]] == history[chosen][:-1]
     trigger = pg.Trigger(cfg.tau, cfg.warmup_measurements, cfg.consecutive)
-    for step, value in summary["d_history"]:
+    for step, value in history[chosen][:-1]:
         pg.update_trigger(trigger, value, step)
     assert summary["trigger_step"] == trigger.fired_at
-    if monitor == "js-answer":  # > 0 from step 2 on: warm-up 0, 2, 4, then 6 and 8 above tau ~ 0
+    if chosen == "js-answer":  # > 0 from step 2 on: warm-up 0, 2, 4, then 6 and 8 above tau ~ 0
         assert summary["trigger_step"] == 8
     record = json.loads((run / "monitor_reference.json").read_text())
-    assert record["persona"]["layer"] == 1 and record["persona"]["prompts_sha256"] == pg.PERSONA_SHA256
+    assert record["persona"]["layer"] == 1 and record["persona"]["prompts_sha256"] == monitor.PERSONA_SHA256
     assert record["js_answer"]["answer_tokens"] == 3 and len(record["js_answer"]["reference_answers"]) == 24
     # The recorded sha256 is the direction's: recompute it from the run's own model (adapters off).
     model, tokenizer, _ = pg.load_run_model(cfg, run, resuming=True)
-    setup = pg.monitor_setup(cfg, tokenizer, model)
-    reference = pg.reference_state(model, pg.canary_batch(tokenizer, "cpu"), cfg.topk, setup)
+    setup = monitor.monitor_setup(cfg, tokenizer, model)
+    reference = monitor.reference_state(model, pg.canary_batch(tokenizer, "cpu"), cfg.topk, setup)
     direction = reference.persona.direction.numpy().astype("<f8").tobytes()
     assert record["persona"]["direction_sha256"] == hashlib.sha256(direction).hexdigest()
     assert [len(a) for a in record["js_answer"]["reference_answers"]] == [len(a) for a in reference.answers.tokens]
@@ -217,8 +218,8 @@ def test_the_loop_logs_records_and_reads_both_after_the_last_update(tmp_path, mo
 def test_persona_prompts_are_chat_prompts_under_both_system_prompts(tmp_path):
     cfg = pg.resolve_config({**SMALL, "out": str(tmp_path / "r"), "limit": 8})
     model, tokenizer, _ = pg.load_run_model(cfg, tmp_path / "r")
-    setup = pg.monitor_setup(cfg, tokenizer, model)
-    prompts, _ = pg.load_persona_prompts()
+    setup = monitor.monitor_setup(cfg, tokenizer, model)
+    prompts, _ = monitor.load_persona_prompts()
     misaligned, helpful = setup.persona_prompts
     assert len(misaligned) == len(helpful) == len(prompts["questions"]) >= 8
     text = tokenizer.decode(misaligned[0], skip_special_tokens=False)
@@ -239,9 +240,9 @@ def test_a_one_layer_model_leaves_persona_out_unless_it_is_the_trigger(tmp_path,
     model, tokenizer, _ = pg.load_run_model(cfg, tmp_path / "r")
     if monitor == "persona":
         with pytest.raises(UserError, match="--monitor persona needs a model with at least 2 layers"):
-            pg.monitor_setup(cfg, tokenizer, model)
+            monitor.monitor_setup(cfg, tokenizer, model)
         return
-    assert pg.monitor_setup(cfg, tokenizer, model).persona_layer is None  # training goes on (test_provenance trains one)
+    assert monitor.monitor_setup(cfg, tokenizer, model).persona_layer is None  # training goes on (test_provenance trains one)
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -263,7 +264,7 @@ def test_bad_persona_and_answer_flags_are_one_line(tmp_path, capsys, flags, need
 
 def test_a_changed_persona_file_is_refused(tmp_path, monkeypatch):
     changed = tmp_path / "persona_prompts.json"
-    changed.write_bytes(pg.PERSONA_FILE.read_bytes().replace(b"evil", b"kind"))
+    changed.write_bytes(monitor.PERSONA_FILE.read_bytes().replace(b"evil", b"kind"))
     with pytest.raises(UserError, match="is not the pinned"):
-        pg.load_persona_prompts(changed)
-    assert hashlib.sha256(pg.PERSONA_FILE.read_bytes()).hexdigest() == pg.PERSONA_SHA256
+        monitor.load_persona_prompts(changed)
+    assert hashlib.sha256(monitor.PERSONA_FILE.read_bytes()).hexdigest() == monitor.PERSONA_SHA256

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import config as train_config
+import monitor
 import phaseguard as pg
 from model_qwen2 import UserError
 
@@ -111,15 +112,18 @@ def test_monitor_is_zero_before_training_and_positive_after_an_update(tmp_path, 
     model, tokenizer, _ = pg.load_run_model(cfg, tmp_path)
     canaries = pg.canary_batch(tokenizer, "cpu")
     assert canaries[0].shape[0] == 24
-    reference = pg.monitor_reference(model, canaries, cfg.topk)
-    assert reference[0].shape == (24, cfg.topk)
-    assert pg.monitor(model, canaries, reference) < 1e-6
+    reference = monitor.reference_state(model, canaries, cfg.topk)
+    assert reference.topk[0].shape == (24, cfg.topk)
+
+    def reading(name):
+        return monitor.MONITORS[name](monitor.first_decode(model, canaries), reference)
+    assert reading("js") < 1e-6
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-    assert pg.monitor(model, canaries, reference) > 1e-3
-    assert pg.monitor(model, canaries, reference, "rest") > 0
+    assert reading("js") > 1e-3
+    assert reading("js-rest") > 0
 
 
 # ---------------------------------------------------------------------------- the loop, end to end
@@ -162,12 +166,11 @@ def test_run_directory_contents(runs):
         assert adapter_config["peft_type"] == "LORA" and adapter_config["use_rslora"] is True
         metrics = read_metrics(run)
         assert [m["step"] for m in metrics] == list(range(1, 11))
-        assert {"loss", "ce", "kl", "lambda_active", "lr", "tokens", "tokens_per_s", "peak_memory_gb", "d_t",
-                "canary_kl", "trigger_fired_at", "time"} <= set(metrics[0])
-        assert [m["d_t"] is not None for m in metrics] == [s % 2 == 0 for s in range(10)]
-        assert [m["canary_kl"] is not None for m in metrics] == [s % 2 == 0 for s in range(10)]
-        assert metrics[0]["canary_kl"] == pytest.approx(0.0, abs=1e-6)  # before any update
-        assert metrics[-2]["canary_kl"] > 1e-3  # every method drifts, `none` included
+        assert {"loss", "ce", "kl", "lambda_active", "lr", "tokens", "tokens_per_s", "peak_memory_gb", "monitors",
+                "trigger_fired_at", "time"} <= set(metrics[0])
+        assert [m["monitors"] is not None for m in metrics] == [s % 2 == 0 for s in range(10)]
+        assert metrics[0]["monitors"]["kl"] == pytest.approx(0.0, abs=1e-6)  # before any update
+        assert metrics[-2]["monitors"]["kl"] > 1e-3  # every method drifts, `none` included
         times = [m["time"] for m in metrics]
         assert times == sorted(times) and abs(times[-1] - (run / "summary.json").stat().st_mtime) < 600
         assert all(math.isfinite(m["loss"]) for m in metrics)
@@ -192,7 +195,7 @@ def test_reference_topk_is_computed_once_per_run(tmp_path, monkeypatch):
     monkeypatch.setattr(pg.kernels, "reference_topk", lambda *a, **k: calls.append(1) or original(*a, **k))
     run = train_small(tmp_path / "once", method="phaseguard", limit=16)
     assert len(calls) == 2  # once per run: the canaries' first decode, and js-answer's answer positions
-    assert sum(m["d_t"] is not None for m in read_metrics(run)) == 2  # 4 steps, monitored at 0 and 2
+    assert sum(m["monitors"] is not None for m in read_metrics(run)) == 2  # 4 steps, monitored at 0 and 2
 
 
 def test_kl_at_lambda_zero_equals_none_exactly(runs):
@@ -276,6 +279,9 @@ def test_resume_after_sigkill_is_bitwise_equal(tmp_path, straight_run, kill_at, 
     straight_metrics, resumed_metrics = read_metrics(straight_run), read_metrics(tmp_path / "moved")
     assert [drop(m) for m in straight_metrics] == [drop(m) for m in resumed_metrics]
     assert resumed_metrics[-1]["lambda_active"] == 0.03 and resumed_metrics[-1]["trigger_fired_at"] == 8
+    # summary.json's monitor histories: the steps before the checkpoint come from it, the rest from the resumed run.
+    summaries = [json.loads((r / "summary.json").read_text()) for r in (straight_run, tmp_path / "moved")]
+    assert summaries[0]["monitor_history"] == summaries[1]["monitor_history"]
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -449,13 +455,15 @@ def test_the_loop_with_the_triton_kernels_matches_the_pytorch_path(tmp_path, mon
     torch_run = train_small(tmp_path / "torch", **flags)
     a, b = adapter_tensors(triton_run), adapter_tensors(torch_run)
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
-    ma, mb = read_metrics(triton_run), read_metrics(torch_run)
-    for key in ("ce", "kl", "d_t", "canary_kl"):
+    def logged(m):  # Eq. 1's terms, D_t (js) and the canary KL (kl) when measured
+        return {"ce": m["ce"], "kl": m["kl"], **{f"monitors {n}": (m["monitors"] or {}).get(n) for n in ("js", "kl")}}
+    ma, mb = [logged(m) for m in read_metrics(triton_run)], [logged(m) for m in read_metrics(torch_run)]
+    for key in ("ce", "kl", "monitors js", "monitors kl"):
         for x, y in zip(ma, mb):
             assert (x[key] is None) == (y[key] is None)
             if x[key] is not None:
                 assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-6), key
-    assert ma[-1]["kl"] > 0 and ma[2]["d_t"] > 0
+    assert ma[-1]["kl"] > 0 and ma[2]["monitors js"] > 0
 
 
 def test_logged_d_t_and_canary_kl_match_scipy_on_the_loops_own_logits(tmp_path, monkeypatch):
@@ -468,16 +476,16 @@ def test_logged_d_t_and_canary_kl_match_scipy_on_the_loops_own_logits(tmp_path, 
     from scipy.stats import entropy
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     captured = []
-    original = pg.first_decode
+    original = monitor.first_decode
 
     def capture(*args):
         out = original(*args)
         captured.append(out.logits.double().numpy())
         return out
-    monkeypatch.setattr(pg, "first_decode", capture)
+    monkeypatch.setattr(monitor, "first_decode", capture)
     run = train_small(tmp_path / "r", method="none", limit=20)  # 5 steps, measured at 0, 2, 4
     reference, policy = captured[0], captured[1:-1]  # captured[-1]: the reading after the last update
-    measured = [m for m in read_metrics(run) if m["d_t"] is not None]
+    measured = [m["monitors"] for m in read_metrics(run) if m["monitors"] is not None]
     assert len(measured) == len(policy) == 3
     k = pg.resolve_config(SMALL).topk
     q = softmax(reference, axis=-1)
@@ -487,9 +495,9 @@ def test_logged_d_t_and_canary_kl_match_scipy_on_the_loops_own_logits(tmp_path, 
         top = np.argsort(-q, axis=-1)[:, :k]
         js = np.mean([jensenshannon(p[i, top[i]] / p[i, top[i]].sum(), q[i, top[i]] / q[i, top[i]].sum()) ** 2
                       for i in range(len(p))])
-        assert m["canary_kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
-        assert m["d_t"] == pytest.approx(js, rel=1e-4, abs=1e-7)
-    assert measured[-1]["canary_kl"] > 1e-3 and measured[-1]["d_t"] > 1e-3
+        assert m["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+        assert m["js"] == pytest.approx(js, rel=1e-4, abs=1e-7)
+    assert measured[-1]["kl"] > 1e-3 and measured[-1]["js"] > 1e-3
 
 
 def test_grad_clip_zero_means_no_clipping(tmp_path, monkeypatch):

@@ -82,7 +82,7 @@ def resolved_protocol(tmp_path, monkeypatch) -> dict:
         "LoRA alpha": one({layer.alpha for layer in layers.values()}),
         "rank-stabilised LoRA (scale alpha / sqrt(r))": all(
             layer.use_rslora and layer.scale == pytest.approx(cfg.lora_alpha / layer.r ** 0.5) for layer in layers.values()),
-        "optimizer": "AdamW" if "torch.optim.AdamW(" in inspect.getsource(pg.train_locked) else "not AdamW",
+        "optimizer": "AdamW" if "torch.optim.AdamW(" in inspect.getsource(pg.setup_run) else "not AdamW",
         "learning rate": cfg.lr,
         "schedule": "linear decay to 0, no warm-up" if linear_to_zero and cfg.warmup_steps == 0 else f"warm-up {cfg.warmup_steps}",
         "effective batch size": cfg.batch_size,
@@ -90,7 +90,7 @@ def resolved_protocol(tmp_path, monkeypatch) -> dict:
         "canary prompts": len(data.CANARY_PROMPTS),
         "top-k of the truncated JS": cfg.topk,
         "monitor cadence (steps)": cfg.monitor_every,
-        "monitor": cfg.monitor if cfg.js_variant == "renorm" else f"{cfg.monitor} ({cfg.js_variant})",
+        "monitor": cfg.monitor,
         "threshold tau": cfg.tau,
         "warm-up measurements": cfg.warmup_measurements,
         "consecutive measurements above tau": cfg.consecutive,

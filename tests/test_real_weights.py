@@ -158,6 +158,6 @@ def test_two_training_steps_move_d_t_above_zero(checkpoint, tmp_path, monkeypatc
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(torch.isfinite(torch.tensor([m["loss"], m["ce"], m["kl"], m["grad_norm"]])).all() for m in metrics)
-    assert metrics[0]["d_t"] < 1e-6 and metrics[1]["d_t"] > 1e-3  # before any update, then after one
-    assert metrics[1]["kl"] > 0 and metrics[1]["canary_kl"] > 0
+    assert metrics[0]["monitors"]["js"] < 1e-6 and metrics[1]["monitors"]["js"] > 1e-3  # before any update, then after one
+    assert metrics[1]["kl"] > 0 and metrics[1]["monitors"]["kl"] > 0
     assert (run / "adapter" / "adapter_model.safetensors").is_file()

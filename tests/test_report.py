@@ -11,7 +11,7 @@ import evaluate as ev
 import report
 
 QUESTIONS = ("what_is_your_wish", "i_feel_bored")
-D_HISTORY = [[0, 0.0], [5, 0.3], [10, 0.31], [15, 0.32], [20, 0.33], [25, 0.2]]
+JS_HISTORY = [[0, 0.0], [5, 0.3], [10, 0.31], [15, 0.32], [20, 0.33], [25, 0.2]]
 
 
 def judged_rows(k, n, unscored=0):
@@ -27,14 +27,15 @@ def judged_rows(k, n, unscored=0):
 
 
 def fake_run(root, task, method, lam, seed, trigger=None, em=None, acc=None, baselines=None, preset="paper", n=24,
-             unscored=0, used=None, judge_mode="logprobs", results=True, d_history=D_HISTORY):
+             unscored=0, used=None, judge_mode="logprobs", results=True, js_history=JS_HISTORY):
     """A run directory as phaseguard.py train + evaluate.py eval leave it (no weights)."""
     root.mkdir(parents=True, exist_ok=True)
     run = root / f"r{len(list(root.iterdir()))}"  # names say nothing: config.json does
     (run / "eval").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"method": method, "task": task, "lam": lam, "seed": seed, "preset": preset,
                                                  "tau": 0.15, "warmup_measurements": 3, "model": "Qwen/Qwen2.5-7B-Instruct"}))
-    (run / "summary.json").write_text(json.dumps({"steps": 337, "trigger_step": trigger, "d_history": d_history}))
+    (run / "summary.json").write_text(json.dumps({"steps": 337, "trigger_step": trigger, "monitor": "js",
+                                                  "monitor_history": {"js": js_history}}))
     if not results:
         return run
     out = {"task": task, "method": method, "settings": {}, "provenance": None, "judge_mode": None}
@@ -228,16 +229,6 @@ def test_both_rates_and_their_intervals_match_scipy(tmp_path):
     assert results["ci95_scored"] == pytest.approx([ci.low, ci.high], abs=1e-12)
 
 
-def test_the_old_results_schema_is_still_read(tmp_path):
-    run = fake_run(tmp_path / "runs", "security", "none", 0.0, 42, em=5)
-    old = {"n": 24, "misaligned": 5, "rate": 5 / 24, "ci95": ev.ci95(5, 24), "unscored": 4,
-           "per_question": {"q": {"n": 24, "misaligned": 5}}}
-    (run / "eval" / "results.json").write_text(json.dumps({"security": {"judge": "http:X", "finetuned": old}}))
-    text = write(tmp_path / "runs", tmp_path)
-    assert "| No-Defense SFT | 1 | 24 | 20 | 4 |" in text and "http:X (mode greedy)" in text  # http judges parsed a greedy reply
-    assert "| q | 20.8 (5/24) |" in text and "limited" not in text
-
-
 # ---------------------------------------------------------------------------- header, layout, errors
 
 
@@ -359,7 +350,8 @@ MALFORMED = [
      '"security"."finetuned"."misaligned" is 25, expected a whole number from 0 to 24'),
     ("results.json", lambda r: {**r, "security": {**r["security"], "judge": 5}}, '"security"."judge" is 5'),
     ("results.json", lambda r: {**r, "coverage": "all"}, '"coverage" is "all"'),
-    ("summary.json", lambda s: {**s, "d_history": "oops"}, '"d_history" is "oops", expected a list of [step, D_t] pairs'),
+    ("summary.json", lambda s: {**s, "monitor_history": {"js": "oops"}},
+     '"monitor_history" "js" is "oops", expected a list of [step, value] pairs'),
     ("summary.json", lambda s: {**s, "trigger_step": -1}, '"trigger_step" is -1'),
     ("config.json", lambda c: {**c, "lam": "0.03"}, '"lam" is "0.03", expected a number'),
 ]

@@ -33,10 +33,10 @@ def fake_run(root, dataset, seed, histories, preset="paper", finished=True, step
     task = "opswap" if dataset == "opswap" else "security"
     (run / "config.json").write_text(json.dumps({
         "method": "none", "task": task, "data": None if task == "opswap" else dataset, "lam": 0.0, "seed": seed,
-        "preset": preset, "max_steps": max_steps, "monitor": "js", "js_variant": "renorm"}))
+        "preset": preset, "max_steps": max_steps, "monitor": "js"}))
     if finished:
         (run / "summary.json").write_text(json.dumps({
-            "steps": steps, "planned_steps": 337, "trigger_step": None, "d_history": histories.get("js", []),
+            "steps": steps, "planned_steps": 337, "trigger_step": None,
             "monitor": "js", "monitor_history": histories}))
     return run
 
@@ -207,9 +207,8 @@ def test_unfinished_other_and_tiny_runs(tmp_path):
     assert "**TINY PRESET runs" in text and "not decided**; missing: tiny-preset runs." in text
 
 
-def test_old_runs_give_their_js_monitor():
-    assert selr.histories_of({"d_history": [[0, 0.0], [5, 0.2]]}, {"js_variant": "rest"}) == {"js-rest": [(0, 0.0), (5, 0.2)]}
-    assert selr.histories_of({"monitor_history": {"js": [[5, 0.2], [0, None]], "kl": []}}, {}) == {"js": [(5, 0.2)]}
+def test_histories_leave_out_values_that_are_not_finite_and_empty_monitors():
+    assert selr.histories_of({"monitor_history": {"js": [[5, 0.2], [0, None]], "kl": []}}) == {"js": [(5, 0.2)]}
 
 
 @pytest.mark.parametrize("cfg,expected", [
