@@ -229,16 +229,16 @@ def test_persona_prompts_are_chat_prompts_under_both_system_prompts(tmp_path):
     assert setup.persona_layer == model.config.num_hidden_layers // 2
 
 
-@pytest.mark.parametrize("monitor", ["js", "persona"])
-def test_a_one_layer_model_leaves_persona_out_unless_it_is_the_trigger(tmp_path, monitor):
+@pytest.mark.parametrize("trigger", ["js", "persona"])
+def test_a_one_layer_model_leaves_persona_out_unless_it_is_the_trigger(tmp_path, trigger):
     """The default layer of a 1-layer model would be the embeddings, where every prompt's last token is
     the same token (no direction): persona is not measured there, and refused as the trigger's monitor."""
     one_layer = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1, vocab=300)
     cfg = pg.resolve_config({**SMALL, "out": str(tmp_path / "r"), "limit": 8, "tiny_model": one_layer,
-                             "monitor": monitor, **({"tau": 0.5} if monitor == "persona" else {})})
+                             "monitor": trigger, **({"tau": 0.5} if trigger == "persona" else {})})
     model, tokenizer, _ = pg.load_run_model(cfg, tmp_path / "r")
-    if monitor == "persona":
+    if trigger == "persona":
         with pytest.raises(UserError, match="--monitor persona needs a model with at least 2 layers"):
             monitor.monitor_setup(cfg, tokenizer, model)
         return
