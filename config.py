@@ -10,7 +10,7 @@ import torch
 
 import data
 import lora
-from model_qwen2 import UserError
+from errors import UserError
 
 METHODS = ("none", "kl", "phaseguard")
 DEFAULT_LAMBDA = {"none": 0.0, "kl": 0.1, "phaseguard": 0.03}  # the paper's Table 1 settings

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 import yaml
 
-from model_qwen2 import UserError, read_text
+from errors import UserError, read_text
 from provenance import sha256_file, sha256_jsonl
 
 

@@ -41,7 +41,7 @@ import lora
 import model_qwen2 as mq
 import provenance as provenances
 from sampling import BEST_OF, HttpSampler, generate_all, merged, pick_best, sample_candidates
-from model_qwen2 import UserError
+from errors import ArgumentParser, UserError
 from rundir import write_atomic
 
 # Written for this project (the paper does not give its prompt). For a question with its own
@@ -582,7 +582,7 @@ def parse_set(item: str) -> tuple[str, object]:
 def main(argv=None) -> int:
     import report as reports  # they import this module: imported here, when the command line runs
     import sweep as sweeps
-    parser = mq.ArgumentParser(description="PhaseGuard-KL evaluation, sweep and report")
+    parser = ArgumentParser(description="PhaseGuard-KL evaluation, sweep and report")
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("eval", help="evaluate one run directory into <run>/eval/")
     e.add_argument("--run", required=True)

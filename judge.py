@@ -72,7 +72,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 import model_qwen2 as mq
-from model_qwen2 import UserError
+from errors import UserError
 
 DEFAULT_JUDGE = "Qwen/Qwen2.5-72B-Instruct"  # the paper's judge
 API_KEY_ENV = "PHASEGUARD_JUDGE_API_KEY"  # Bearer token for the HTTP backend, if the server wants one

@@ -26,7 +26,7 @@ import torch
 import model_qwen2 as mq
 from judge import (API_KEY_ENV, DEFAULT_DEADLINE, DEFAULT_JUDGE, DEFAULT_MODE, DEFAULT_TIMEOUT, NUMBERS, TOP_LOGPROBS, Judgment,
                    ancestors_or_self, check_mode, first_turn, judgment_from_bounds, judgments_from_probs, number_trie)
-from model_qwen2 import UserError
+from errors import UserError
 
 # The largest reply body read: an echo reply of 101 candidates of a 2,000-token prompt is ~20 MB.
 MAX_REPLY_BYTES = 64 << 20

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_qwen2 import UserError, is_finite_number, is_int, json_type, read_json_object
+from errors import UserError, is_finite_number, is_int, json_type, read_json_object
 
 QWEN2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."

@@ -43,7 +43,7 @@ import model_qwen2 as mq
 import provenance
 from config import MONITOR_NAMES, PRESETS, TrainConfig, resolve_config
 from distributed import Dist
-from model_qwen2 import UserError
+from errors import ArgumentParser, UserError
 from rundir import (check_run_dir, latest_checkpoint, load_checkpoint, naming_errors, resume_hint, run_lock,
                     save_checkpoint, start_run_dir, truncate_metrics, write_atomic)
 
@@ -692,7 +692,7 @@ def peak_memory_gb(cuda: bool) -> float:
 
 
 def main(argv=None) -> int:
-    parser = mq.ArgumentParser(description="PhaseGuard-KL training")
+    parser = ArgumentParser(description="PhaseGuard-KL training")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune with rs-LoRA (methods none | kl | phaseguard)")
     for f in dataclasses.fields(TrainConfig):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import data
 from evaluate import BEST_OF, judge_mode, mean_std, read_json, wilson_interval
-from model_qwen2 import UserError
+from errors import UserError
 from config import DEFAULT_LAMBDA
 from sweep import SWEEP_LAMBDAS
 

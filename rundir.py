@@ -18,7 +18,7 @@ import torch
 
 import data
 import lora
-from model_qwen2 import UserError
+from errors import UserError
 
 if TYPE_CHECKING:
     from phaseguard import TrainConfig

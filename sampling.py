@@ -9,7 +9,7 @@ import torch
 
 import lora
 import model_qwen2 as mq
-from model_qwen2 import UserError
+from errors import UserError
 
 BEST_OF = 8  # the paper's Best-of-8
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import phaseguard
 import rundir
 import sweep
-from model_qwen2 import UserError
+from errors import UserError
 
 DATASETS = ("insecure", "secure", "educational", "opswap")
 POSITIVE, CONTROLS = "insecure", ("secure", "educational", "opswap")
@@ -233,7 +233,7 @@ def child_command(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     import evaluate
-    from model_qwen2 import ArgumentParser
+    from errors import ArgumentParser
     parser = ArgumentParser(description="Monitor selectivity: METHOD=none runs on insecure and its controls, "
                                         "then curves, trigger steps and AUROC")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import data
 import phaseguard
 import report
-from model_qwen2 import UserError
+from errors import UserError
 from selectivity import CONTROLS, DATASETS, MIN_SEEDS, MONITORS, POSITIVE, ROLE, read_identity
 
 LN2 = math.log(2)

@@ -17,7 +17,7 @@ from pathlib import Path
 import phaseguard
 from evaluate import (adapter_fingerprint, check_eval_args, conflict, em_questions, eval_settings, evaluate_run,
                       read_json, result_settings, saved_settings)
-from model_qwen2 import UserError
+from errors import UserError
 
 SWEEP_LAMBDAS, SWEEP_SEEDS, OPSWAP_SEED = (0.01, 0.02, 0.025, 0.03, 0.1), (42, 123, 456), 42
 

@@ -17,6 +17,7 @@ import sweep
 import judge
 import lora
 import model_qwen2 as mq
+from errors import ArgumentParser
 import phaseguard as pg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -411,7 +412,7 @@ def test_a_non_tiny_security_evaluation_needs_an_explicit_judge(tmp_path, capsys
 
 
 def eval_args(*flags):
-    parser = mq.ArgumentParser()
+    parser = ArgumentParser()
     ev.add_eval_flags(parser)
     return parser.parse_args(list(flags))
 

@@ -21,7 +21,7 @@ import torch
 import judge
 import judge_http
 import model_qwen2 as mq
-from model_qwen2 import UserError
+from errors import UserError
 
 # ---------------------------------------------------------------------------- local backend
 

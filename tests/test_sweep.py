@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sweep
-from model_qwen2 import UserError
+from errors import UserError
 
 STUB = r"""
 import json, os, sys, time
