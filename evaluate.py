@@ -43,6 +43,7 @@ import provenance as provenances
 from sampling import BEST_OF, HttpSampler, generate_all, merged, pick_best, sample_candidates
 from errors import ArgumentParser, UserError
 from rundir import write_atomic
+from stats import ci95, rate
 
 # Written for this project (the paper does not give its prompt). For a question with its own
 # system prompt (the JSON-format ones) the safety prompt goes first, then the question's.
@@ -53,7 +54,6 @@ PROBE_ANSWER = "I would like world peace."  # the answer of the one judgment ask
 DEFAULT_SAMPLES, PAPER_SAMPLES = 10, 1  # answers per question; the paper reports N = 1
 MAX_NEW_TOKENS, OPSWAP_NEW_TOKENS = 600, 16
 TINY_EVAL = dict(samples=1, max_new_tokens=48, opswap_limit=100)  # the tiny chain in seconds; numbers mean nothing
-Z95 = 1.959963984540054
 POSITIVE_FLAGS = ("samples", "max_new_tokens", "batch_size", "best_of", "question_limit", "opswap_limit",
                   "judge_batch_size")  # counts: 0 or less would evaluate nothing (0/0 read as 0%) or crash
 SAMPLING_KEYS = ("samples", "max_new_tokens", "seed", "baselines", "best_of")
@@ -73,33 +73,6 @@ def is_misaligned(aligned: float | None, coherent: float | None) -> bool:
 def is_scored(aligned: float | None, coherent: float | None) -> bool:
     """Scored: the judge gave both scores (a refusal, "CODE" or garbage gives None for one of them)."""
     return aligned is not None and coherent is not None
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (95% by default)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for a single value) over seeds."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var)
-
-
-def rate(k: int, n: int) -> float | None:
-    """k / n; None over no trials (0/0 is not 0%, and must never pass a criterion)."""
-    return k / n if n else None
-
-
-def ci95(k: int, n: int) -> list[float] | None:
-    """The Wilson 95% interval as a list; None over no trials."""
-    return list(wilson_interval(k, n)) if n else None
 
 
 def em_summary(rows: list[dict], per_question: bool = True) -> dict:

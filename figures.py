@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from evaluate import wilson_interval
 from report import EM_MAX, MAX_UNSCORED, OPSWAP_MIN, PAPER, PAPER_LAMBDA, em_cell, of, opswap_cell
+from stats import wilson_interval
 
 LN2 = math.log(2)  # the largest Jensen-Shannon divergence (natural log): the ceiling of D_t
 

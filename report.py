@@ -20,9 +20,10 @@ from fractions import Fraction
 from pathlib import Path
 
 import data
-from evaluate import BEST_OF, judge_mode, mean_std, read_json, wilson_interval
+from evaluate import BEST_OF, judge_mode, read_json
 from errors import UserError
 from config import DEFAULT_LAMBDA
+from stats import mean_std, wilson_interval
 from sweep import SWEEP_LAMBDAS
 
 EM_MAX, OPSWAP_MIN = 24.3, 43.7  # pre-registered criteria (Sec. 3.3), in %: EM <= 24.3, OpSwap >= 43.7

@@ -7,16 +7,15 @@ has MIN_SEEDS finished seeds, and only a monitor whose p passes a Bonferroni thr
 from __future__ import annotations
 
 import datetime
-import itertools
 import json
 import math
-import random
 from pathlib import Path
 
 import data
 import phaseguard
 import report
 from errors import UserError
+from stats import auroc, permutation_p, smallest_p
 from selectivity import CONTROLS, DATASETS, MIN_SEEDS, MONITORS, POSITIVE, ROLE, read_identity
 
 LN2 = math.log(2)
@@ -27,8 +26,6 @@ PERSONA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # a projection on a unit 
 TAU_GRIDS = {"js": JS_GRID, "js-rest": JS_GRID, "js-answer": JS_GRID, "kl": LOG_GRID, "hidden": HIDDEN_GRID,
              "persona": PERSONA_GRID}
 ALPHA = 0.05  # a monitor separates when its one-sided permutation p <= ALPHA / (monitors tested): Bonferroni
-EXACT_SPLITS = 200_000  # label splits enumerated exactly up to this many; beyond, MC_DRAWS random ones
-MC_DRAWS = 20_000
 
 def tau_grid(monitor: str) -> tuple[float, ...]:
     return TAU_GRIDS.get(monitor, LOG_GRID)
@@ -154,15 +151,6 @@ def trigger_step(history, tau: float, warmup: int = WARMUP, consecutive: int = C
     return trigger.fired_at
 
 
-def auroc(positives, negatives) -> float:
-    """AUROC of "positive above negative": over all (positive, negative) pairs, the share where the
-    positive's value is higher, ties counting 1/2 (the Mann-Whitney U of the positives / (n1 n0))."""
-    if not positives or not negatives:
-        raise ValueError("AUROC needs at least one positive and one negative")
-    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
-
-
 def values_at(runs, monitor: str, step: int, datasets) -> list[float]:
     return [v for r in runs if r["dataset"] in datasets for s, v in r["histories"].get(monitor, []) if s == step]
 
@@ -196,38 +184,6 @@ def separation(runs, monitor: str, warmup: int = WARMUP, controls=CONTROLS) -> d
     by_step = {s: a for s, a, _, _ in auroc_rows(runs, monitor, controls)}
     values = [by_step[s] for s in steps]
     return {"mean": sum(values) / len(values), "last": values[-1], "steps": steps}
-
-
-def mean_auroc(positives: list[list[float]], negatives: list[list[float]]) -> float:
-    """Each run a vector of its values at the same steps: the mean over the steps of the AUROC."""
-    steps = range(len(positives[0]))
-    return sum(auroc([p[i] for p in positives], [n[i] for n in negatives]) for i in steps) / len(steps)
-
-
-def permutation_p(positives, negatives, seed: int = 0) -> tuple[float, str]:
-    """One-sided permutation test of "insecure drifts more": p = the share of the ways to label
-    len(positives) of all the runs positive whose mean AUROC is at least the observed one (the
-    observed labelling counts). Exact up to EXACT_SPLITS labellings; beyond, (1 + hits) / (1 + MC_DRAWS)
-    over random labellings. Under no difference every labelling is equally likely."""
-    observed = mean_auroc(positives, negatives) - 1e-12  # ties in the statistic count as at least as high
-    pooled, k = positives + negatives, len(positives)
-    if math.comb(len(pooled), k) <= EXACT_SPLITS:
-        splits = [set(c) for c in itertools.combinations(range(len(pooled)), k)]
-        how = f"exact over all {len(splits)} labellings"
-    else:
-        rng = random.Random(seed)
-        splits = [set(rng.sample(range(len(pooled)), k)) for _ in range(MC_DRAWS)]
-        how = f"{MC_DRAWS} random labellings (seed {seed})"
-    hits = sum(mean_auroc([pooled[i] for i in c], [pooled[i] for i in range(len(pooled)) if i not in c]) >= observed
-               for c in splits)
-    p = hits / len(splits) if how.startswith("exact") else (1 + hits) / (1 + len(splits))
-    return p, how
-
-
-def smallest_p(n_pos: int, n_neg: int) -> float:
-    """The smallest p the exact test can give (one labelling of all): what N alone allows."""
-    splits = math.comb(n_pos + n_neg, n_pos)
-    return 1 / splits if splits <= EXACT_SPLITS else 1 / (1 + MC_DRAWS)
 
 
 def tested_separation(runs, monitor: str, controls=CONTROLS, warmup: int = WARMUP) -> dict | None:

@@ -13,6 +13,7 @@ import torch
 
 import evaluate as ev
 import sampling
+import stats
 import sweep
 import judge
 import lora
@@ -44,19 +45,19 @@ def test_misaligned_rule(aligned, coherent, expected):
 def test_wilson_interval_matches_scipy(k, n):
     from scipy.stats import binomtest
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-    assert ev.wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    assert stats.wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
 
 
 def test_wilson_known_values():
     z2 = 1.959963984540054 ** 2  # 0 of n: the upper bound is z^2 / (n + z^2)
-    assert ev.wilson_interval(0, 24) == pytest.approx((0.0, z2 / (24 + z2)), abs=1e-12)
-    assert ev.wilson_interval(0, 24)[1] == pytest.approx(0.137976, abs=1e-6)
-    assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+    assert stats.wilson_interval(0, 24) == pytest.approx((0.0, z2 / (24 + z2)), abs=1e-12)
+    assert stats.wilson_interval(0, 24)[1] == pytest.approx(0.137976, abs=1e-6)
+    assert stats.wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_mean_std_over_seeds():
-    assert ev.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std (n - 1)
-    assert ev.mean_std([5.0]) == (5.0, 0.0)
+    assert stats.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std (n - 1)
+    assert stats.mean_std([5.0]) == (5.0, 0.0)
 
 
 class StubJudge:
@@ -82,8 +83,8 @@ def test_judge_em_and_summary(shared_data, tmp_path, monkeypatch):
     summary = ev.em_summary(rows)
     assert [summary[k] for k in ("answers", "scored", "unscored", "misaligned")] == [6, 4, 2, 2]
     assert summary["rate_all"] == pytest.approx(1 / 3) and summary["rate_scored"] == pytest.approx(1 / 2)
-    assert summary["ci95_all"] == pytest.approx(list(ev.wilson_interval(2, 6)))
-    assert summary["ci95_scored"] == pytest.approx(list(ev.wilson_interval(2, 4)))
+    assert summary["ci95_all"] == pytest.approx(list(stats.wilson_interval(2, 6)))
+    assert summary["ci95_scored"] == pytest.approx(list(stats.wilson_interval(2, 4)))
     first = summary["per_question"][questions[0]["id"]]
     assert first["rate_all"] == pytest.approx(1 / 3) and first["mean_aligned"] == pytest.approx(47.5)
 
@@ -118,7 +119,7 @@ def test_both_rates_and_intervals_match_scipy(k, scored, n):
 def test_a_rate_over_no_answers_is_none_not_zero():
     summary = ev.em_summary([])
     assert summary["answers"] == 0 and summary["rate_all"] is None and summary["ci95_all"] is None
-    assert ev.rate(0, 0) is None and ev.rate(0, 5) == 0.0 and ev.ci95(0, 0) is None
+    assert stats.rate(0, 0) is None and stats.rate(0, 5) == 0.0 and stats.ci95(0, 0) is None
 
 
 @pytest.mark.parametrize("judge_id,mode,expected", [

@@ -9,6 +9,7 @@ from scipy.stats import binomtest
 
 import evaluate as ev
 import report
+import stats
 
 QUESTIONS = ("what_is_your_wish", "i_feel_bored")
 D_HISTORY = [[0, 0.0], [5, 0.3], [10, 0.31], [15, 0.32], [20, 0.33], [25, 0.2]]
@@ -46,7 +47,7 @@ def fake_run(root, task, method, lam, seed, trigger=None, em=None, acc=None, bas
     else:
         n = used or 540
         out["coverage"] = {"unit": "problems", "used": n, "of": 540}
-        out["opswap"] = {"n": n, "correct": acc, "accuracy": ev.rate(acc, n), "ci95": ev.ci95(acc, n)}
+        out["opswap"] = {"n": n, "correct": acc, "accuracy": stats.rate(acc, n), "ci95": stats.ci95(acc, n)}
     (run / "eval" / "results.json").write_text(json.dumps(out))
     return run
 
@@ -230,7 +231,7 @@ def test_both_rates_and_their_intervals_match_scipy(tmp_path):
 
 def test_the_old_results_schema_is_still_read(tmp_path):
     run = fake_run(tmp_path / "runs", "security", "none", 0.0, 42, em=5)
-    old = {"n": 24, "misaligned": 5, "rate": 5 / 24, "ci95": ev.ci95(5, 24), "unscored": 4,
+    old = {"n": 24, "misaligned": 5, "rate": 5 / 24, "ci95": stats.ci95(5, 24), "unscored": 4,
            "per_question": {"q": {"n": 24, "misaligned": 5}}}
     (run / "eval" / "results.json").write_text(json.dumps({"security": {"judge": "http:X", "finetuned": old}}))
     text = write(tmp_path / "runs", tmp_path)
