@@ -40,6 +40,7 @@ import judge as judges
 import lora
 import model_qwen2 as mq
 import provenance as provenances
+from config import SWEEP_LAMBDAS, SWEEP_SEEDS
 from sampling import BEST_OF, HttpSampler, generate_all, merged, pick_best, sample_candidates
 from errors import ArgumentParser, UserError
 from rundir import write_atomic
@@ -563,8 +564,8 @@ def main(argv=None) -> int:
     s = sub.add_parser("sweep", help="train and evaluate every missing run of Tables 1-2")
     s.add_argument("--preset", default="auto", choices=("auto", "paper", "small", "tiny"))
     s.add_argument("--runs-dir", default="runs")
-    s.add_argument("--lambdas", type=float, nargs="+", default=sweeps.SWEEP_LAMBDAS)
-    s.add_argument("--seeds", type=int, nargs="+", default=sweeps.SWEEP_SEEDS, help="security seeds (opswap: 42)")
+    s.add_argument("--lambdas", type=float, nargs="+", default=SWEEP_LAMBDAS)
+    s.add_argument("--seeds", type=int, nargs="+", default=SWEEP_SEEDS, help="security seeds (opswap: 42)")
     s.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
                    help="extra training setting for every run, e.g. --set limit=40")
     s.add_argument("--dry-run", action="store_true", help="print the plan only")

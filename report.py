@@ -22,9 +22,8 @@ from pathlib import Path
 import data
 from evaluate import BEST_OF, judge_mode, read_json
 from errors import UserError
-from config import DEFAULT_LAMBDA
+from config import DEFAULT_LAMBDA, SWEEP_LAMBDAS
 from stats import mean_std, wilson_interval
-from sweep import SWEEP_LAMBDAS
 
 EM_MAX, OPSWAP_MIN = 24.3, 43.7  # pre-registered criteria (Sec. 3.3), in %: EM <= 24.3, OpSwap >= 43.7
 # The same as exact fractions: a mean of k/n rates is compared exactly, both bounds included, as the

@@ -15,12 +15,10 @@ import time
 from pathlib import Path
 
 import phaseguard
+from config import OPSWAP_SEED, SWEEP_LAMBDAS, SWEEP_SEEDS, TrainConfig, resolve_config
 from evaluate import (adapter_fingerprint, check_eval_args, conflict, em_questions, eval_settings, evaluate_run,
                       read_json, result_settings, saved_settings)
 from errors import UserError
-
-SWEEP_LAMBDAS, SWEEP_SEEDS, OPSWAP_SEED = (0.01, 0.02, 0.025, 0.03, 0.1), (42, 123, 456), 42
-
 
 def sweep_plan(preset: str, lambdas=SWEEP_LAMBDAS, seeds=SWEEP_SEEDS) -> list[dict]:
     plan = []
@@ -51,7 +49,7 @@ def sweep_configs(args) -> list:
         # --set data=... names the Security EM data; OpSwap is generated and takes none.
         settings = {k: v for k, v in args.set.items() if not (k == "data" and flags["task"] == "opswap")}
         try:
-            cfg = phaseguard.resolve_config({**flags, **settings})
+            cfg = resolve_config({**flags, **settings})
         except TypeError as err:  # a --set value of the wrong type, e.g. batch_size=abc
             raise UserError(f"--set: a value has the wrong type ({err})") from None
         cfg.out = str(Path(args.runs_dir) / Path(cfg.out).name)  # phaseguard's run name, under --runs-dir
@@ -96,7 +94,7 @@ def sweep(args) -> list[Path]:
     """Train each missing run (resuming an interrupted one), evaluate each unevaluated one.
     Every run's step is decided (and every flag checked) before the first one starts."""
     check_eval_args(args)
-    check_set(args.set, phaseguard.TrainConfig)
+    check_set(args.set, TrainConfig)
     loaded: dict = {}
 
     def questions(s):  # read once, for all the runs

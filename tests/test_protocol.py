@@ -14,7 +14,6 @@ import config as train_config
 import data
 import lora
 import phaseguard as pg
-import sweep
 
 # (row, the paper's value, where it says so)
 PAPER_TABLE = [
@@ -97,9 +96,9 @@ def resolved_protocol(tmp_path, monkeypatch) -> dict:
         "lambda, PhaseGuard-KL": pg.resolve_config({"preset": "paper", "method": "phaseguard"}).lam,
         "lambda, always-on KL": pg.resolve_config({"preset": "paper", "method": "kl"}).lam,
         "lambda, no-defense SFT": pg.resolve_config({"preset": "paper", "method": "none"}).lam,
-        "lambda sweep": tuple(sweep.SWEEP_LAMBDAS),
-        "Security EM seeds": tuple(sweep.SWEEP_SEEDS),
-        "OpSwap seeds": (sweep.OPSWAP_SEED,),
+        "lambda sweep": tuple(train_config.SWEEP_LAMBDAS),
+        "Security EM seeds": tuple(train_config.SWEEP_SEEDS),
+        "OpSwap seeds": (train_config.OPSWAP_SEED,),
         "default seed": cfg.seed,
         "LoRA target modules": {name.rsplit(".", 1)[-1] for name in layers},
         "weight decay": cfg.weight_decay,
