@@ -401,23 +401,6 @@ class LazyJudge:
         return self.judge.score(prompts)
 
 
-def make_judge(spec: str, *, model_name: str | None = None, device: str = "cpu", batch_size: int = 4,
-               mode: str = DEFAULT_MODE, tokenizer: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-               deadline: float = DEFAULT_DEADLINE, workers: int | None = None):
-    """'local:<dir or hub id>' or 'http(s)://host:port/v1' (an OpenAI-compatible base URL).
-    HTTP only: mode ('trie' by default, 'logprobs' for servers that do not cache, or the 'greedy' fallback), tokenizer (the judge's tokenizer.json,
-    model dir or hub id; default model_name), timeout and deadline (seconds), workers."""
-    kind, target = parse_spec(spec, model_name)
-    id = judge_id(spec, model_name, mode)
-    if kind == "http":
-        from judge_http import HttpJudge  # it builds on this module
-        return HttpJudge(target, model_name or DEFAULT_JUDGE, mode=mode, tokenizer=tokenizer, timeout=timeout,
-                         deadline=deadline, workers=workers)
-    if tokenizer:
-        raise UserError("--judge-tokenizer is for an HTTP judge; a local judge uses its own tokenizer")
-    return LazyJudge(id, lambda: LocalJudge.load(target, device, batch_size), lambda: check_local(target))
-
-
 def check_local(target: str):
     """A local judge's directory holds a config.json and a tokenizer (read now; the weights are
     read when the first prompt is judged). A hub id is fetched then: nothing to check offline."""

@@ -265,7 +265,7 @@ def main(argv=None) -> int:
             run_all(args)
         else:
             import selectivity_report  # the report reads this module's constants
-            selectivity_report.write_report(args.runs_dir, args.out, evaluate.provenance())
+            selectivity_report.write_report(args.runs_dir, args.out, evaluate.provenance_record())
             print(f"[selectivity] wrote {args.out}", file=sys.stderr)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

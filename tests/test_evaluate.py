@@ -521,7 +521,7 @@ def test_too_many_unscored_judgments_fail_the_eval_in_one_line(tmp_path, capsys,
     naming the judge and quoting a reply, after writing results.json with the unscored counts."""
     run = run_with_fake_answers(tmp_path, monkeypatch)
     made = {}
-    monkeypatch.setattr(ev.judges, "make_judge", lambda spec, **kw: made.update(kw) or SilentOnCodeJudge())
+    monkeypatch.setattr(ev.judge_http, "make_judge", lambda spec, **kw: made.update(kw) or SilentOnCodeJudge())
     code = ev.main(["eval", "--run", str(run), "--judge", "http://127.0.0.1:9/v1", "--question-limit", "2",
                     "--no-baselines", "--max-unscored", str(share), "--judge-timeout", "5"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -610,7 +610,7 @@ def test_two_evaluations_of_one_run_ask_the_judge_once(tmp_path, monkeypatch, sh
             asked.extend(p for p in prompts if ev.PROBE_ANSWER not in p)  # the check before sampling aside
             return super().score(prompts)
 
-    monkeypatch.setattr(ev.judges, "make_judge", lambda spec, **kw: Counting())
+    monkeypatch.setattr(ev.judge_http, "make_judge", lambda spec, **kw: Counting())
     base = ["eval", "--run", str(run), "--judge", "http://127.0.0.1:9/v1", "--question-limit", "2", "--no-baselines",
             "--max-unscored", "0.5"]
     assert ev.main(base) == 0 and len(asked) == 12  # 2 questions x 3 answers x (aligned, coherent)

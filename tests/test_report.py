@@ -253,8 +253,8 @@ def test_the_header_says_when_what_and_with_which_judge(tmp_path):
     assert "at most 5% of the answers unscored" in head
     assert "- **Commit:** not recorded (no provenance)" in write(root, tmp_path)
     # The layout provenance.collect() gives: the commit under "git", dirty trees marked.
-    import provenance as provenances
-    collected = provenances.collect()
+    import provenance
+    collected = provenance.collect()
     head = write(root, tmp_path, provenance={**collected, "git": {"commit": "def5678", "dirty": True}}).split("## Table 1")[0]
     assert "- **Commit:** `def5678+dirty`" in head and "- **versions:** {" in head and "**git:**" not in head
 
