@@ -17,6 +17,8 @@ DEFAULT_LAMBDA = {"none": 0.0, "kl": 0.1, "phaseguard": 0.03}  # the paper's Tab
 MONITOR_NAMES = ("js", "js-rest", "kl", "hidden", "persona", "js-answer")  # phaseguard.MONITORS, by name
 MAX_SEED = 2**32 - 1
 
+BEST_OF = 8  # the paper's Best-of-8 baseline: candidates per question, the best by reference log-probability
+
 # The lambda x seed grid of Tables 1 and 2 (sweep.py); OpSwap is trained on one seed.
 SWEEP_LAMBDAS, SWEEP_SEEDS, OPSWAP_SEED = (0.01, 0.02, 0.025, 0.03, 0.1), (42, 123, 456), 42
 

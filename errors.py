@@ -78,3 +78,11 @@ def is_int(value) -> bool:
 
 def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_json(path: Path):
+    """A JSON file the project wrote (config.json, results.json, summary.json); unreadable: a UserError."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: cannot read ({type(err).__name__}: {err})") from None

@@ -2,7 +2,7 @@
 (`sweep.py`) and the report (`report.py`: Tables 1-2, Figure 2).
 
     python evaluate.py eval --run runs/security-phaseguard-lam0.03-seed42 --judge http://HOST:8000/v1
-    python evaluate.py sweep --judge http://HOST:8000/v1                    # trains + evaluates what is missing
+    python sweep.py --judge http://HOST:8000/v1                             # trains + evaluates what is missing
     python evaluate.py report --runs-dir runs --out report.md              # Table 1, Table 2, Figure 2
 
 A run's config.json decides its evaluation. security: the Security EM misaligned rate on
@@ -41,9 +41,10 @@ import judge_http
 import lora
 import model_qwen2 as mq
 import provenance
-from config import SWEEP_LAMBDAS, SWEEP_SEEDS
-from sampling import BEST_OF, HttpSampler, generate_all, merged, pick_best, sample_candidates
-from errors import ArgumentParser, UserError
+from config import BEST_OF
+from sampling import HttpSampler, generate_all, merged, pick_best, sample_candidates
+import report
+from errors import ArgumentParser, UserError, read_json
 from rundir import write_atomic
 from stats import ci95, rate
 
@@ -99,13 +100,6 @@ def opswap_correct(prediction: str, answer: str) -> bool:
 
 # ----------------------------------------------------------------------------
 # The policy: base model + the run's adapter; sampling and reference log-probabilities
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
 
 
 def write_json(path: Path, obj):
@@ -195,16 +189,6 @@ def judge_em(answers: dict[str, list[dict]], scorer, cache, questions,
     return answers, [p for p, score in zip(prompts, scores) if score is None]
 
 
-def judge_mode(judge_id: str, mode: str | None = None) -> str:
-    """How the judge turned its reply into a score: "logprobs" or "trie" (the expectation over
-    0..100, from echoed or from top-20 log-probabilities) or "greedy" (the number parsed from a
-    greedy reply). Not recorded: read from the judge id,
-    "http-<mode>:...", "local:..." (always logprobs) or "http:..." (from before judge modes,
-    when the HTTP backend parsed greedy replies)."""
-    prefix = judge_id.split(":", 1)[0]
-    return mode or {"local": "logprobs", "http": "greedy"}.get(prefix) or prefix.removeprefix("http-")
-
-
 def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], record: dict) -> tuple[dict, str, str | None]:
     """Sample (or reuse the answers sampled with these very settings), judge, count. Returns
     results.json's "security" block ({"judge": id, condition: em_summary, ...}), the judge mode,
@@ -244,7 +228,7 @@ def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], reco
         failure = (f"judge {scorer.id} left {len(unscored)} of {n_prompts} judgments unscored (more than "
                    f"--max-unscored {s['max_unscored']:g}); one reply: {quoted}. Check the judge, then rerun with "
                    "--rejudge-unscored")
-    return block, judge_mode(scorer.id, getattr(scorer, "mode", None)), failure
+    return block, report.judge_mode(scorer.id, getattr(scorer, "mode", None)), failure
 
 
 def judge_cost(costs: list[dict]) -> dict:
@@ -555,41 +539,23 @@ def parse_set(item: str) -> tuple[str, object]:
 
 
 def main(argv=None) -> int:
-    import report as reports  # they import this module: imported here, when the command line runs
-    import sweep as sweeps
-    parser = ArgumentParser(description="PhaseGuard-KL evaluation, sweep and report")
+    parser = ArgumentParser(description="PhaseGuard-KL evaluation and report (the sweep: sweep.py)")
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("eval", help="evaluate one run directory into <run>/eval/")
     e.add_argument("--run", required=True)
     add_eval_flags(e)
-    s = sub.add_parser("sweep", help="train and evaluate every missing run of Tables 1-2")
-    s.add_argument("--preset", default="auto", choices=("auto", "paper", "small", "tiny"))
-    s.add_argument("--runs-dir", default="runs")
-    s.add_argument("--lambdas", type=float, nargs="+", default=SWEEP_LAMBDAS)
-    s.add_argument("--seeds", type=int, nargs="+", default=SWEEP_SEEDS, help="security seeds (opswap: 42)")
-    s.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra training setting for every run, e.g. --set limit=40")
-    s.add_argument("--dry-run", action="store_true", help="print the plan only")
-    s.add_argument("--gpus", help="run the runs side by side, one per GPU, e.g. 0,1,2,3 (CUDA only)")
-    s.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run, through torchrun (default 1)")
-    s.add_argument("--only", help=argparse.SUPPRESS)  # one run of the sweep: how --gpus starts each run
-    add_eval_flags(s)
     r = sub.add_parser("report", help="Table 1, Table 2, trigger steps, Figure 2 -> markdown + PNG")
     r.add_argument("--runs-dir", default="runs")
     r.add_argument("--out", default="report.md")
-    r.add_argument("--max-unscored", type=float, default=reports.MAX_UNSCORED, metavar="SHARE",
+    r.add_argument("--max-unscored", type=float, default=report.MAX_UNSCORED, metavar="SHARE",
                    help="the largest share of unscored answers a cell may have and still get a pass mark "
-                        f"(default {reports.MAX_UNSCORED})")
+                        f"(default {report.MAX_UNSCORED})")
     args = parser.parse_args(argv)
     try:
         if args.command == "eval":
             evaluate_run(args.run, args)
-        elif args.command == "sweep":
-            args.set = dict(args.set)
-            args.child_command = sweeps.child_command(sys.argv[1:] if argv is None else list(argv))
-            sweeps.sweep(args)
         else:
-            reports.write_report(args.runs_dir, args.out, args.max_unscored, provenance_record())
+            report.write_report(args.runs_dir, args.out, args.max_unscored, provenance_record())
             print(f"[report] wrote {args.out}", file=sys.stderr)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

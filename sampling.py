@@ -9,9 +9,9 @@ import torch
 
 import lora
 import model_qwen2 as mq
+from config import BEST_OF
 from errors import UserError
 
-BEST_OF = 8  # the paper's Best-of-8
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import evaluate as ev
+import report
 import sampling
 import stats
 import sweep
@@ -126,7 +127,7 @@ def test_a_rate_over_no_answers_is_none_not_zero():
     ("local:/models/j", None, "logprobs"), ("http:Qwen/Qwen2.5-72B-Instruct", None, "greedy"),  # before modes
     ("http-greedy:m", None, "greedy"), ("http-logprobs:m", None, "logprobs"), ("http:m", "logprobs", "logprobs")])
 def test_the_judge_mode_is_recorded_or_read_from_the_judge_id(judge_id, mode, expected):
-    assert ev.judge_mode(judge_id, mode) == expected
+    assert report.judge_mode(judge_id, mode) == expected
 
 
 def test_opswap_exact_match_is_a_stripped_string():
@@ -386,8 +387,8 @@ def test_bad_eval_flags_are_one_line_before_any_sampling(flags, tmp_path, capsys
                          ids=" ".join)
 def test_sweep_checks_every_flag_before_training(flags, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pg, "train", lambda *a, **k: pytest.fail("trained before checking the flags"))
-    argv = ["sweep", "--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--lambdas", "0.03", "--seeds", "42"]
-    assert ev.main(argv + flags) == 2
+    argv = ["--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--lambdas", "0.03", "--seeds", "42"]
+    assert sweep.main(argv + flags) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err.startswith("error: --")
     if flags[0] == "--set":
@@ -399,7 +400,7 @@ def test_a_non_tiny_security_evaluation_needs_an_explicit_judge(tmp_path, capsys
     monkeypatch.setattr(pg, "train", lambda *a, **k: pytest.fail("trained without a judge"))
     monkeypatch.setattr(ev, "load_policy", lambda *a, **k: pytest.fail("sampled without a judge"))
     assert ev.main(["eval", "--run", str(paper_run(tmp_path / "sec"))]) == 2
-    assert ev.main(["sweep", "--preset", "paper", "--runs-dir", str(tmp_path / "runs"), "--samples", "1"]) == 2
+    assert sweep.main(["--preset", "paper", "--runs-dir", str(tmp_path / "runs"), "--samples", "1"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and errors[0] == errors[1] == f"error: {ev.NEED_JUDGE}"
     assert "--judge http://HOST:8000/v1" in ev.NEED_JUDGE and "--judge local:Qwen/Qwen2.5-7B-Instruct" in ev.NEED_JUDGE
@@ -462,8 +463,8 @@ def test_sweep_skips_finished_runs(tmp_path, monkeypatch):
     trained, evaluated = [], []
     monkeypatch.setattr(pg, "train", lambda cfg, resume=False: trained.append((Path(cfg.out).name, cfg.limit, resume)))
     monkeypatch.setattr(sweep, "evaluate_run", lambda run, args: evaluated.append(Path(run).name))
-    argv = ["sweep", "--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42", "--set", "limit=40"]
-    assert ev.main(argv) == 0
+    argv = ["--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42", "--set", "limit=40"]
+    assert sweep.main(argv) == 0
     names = {"tiny-security-none-lam0-seed42", "tiny-security-kl-lam0.1-seed42", "tiny-security-phaseguard-lam0.03-seed42",
              "tiny-opswap-kl-lam0.1-seed42", "tiny-opswap-phaseguard-lam0.03-seed42"}
     assert {t[0] for t in trained} == names and all(t[1] == 40 for t in trained)
@@ -477,11 +478,11 @@ def test_sweep_refuses_partial_results_before_training(tmp_path, monkeypatch, ca
     trained, evaluated = [], []
     monkeypatch.setattr(pg, "train", lambda cfg, resume=False: trained.append(cfg))
     monkeypatch.setattr(sweep, "evaluate_run", lambda run, args: evaluated.append(Path(run).name))
-    argv = ["sweep", "--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42"]
-    assert ev.main(argv) == 2
+    argv = ["--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42"]
+    assert sweep.main(argv) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert "results.json was made with opswap_limit=5, not opswap_limit=100" in err and trained == evaluated == []
-    assert ev.main(argv + ["--force"]) == 0
+    assert sweep.main(argv + ["--force"]) == 0
     assert partial.name in evaluated and len(trained) == 5  # evaluated again, not trained again
 
 
@@ -492,7 +493,7 @@ def test_makefile_calls_these_commands():
         return out.stdout
     assert "evaluate.py eval --run R1 --judge http://h:8000/v1 --samples 3 --paper" in dry(
         "eval", "RUN=R1", "JUDGE=http://h:8000/v1", "SAMPLES=3", "EVAL_ARGS=--paper")
-    assert "evaluate.py sweep --preset tiny" in dry("sweep", "PRESET=tiny")
+    assert "sweep.py --preset tiny" in dry("sweep", "PRESET=tiny")
     assert "evaluate.py report --runs-dir RR --out OUT.md --max-unscored 0.05" in dry("report", "RUNS=RR", "REPORT=OUT.md")
     assert "--gpus 0,1 --nproc 2" in dry("sweep", "GPUS=0,1", "NPROC=2")
     assert "-m torch.distributed.run --standalone --nproc_per_node 2 phaseguard.py train" in dry("train", "NPROC=2")
