@@ -333,13 +333,13 @@ def test_a_finished_run_of_other_settings_is_refused(tmp_path, monkeypatch, caps
 
 
 def test_two_runs_with_one_name_are_refused(tmp_path, monkeypatch):
-    real = phaseguard.resolve_config
+    real = sel.resolve_config
 
     def without_data(flags):  # a phaseguard that names runs without their data
         cfg = real(flags)
         cfg.out = f"runs/{cfg.task}-seed{cfg.seed}"
         return cfg
-    monkeypatch.setattr(phaseguard, "resolve_config", without_data)
+    monkeypatch.setattr(sel, "resolve_config", without_data)
     with pytest.raises(sel.UserError, match="secure and insecure .seed 42. would both train into"):
         sel.plan("tiny", tmp_path, ("insecure", "secure"), (42,))
 
