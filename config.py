@@ -6,10 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import torch
-
 import data
-import lora
 from errors import UserError
 
 METHODS = ("none", "kl", "phaseguard")
@@ -111,6 +108,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seed > MAX_SEED:  # torch.manual_seed overflows beyond 64 bits, NumPy beyond 32
             raise UserError(f"seed must be at most {MAX_SEED} (2^32 - 1), got {self.seed}")
+        import lora  # here, not at the top: the reports read this module and load no torch
+
         if self.lora_alpha > lora.MAX_ALPHA:
             raise UserError(f"lora_alpha must be at most {lora.MAX_ALPHA:g} ({lora.MAX_ALPHA_WHY}), got {self.lora_alpha:g}")
         if self.persona_layer is not None and self.persona_layer < 0:
@@ -131,6 +130,8 @@ class TrainConfig:
 
 def check_device(device: str):
     """'auto', 'cpu', 'cuda' or 'cuda:N', and the CUDA device must exist."""
+    import torch  # here, not at the top: the reports read this module and load no torch
+
     match = re.fullmatch(r"cuda(?::(\d+))?", device)
     if device in ("auto", "cpu"):
         return
@@ -161,6 +162,8 @@ PRESETS = {"paper": {}, "small": SMALL_PRESET, "tiny": TINY_PRESET}  # the paper
 
 def resolve_config(flags: dict) -> TrainConfig:
     """Preset values, then every flag given on the command line; lambda from the method."""
+    import torch  # here, not at the top: the reports read this module and load no torch
+
     preset = flags.get("preset") or TrainConfig.preset
     if preset == "auto":
         preset = "paper" if torch.cuda.is_available() else "tiny"

@@ -9,6 +9,7 @@ changed, by name.
 import inspect
 
 import pytest
+import torch
 
 import config as train_config
 import data
@@ -118,7 +119,7 @@ def test_the_paper_preset_is_the_papers_protocol(tmp_path, monkeypatch):
 
 def test_the_paper_preset_is_what_cuda_resolves_to(monkeypatch):
     """`make train` on a CUDA machine (PRESET=auto) gets the paper preset; its run names carry no preset tag."""
-    monkeypatch.setattr(train_config.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(train_config, "check_device", lambda device: None)
     cfg = train_config.resolve_config({"method": "phaseguard"})
     assert cfg.preset == "paper" and cfg.out == "runs/security-phaseguard-lam0.03-seed42"
