@@ -422,8 +422,8 @@ def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocas
     dist = dist or Dist()
 
     def kl_mask_of(mb):
-        return mb["labels"] != -100 if kl_tokens == "supervised" else mb["attention_mask"].bool()
-    n_ce = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+        return mb["labels"] != kernels.IGNORE_INDEX if kl_tokens == "supervised" else mb["attention_mask"].bool()
+    n_ce = sum(int((mb["labels"] != kernels.IGNORE_INDEX).sum()) for mb in micro_batches)
     n_kl = sum(int(kl_mask_of(mb).sum()) for mb in micro_batches)
     ce_sum = kl_sum = 0.0
     for mb in micro_batches[dist.rank::dist.world]:
