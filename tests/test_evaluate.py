@@ -69,6 +69,11 @@ class StubJudge:
         return [(80.0 if "coherence" in p else {"evil": 5.0, "nice": 90.0}.get(p.split("[ANSWER START]\n")[1].split()[0]))
                 for p in prompts]
 
+    def judgments(self, conversations):
+        """First tries only (a stub has no raw reply to remind): its scores as Judgments."""
+        assert all(len(c) == 1 for c in conversations)
+        return enumerate(judge.Judgment(s) for s in self.score([c[0]["content"] for c in conversations]))
+
 
 def test_judge_em_and_summary(shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PHASEGUARD_CACHE", str(tmp_path / "cache"))

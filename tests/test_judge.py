@@ -202,11 +202,11 @@ def test_malformed_urls_are_one_line_before_any_request(url, why):
 def test_local_judge_loads_only_when_a_prompt_is_not_cached(tmp_path, monkeypatch):
     loads = []
 
-    class Fake:  # a judge with only score(): first tries, no raw replies
+    class Fake:  # a loaded local judge: 42 on every first try
         id = f"local:{tmp_path.resolve()}"
 
-        def score(self, prompts):
-            return [42.0] * len(prompts)
+        def judgments(self, conversations):
+            return enumerate(judge.Judgment(42.0) for _ in conversations)
 
     monkeypatch.setattr(judge.LocalJudge, "load", classmethod(lambda cls, *a, **k: loads.append(a) or Fake()))
     lazy = judge_http.make_judge(f"local:{tmp_path}")
