@@ -9,7 +9,6 @@ import torch
 
 import lora
 import model_qwen2 as mq
-from config import BEST_OF
 from errors import UserError
 
 
@@ -82,16 +81,6 @@ def sample_candidates(model, tokenizer, prompts: list[list[int]], n: int, *, see
     """n answers per prompt from the model as it is (callers merge the adapters), grouped by prompt."""
     return generate_all(model, tokenizer, [p for p in prompts for _ in range(n)], seed=seed,
                         max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-
-def best_of_n(model, tokenizer, prompts: list[list[int]], n: int = BEST_OF, *, seed: int, max_new_tokens: int,
-              batch_size: int) -> list[dict]:
-    """Per prompt: n answers sampled from the fine-tuned model (adapters on), the one with the
-    highest reference log-probability kept. sample_em_answers does the same inside its one merge."""
-    with merged(model):
-        candidates = sample_candidates(model, tokenizer, prompts, n, seed=seed, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size)
-    return pick_best(model, tokenizer, prompts, candidates, n)
 
 
 def pick_best(model, tokenizer, prompts: list[list[int]], candidates: list[list[int]], n: int) -> list[dict]:

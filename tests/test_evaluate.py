@@ -178,10 +178,19 @@ def brute_mean_logprob(model, prompt, answer):
     return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(answer)) / len(answer)
 
 
+def best_of_n(model, tokenizer, prompts, n, *, seed, max_new_tokens, batch_size):
+    """What sample_em_answers does for the Best-of-N baseline, on its own: n answers per prompt
+    sampled inside one merge, then the reference's pick (sampling.pick_best, unmerged)."""
+    with sampling.merged(model):
+        candidates = sampling.sample_candidates(model, tokenizer, prompts, n, seed=seed,
+                                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return sampling.pick_best(model, tokenizer, prompts, candidates, n)
+
+
 def test_best_of_n_picks_the_highest_reference_logprob():
     model, tok = tiny_lora_model(), FakeTokenizer()
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
-    picks = sampling.best_of_n(model, tok, prompts, 4, seed=0, max_new_tokens=6, batch_size=3)
+    picks = best_of_n(model, tok, prompts, 4, seed=0, max_new_tokens=6, batch_size=3)
     with lora.disabled(model):
         for prompt, pick in zip(prompts, picks):
             assert len(pick["ref_logprobs"]) == 4
@@ -217,7 +226,7 @@ def test_sampling_then_reference_scoring_leaves_the_base_weights_bitwise_exact()
     ev_mean = lambda m, *a, **k: seen.append({n: l.weight.clone() for n, l in layers.items()}) or scoring(m, *a, **k)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sampling, "mean_logprobs", ev_mean)
-        sampling.best_of_n(model, FakeTokenizer(), [[5, 6, 7, 8], [9, 10, 11]], 3, seed=0, max_new_tokens=4, batch_size=3)
+        best_of_n(model, FakeTokenizer(), [[5, 6, 7, 8], [9, 10, 11]], 3, seed=0, max_new_tokens=4, batch_size=3)
     for weights in (seen[0], {n: l.weight for n, l in layers.items()}):
         assert all(torch.equal(weights[name], originals[name]) for name in layers)
     assert not any(layer.merged for layer in layers.values())
