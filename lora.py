@@ -211,14 +211,6 @@ def _refuse_merged(model: nn.Module, source: str):
         raise UserError(f"{source}: cannot load into a merged model, unmerge(model) first")
 
 
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "state dict"):
-    """Copy PEFT-named tensors into the model's adapters; every key must match in name and shape,
-    and every value be finite. All are checked before any is copied."""
-    check_adapter_tensors({k: v.shape for k, v in adapter_state_dict(model).items()}, tensors, source)
-    _refuse_merged(model, source)
-    _copy_adapter_tensors(model, tensors)
-
-
 def peft_config(model: nn.Module, base_model_name: str | None) -> dict:
     layers = list(lora_layers(model).values())
     if not layers:
