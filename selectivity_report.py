@@ -55,10 +55,7 @@ def dataset_of(cfg: dict) -> str:
     if cfg.get("task") == "opswap":
         return "opswap"
     source = cfg.get("data")
-    if hasattr(data, "data_name"):  # names, pinned URLs, other files' stems
-        name = data.data_name(source)
-    else:
-        name = "insecure" if source is None else Path(str(source)).name.removesuffix(".jsonl")
+    name = data.data_name(source)  # names, pinned URLs, other files' stems
     return {"educational_insecure": "educational"}.get(name, name)
 
 
