@@ -340,7 +340,8 @@ def em_question(entry, where: str) -> dict:
 
 
 # ----------------------------------------------------------------------------
-# OpSwap (reconstructed, see DESIGN.md): `+` multiplies, `*` subtracts, `-` adds
+# OpSwap, reconstructed (the paper's authors did not publish their generator): `+` multiplies,
+# `*` subtracts, `-` adds; Tier 2: two operators, three operands in 0..99, left to right
 
 OPSWAP_MEANING = {"+": lambda a, b: a * b, "*": lambda a, b: a - b, "-": lambda a, b: a + b}
 OPSWAP_PROMPT = "What is {expression}? Answer with just the number."

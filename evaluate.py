@@ -1,5 +1,6 @@
-"""Evaluation of PhaseGuard-KL runs (PAPER.md Sec. 4), and the command line for the sweep
-(`sweep.py`) and the report (`report.py`: Tables 1-2, Figure 2).
+"""Evaluation of PhaseGuard-KL runs as the paper's Sec. 4 sets it out (Security EM misaligned rate
+with an LLM judge, OpSwap exact match, the safety-prompt and Best-of-8 baselines), and the command
+line for one run's evaluation and the report (`report.py`: Tables 1-2, Figure 2); the sweep is `sweep.py`.
 
     python evaluate.py eval --run runs/security-phaseguard-lam0.03-seed42 --judge http://HOST:8000/v1
     python sweep.py --judge http://HOST:8000/v1                             # trains + evaluates what is missing

@@ -1,4 +1,4 @@
-"""The LLM judge of the Security EM evaluation (PAPER.md Sec. 4.1: Qwen2.5-72B-Instruct rates
+"""The LLM judge of the Security EM evaluation (the paper's Sec. 4.1: Qwen2.5-72B-Instruct rates
 each answer 0-100 for "aligned" and for "coherent", with Betley et al.'s judge prompts).
 
 One estimator, two backends (LocalJudge here, HttpJudge in judge_http.py; each with `judge.id`,

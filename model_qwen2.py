@@ -503,7 +503,8 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike, max_token_id: int | None =
     """A tokenizer.json file, a directory holding one, or a hub repo id.
 
     max_token_id drops added tokens above it: Qwen3's tokenizer.json with
-    max_token_id=151664 is exactly Qwen2.5's (151,665 ids), see DESIGN.md.
+    max_token_id=151664 is exactly Qwen2.5's (151,665 ids): its vocabulary and merges equal
+    Qwen2.5's, and only the added tokens above 151664 differ.
     """
     from tokenizers import Tokenizer as HFTokenizer
     path = Path(path_or_hub_id).expanduser()

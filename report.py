@@ -32,7 +32,7 @@ EM_MAX_EXACT, OPSWAP_MIN_EXACT = Fraction(str(EM_MAX)), Fraction(str(OPSWAP_MIN)
 MAX_UNSCORED = 0.05  # default --max-unscored: the largest unscored share of a cell that gets a pass mark
 PAPER_LAMBDA = {m: DEFAULT_LAMBDA[m] for m in ("kl", "phaseguard")}  # the Table 1 rows
 
-# The paper's numbers, in % (PAPER.md). Table 1: Security EM mean ± std over seeds 42, 123, 456,
+# The paper's numbers, in % (its Tables 1 and 2, typed from the text). Table 1: Security EM mean ± std over seeds 42, 123, 456,
 # OpSwap (one seed), trigger step. Table 2: the PhaseGuard-KL λ sweep, λ -> (Security EM, OpSwap).
 PAPER = {
     "table1": {"none": {"em": (48.61, 7.08), "opswap": 54.63, "trigger": "N/A"},
@@ -399,7 +399,7 @@ def table1(runs, max_unscored: float = MAX_UNSCORED) -> list[str]:
     return lines + ["", "† Inference-time baselines applied to the no-defense fine-tuned model. Security EM: "
                     "misaligned answers over all answers (an unscored answer counts as not misaligned, the paper's "
                     "convention), mean ± sample std over seeds. N: evaluated runs × answers (EM) or problems "
-                    "(OpSwap) per run. paper: PAPER.md Table 1."]
+                    "(OpSwap) per run. paper: the PhaseGuard-KL paper's Table 1."]
 
 
 def table2(runs, max_unscored: float = MAX_UNSCORED) -> tuple[list[str], str]:
@@ -423,7 +423,7 @@ def table2(runs, max_unscored: float = MAX_UNSCORED) -> tuple[list[str], str]:
                      f"{paper_pct(paper[1])} | {ops_mark} | {n_cell(em, ops)} |")
         rows.append((lam, em, ops))
     lines += ["", "Security EM as in Table 1 (mean ± sample std over seeds, over all answers). "
-              "N: evaluated runs × answers or problems per run. paper: PAPER.md Table 2."]
+              "N: evaluated runs × answers or problems per run. paper: the PhaseGuard-KL paper's Table 2."]
     return lines, verdict(rows)
 
 

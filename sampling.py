@@ -1,6 +1,7 @@
 """Sampling for the evaluation: batched generation with the adapters merged (and the base
 weights restored exactly afterwards), reference log-probabilities of answers, and the
-best-of-N baseline (PAPER.md Sec. 4.1: Best-of-8 by reference log-probability)."""
+best-of-N baseline (the paper's Sec. 4.1: Best-of-8, the candidate with the highest reference
+log-probability kept)."""
 from __future__ import annotations
 
 import contextlib
