@@ -27,6 +27,16 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def exit_status(command) -> int:
+    """Runs command(): 0 when it returns, 2 with `error: ...` on one line when it raises a UserError."""
+    try:
+        command()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # ----------------------------------------------------------------------------
 # Reading user files: one line naming the file (and the line) on any problem
 

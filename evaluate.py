@@ -45,7 +45,7 @@ import provenance
 from config import BEST_OF
 from sampling import HttpSampler, generate_all, merged, pick_best, sample_candidates
 import report
-from errors import ArgumentParser, UserError, read_json
+from errors import ArgumentParser, UserError, exit_status, read_json
 from rundir import write_atomic
 from stats import ci95, rate
 
@@ -552,16 +552,14 @@ def main(argv=None) -> int:
                    help="the largest share of unscored answers a cell may have and still get a pass mark "
                         f"(default {report.MAX_UNSCORED})")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "eval":
-            evaluate_run(args.run, args)
-        else:
-            report.write_report(args.runs_dir, args.out, args.max_unscored, provenance_record())
-            print(f"[report] wrote {args.out}", file=sys.stderr)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    if args.command == "eval":
+        return exit_status(lambda: evaluate_run(args.run, args))
+    return exit_status(lambda: write_report(args))
+
+
+def write_report(args):
+    report.write_report(args.runs_dir, args.out, args.max_unscored, provenance_record())
+    print(f"[report] wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import phaseguard
 from config import OPSWAP_SEED, SWEEP_LAMBDAS, SWEEP_SEEDS, TrainConfig, resolve_config
 from evaluate import (adapter_fingerprint, add_eval_flags, check_eval_args, conflict, em_questions, eval_settings,
                       evaluate_run, parse_set, result_settings, saved_settings)
-from errors import ArgumentParser, UserError, read_json
+from errors import ArgumentParser, UserError, exit_status, read_json
 
 def sweep_plan(preset: str, lambdas=SWEEP_LAMBDAS, seeds=SWEEP_SEEDS) -> list[dict]:
     plan = []
@@ -231,12 +231,7 @@ def main(argv=None) -> int:
     args = s.parse_args(argv)
     args.set = dict(args.set)
     args.child_command = child_command(sys.argv[1:] if argv is None else list(argv))
-    try:
-        sweep(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: sweep(args))
 
 
 if __name__ == "__main__":
