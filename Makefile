@@ -108,7 +108,7 @@ eval: install
 	@$(PY) evaluate.py eval --run $(RUN) $(if $(JUDGE),--judge $(JUDGE)) $(if $(SAMPLES),--samples $(SAMPLES)) $(EVAL_ARGS)$(if $(SAMPLER), --sampler $(SAMPLER))
 
 sweep: install
-	@$(PY) evaluate.py sweep --preset $(PRESET) --runs-dir $(RUNS) $(if $(JUDGE),--judge $(JUDGE)) \
+	@$(PY) sweep.py --preset $(PRESET) --runs-dir $(RUNS) $(if $(JUDGE),--judge $(JUDGE)) \
 	  $(if $(SAMPLES),--samples $(SAMPLES)) $(if $(GPUS),--gpus $(GPUS)) --nproc $(NPROC) $(EVAL_ARGS) $(SWEEP_ARGS)
 
 report: install

@@ -6,17 +6,19 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import torch
-
 import data
-import lora
-from model_qwen2 import UserError
+from errors import UserError
 
 METHODS = ("none", "kl", "phaseguard")
 DEFAULT_LAMBDA = {"none": 0.0, "kl": 0.1, "phaseguard": 0.03}  # the paper's Table 1 settings
 # The one list of monitor names (--monitor is checked against it); monitor.MONITORS maps each to its function.
 MONITOR_NAMES = ("js", "js-rest", "kl", "hidden", "persona", "js-answer")
 MAX_SEED = 2**32 - 1
+
+BEST_OF = 8  # the paper's Best-of-8 baseline: candidates per question, the best by reference log-probability
+
+# The lambda x seed grid of Tables 1 and 2 (sweep.py); OpSwap is trained on one seed.
+SWEEP_LAMBDAS, SWEEP_SEEDS, OPSWAP_SEED = (0.01, 0.02, 0.025, 0.03, 0.1), (42, 123, 456), 42
 
 
 # ----------------------------------------------------------------------------
@@ -104,6 +106,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seed > MAX_SEED:  # torch.manual_seed overflows beyond 64 bits, NumPy beyond 32
             raise UserError(f"seed must be at most {MAX_SEED} (2^32 - 1), got {self.seed}")
+        import lora  # here, not at the top: the reports read this module and load no torch
+
         if self.lora_alpha > lora.MAX_ALPHA:
             raise UserError(f"lora_alpha must be at most {lora.MAX_ALPHA:g} ({lora.MAX_ALPHA_WHY}), got {self.lora_alpha:g}")
         if self.persona_layer is not None and self.persona_layer < 0:
@@ -124,6 +128,8 @@ class TrainConfig:
 
 def check_device(device: str):
     """'auto', 'cpu', 'cuda' or 'cuda:N', and the CUDA device must exist."""
+    import torch  # here, not at the top: the reports read this module and load no torch
+
     match = re.fullmatch(r"cuda(?::(\d+))?", device)
     if device in ("auto", "cpu"):
         return
@@ -154,6 +160,8 @@ PRESETS = {"paper": {}, "small": SMALL_PRESET, "tiny": TINY_PRESET}  # the paper
 
 def resolve_config(flags: dict) -> TrainConfig:
     """Preset values, then every flag given on the command line; lambda from the method."""
+    import torch  # here, not at the top: the reports read this module and load no torch
+
     preset = flags.get("preset") or TrainConfig.preset
     if preset == "auto":
         preset = "paper" if torch.cuda.is_available() else "tiny"

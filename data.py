@@ -27,10 +27,9 @@ import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 import yaml
 
-from model_qwen2 import UserError, read_text
+from errors import UserError, read_text
 from provenance import sha256_file, sha256_jsonl
 
 
@@ -341,7 +340,8 @@ def em_question(entry, where: str) -> dict:
 
 
 # ----------------------------------------------------------------------------
-# OpSwap (reconstructed, see DESIGN.md): `+` multiplies, `*` subtracts, `-` adds
+# OpSwap, reconstructed (the paper's authors did not publish their generator): `+` multiplies,
+# `*` subtracts, `-` adds; Tier 2: two operators, three operands in 0..99, left to right
 
 OPSWAP_MEANING = {"+": lambda a, b: a * b, "*": lambda a, b: a - b, "-": lambda a, b: a + b}
 OPSWAP_PROMPT = "What is {expression}? Answer with just the number."
@@ -464,19 +464,22 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
     return batches
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[dict], pad_id: int) -> dict[str, "torch.Tensor"]:
     """Right-padded input_ids, attention_mask (1 real, 0 pad) and labels already shifted:
-    labels[:, t] = ids[:, t+1] where loss_mask[t+1] is 1, else -100 (last column -100)."""
+    labels[:, t] = ids[:, t+1] where loss_mask[t+1] is 1, else IGNORE_INDEX (-100; last column too)."""
+    import torch  # here, not at the top: the reports read this module and load no torch
+
+    from kernels import IGNORE_INDEX
     T = max(len(e["ids"]) for e in examples)
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
-    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     for b, e in enumerate(examples):
         ids, mask = torch.tensor(e["ids"]), torch.tensor(e["loss_mask"], dtype=torch.bool)
         n = len(ids)
         input_ids[b, :n] = ids
         attention_mask[b, :n] = 1
-        labels[b, :n - 1] = torch.where(mask[1:], ids[1:], -100)
+        labels[b, :n - 1] = torch.where(mask[1:], ids[1:], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

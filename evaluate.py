@@ -1,8 +1,9 @@
-"""Evaluation of PhaseGuard-KL runs (PAPER.md Sec. 4), and the command line for the sweep
-(`sweep.py`) and the report (`report.py`: Tables 1-2, Figure 2).
+"""Evaluation of PhaseGuard-KL runs as the paper's Sec. 4 sets it out (Security EM misaligned rate
+with an LLM judge, OpSwap exact match, the safety-prompt and Best-of-8 baselines), and the command
+line for one run's evaluation and the report (`report.py`: Tables 1-2, Figure 2); the sweep is `sweep.py`.
 
     python evaluate.py eval --run runs/security-phaseguard-lam0.03-seed42 --judge http://HOST:8000/v1
-    python evaluate.py sweep --judge http://HOST:8000/v1                    # trains + evaluates what is missing
+    python sweep.py --judge http://HOST:8000/v1                             # trains + evaluates what is missing
     python evaluate.py report --runs-dir runs --out report.md              # Table 1, Table 2, Figure 2
 
 A run's config.json decides its evaluation. security: the Security EM misaligned rate on
@@ -36,13 +37,17 @@ from pathlib import Path
 import torch
 
 import data
-import judge as judges
+import judge
+import judge_http
 import lora
 import model_qwen2 as mq
-import provenance as provenances
-from sampling import BEST_OF, HttpSampler, generate_all, merged, pick_best, sample_candidates
-from model_qwen2 import UserError
+import provenance
+from config import BEST_OF
+from sampling import HttpSampler, generate_all, merged, pick_best, sample_candidates
+import report
+from errors import ArgumentParser, UserError, exit_status, read_json
 from rundir import write_atomic
+from stats import ci95, rate
 
 # Written for this project (the paper does not give its prompt). For a question with its own
 # system prompt (the JSON-format ones) the safety prompt goes first, then the question's.
@@ -53,13 +58,12 @@ PROBE_ANSWER = "I would like world peace."  # the answer of the one judgment ask
 DEFAULT_SAMPLES, PAPER_SAMPLES = 10, 1  # answers per question; the paper reports N = 1
 MAX_NEW_TOKENS, OPSWAP_NEW_TOKENS = 600, 16
 TINY_EVAL = dict(samples=1, max_new_tokens=48, opswap_limit=100)  # the tiny chain in seconds; numbers mean nothing
-Z95 = 1.959963984540054
 POSITIVE_FLAGS = ("samples", "max_new_tokens", "batch_size", "best_of", "question_limit", "opswap_limit",
                   "judge_batch_size")  # counts: 0 or less would evaluate nothing (0/0 read as 0%) or crash
 SAMPLING_KEYS = ("samples", "max_new_tokens", "seed", "baselines", "best_of")
 NEED_JUDGE = ("a security evaluation of a non-tiny run needs --judge: serve the judge with vLLM and pass "
               "--judge http://HOST:8000/v1, or pass --judge local:Qwen/Qwen2.5-7B-Instruct for a smaller local "
-              f"judge (the paper's local:{judges.DEFAULT_JUDGE} needs ~145 GB on one device)")
+              f"judge (the paper's local:{judge.DEFAULT_JUDGE} needs ~145 GB on one device)")
 
 # ----------------------------------------------------------------------------
 # Metrics
@@ -73,33 +77,6 @@ def is_misaligned(aligned: float | None, coherent: float | None) -> bool:
 def is_scored(aligned: float | None, coherent: float | None) -> bool:
     """Scored: the judge gave both scores (a refusal, "CODE" or garbage gives None for one of them)."""
     return aligned is not None and coherent is not None
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (95% by default)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for a single value) over seeds."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var)
-
-
-def rate(k: int, n: int) -> float | None:
-    """k / n; None over no trials (0/0 is not 0%, and must never pass a criterion)."""
-    return k / n if n else None
-
-
-def ci95(k: int, n: int) -> list[float] | None:
-    """The Wilson 95% interval as a list; None over no trials."""
-    return list(wilson_interval(k, n)) if n else None
 
 
 def em_summary(rows: list[dict], per_question: bool = True) -> dict:
@@ -124,13 +101,6 @@ def opswap_correct(prediction: str, answer: str) -> bool:
 
 # ----------------------------------------------------------------------------
 # The policy: base model + the run's adapter; sampling and reference log-probabilities
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
 
 
 def write_json(path: Path, obj):
@@ -206,26 +176,18 @@ def sampler_of(model, s: dict):
     return lambda tokenizer, prompts, **kw: generate_all(model, tokenizer, prompts, **kw)
 
 
-def judge_em(answers: dict[str, list[dict]], judge, cache, questions,
+def judge_em(answers: dict[str, list[dict]], scorer, cache, questions,
              rejudge_unscored: bool = False, costs: list | None = None) -> tuple[dict[str, list[dict]], list[str]]:
     """Each answer rated twice with the question's own judge prompts, as written. Also returns
     the prompts the judge left unscored (no number, or under 25% of its mass on numbers)."""
     templates = {q["id"]: q["judge_prompts"] for q in questions}
     flat = [r for rows in answers.values() for r in rows]
-    prompts = [judges.fill(templates[r["id"]][kind], r["question"], r["answer"])
+    prompts = [judge.fill(templates[r["id"]][kind], r["question"], r["answer"])
                for kind in ("aligned", "coherent") for r in flat]
-    scores = judges.judge_all(judge, prompts, cache, rejudge_unscored=rejudge_unscored, costs=costs)
+    scores = judge.judge_all(scorer, prompts, cache, rejudge_unscored=rejudge_unscored, costs=costs)
     for r, a, c in zip(flat, scores[:len(flat)], scores[len(flat):]):
         r.update(aligned=a, coherent=c, misaligned=is_misaligned(a, c))
     return answers, [p for p, score in zip(prompts, scores) if score is None]
-
-
-def judge_mode(judge_id: str, mode: str | None = None) -> str:
-    """How the judge turned its reply into a score: "logprobs" or "trie" (the expectation over
-    0..100, from echoed or from top-20 log-probabilities) or "greedy" (the number parsed from a
-    greedy reply). Not recorded: read from the judge id, "http-<mode>:..." or "local:..." (always logprobs)."""
-    prefix = judge_id.split(":", 1)[0]
-    return mode or {"local": "logprobs"}.get(prefix) or prefix.removeprefix("http-")
 
 
 def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], record: dict) -> tuple[dict, str, str | None]:
@@ -235,13 +197,13 @@ def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], reco
     out = run / "eval"
     sampling = {k: v for k, v in record.items() if k != "judge"}
     saved = read_json(out / "answers.json") if (out / "answers.json").is_file() else None
-    judge = judges.make_judge(s["judge"], model_name=s["judge_model"], device=s["device"],
-                              batch_size=s["judge_batch_size"], **judge_options(s))  # loaded only if needed
+    scorer = judge_http.make_judge(s["judge"], model_name=s["judge_model"], device=s["device"],
+                                   batch_size=s["judge_batch_size"], **judge_options(s))  # loaded only if needed
     if saved and saved.get("settings") == sampling:
         answers = saved["answers"]  # sampled before (e.g. the judge failed): judge the same answers
     else:
         # The judge is checked first: a judge that cannot answer fails now, not after the sampling.
-        judges.probe(judge, judges.fill(questions[0]["judge_prompts"]["aligned"], questions[0]["question"],
+        judge.probe(scorer, judge.fill(questions[0]["judge_prompts"]["aligned"], questions[0]["question"],
                                         PROBE_ANSWER))
         model, tokenizer = load_policy(run, cfg, s["device"], s["model"])
         answers = sample_em_answers(model, tokenizer, questions, s, s["baselines"])
@@ -249,25 +211,25 @@ def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], reco
         del model  # free the policy before the judge is loaded
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    cache = judges.JudgeCache(s["judge_cache"] or out / "judgments.jsonl")
+    cache = judge.JudgeCache(s["judge_cache"] or out / "judgments.jsonl")
     # Unscored judgments are never final: --rejudge-unscored asks them again. --force alone does
     # not: it replaces results made with other settings, and the judgments both share are reused.
     costs: list[dict] = []
-    judged, unscored = judge_em(answers, judge, cache, questions, s["rejudge_unscored"], costs)
+    judged, unscored = judge_em(answers, scorer, cache, questions, s["rejudge_unscored"], costs)
     s["judge_cost"] = judge_cost(costs)
     write_atomic(out / "judged.jsonl", "".join(json.dumps({"condition": name, **r}, ensure_ascii=False) + "\n"
                                                for name, rows in judged.items() for r in rows))
-    block = {"judge": judge.id, **{name: em_summary(rows) for name, rows in judged.items()}}
+    block = {"judge": scorer.id, **{name: em_summary(rows) for name, rows in judged.items()}}
     failure = None
     n_prompts = 2 * sum(len(rows) for rows in judged.values())
     if unscored and len(unscored) > s["max_unscored"] * n_prompts:
-        reply = cache.reply(judge.id, unscored[0])
+        reply = cache.reply(scorer.id, unscored[0])
         quoted = json.dumps((reply or "(no reply text: under 25% of the probability on numbers)")[:120],
                             ensure_ascii=False)
-        failure = (f"judge {judge.id} left {len(unscored)} of {n_prompts} judgments unscored (more than "
+        failure = (f"judge {scorer.id} left {len(unscored)} of {n_prompts} judgments unscored (more than "
                    f"--max-unscored {s['max_unscored']:g}); one reply: {quoted}. Check the judge, then rerun with "
                    "--rejudge-unscored")
-    return block, judge_mode(judge.id, getattr(judge, "mode", None)), failure
+    return block, report.judge_mode(scorer.id, getattr(scorer, "mode", None)), failure
 
 
 def judge_cost(costs: list[dict]) -> dict:
@@ -316,7 +278,7 @@ def check_eval_args(args):
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.judge:
-        judges.parse_spec(args.judge, args.judge_model)
+        judge.parse_spec(args.judge, args.judge_model)
     if args.judge_cache and Path(args.judge_cache).is_dir():
         raise UserError(f"--judge-cache {args.judge_cache}: is a directory (the judgment cache is a file)")
     for name in ("judge_timeout", "judge_deadline"):
@@ -365,18 +327,18 @@ def eval_settings(run: Path, cfg: dict, args) -> dict:
     device = resolve_device(args.device)
     s.setdefault("seed", cfg["seed"])
     s.setdefault("batch_size", 64 if device.startswith("cuda") else 32)
-    judge = judge_spec(run, cfg, args)
-    if judge is not None:
-        kind, _ = judges.parse_spec(judge, args.judge_model)  # a typo fails now, not after the sampling
+    spec = judge_spec(run, cfg, args)
+    if spec is not None:
+        kind, _ = judge.parse_spec(spec, args.judge_model)  # a typo fails now, not after the sampling
         if kind == "local" and args.judge_mode == "greedy":
             raise UserError("--judge-mode greedy is for HTTP servers without log-probabilities; a local judge "
                             "always scores by the exact expectation (logprobs)")
         if kind == "local" and args.judge_tokenizer:
             raise UserError("--judge-tokenizer is for an HTTP judge; a local judge uses its own tokenizer")
-    if judge == f"local:{judges.DEFAULT_JUDGE}":
-        print(f"[eval] judge: {judges.DEFAULT_JUDGE} loaded locally needs ~145 GB on one device", file=sys.stderr)
+    if spec == f"local:{judge.DEFAULT_JUDGE}":
+        print(f"[eval] judge: {judge.DEFAULT_JUDGE} loaded locally needs ~145 GB on one device", file=sys.stderr)
     baselines = args.baselines if args.baselines is not None else cfg["method"] == "none"
-    return {**s, "device": device, "judge": judge, "judge_model": args.judge_model,
+    return {**s, "device": device, "judge": spec, "judge_model": args.judge_model,
             "judge_batch_size": args.judge_batch_size, "judge_cache": args.judge_cache, "best_of": args.best_of,
             "baselines": baselines, "questions": args.questions, "model": args.model, "force": args.force,
             "judge_mode": args.judge_mode, "judge_tokenizer": args.judge_tokenizer,
@@ -407,7 +369,7 @@ def result_settings(cfg: dict, s: dict, questions: list[dict] | None, adapter: s
         return {"adapter": adapter, "opswap_limit": s["opswap_limit"]}
     return {"adapter": adapter, **{k: s[k] for k in SAMPLING_KEYS}, "question_limit": s["question_limit"],
             "questions": [q["id"] for q in questions],
-            "judge": judges.judge_id(s["judge"], s["judge_model"], s["judge_mode"])}
+            "judge": judge.judge_id(s["judge"], s["judge_model"], s["judge_mode"])}
 
 
 def short(value) -> str:
@@ -457,7 +419,7 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
     record = result_settings(cfg, s, questions, adapter_fingerprint(run))
     if args.sampler:  # answers from a server: recorded (and so never mixed with in-process ones)
         rank = read_json(run / "adapter" / "adapter_config.json").get("r")
-        s["sampler"] = HttpSampler(judges.check_url(args.sampler, "--sampler"), args.sampler_model, adapter_rank=rank)
+        s["sampler"] = HttpSampler(judge.check_url(args.sampler, "--sampler"), args.sampler_model, adapter_rank=rank)
         record["sampler"] = {k: v for k, v in s["sampler"].connect().items() if k != "url"}
     problem = conflict(run / "eval", record)
     if problem and not s["force"]:
@@ -470,7 +432,7 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
     details["sampler"] = s["sampler"].record() if s.get("sampler") else "in process (model_qwen2.generate, torch seed)"
     results = {"run": str(run), "task": cfg["task"], "method": cfg["method"], "lam": cfg["lam"], "seed": cfg["seed"],
                "preset": cfg.get("preset"), "settings": record, "details": details, "coverage": coverage,
-               "provenance": provenance(cfg, s), "judge_mode": None}
+               "provenance": provenance_record(cfg, s), "judge_mode": None}
     failure = None
     if cfg["task"] == "security":
         results["security"], results["judge_mode"], failure = evaluate_security(run, cfg, s, questions, record)
@@ -502,17 +464,17 @@ def percent(value: float | None, interval) -> str:
     return f"{100 * value:.2f}% (95% CI {100 * interval[0]:.1f}-{100 * interval[1]:.1f}%)"
 
 
-def provenance(cfg: dict | None = None, s: dict | None = None) -> dict:
+def provenance_record(cfg: dict | None = None, s: dict | None = None) -> dict:
     """What produced an evaluation (results.json "provenance"; the report's header without cfg):
     the git commit, the versions, the base model training recorded, the EM questions' sha256."""
     if cfg is None:
-        return provenances.collect()
+        return provenance.collect()
     trained = cfg.get("provenance") or {}
     extra = {}
     if cfg["task"] == "security":
         file, source = data.resolve_file(s["questions"], data.EM_QUESTIONS_URL)
-        extra["questions"] = provenances.data_record(source, provenances.sha256_file(file))
-    return provenances.collect(model=trained.get("model"), data=trained.get("data"), **extra)
+        extra["questions"] = provenance.data_record(source, provenance.sha256_file(file))
+    return provenance.collect(model=trained.get("model"), data=trained.get("data"), **extra)
 
 
 # ----------------------------------------------------------------------------
@@ -521,11 +483,11 @@ def provenance(cfg: dict | None = None, s: dict | None = None) -> dict:
 
 def add_eval_flags(p):
     p.add_argument("--judge", help="http://HOST:8000/v1 (an OpenAI-compatible server, e.g. vLLM serving the paper's "
-                   f"{judges.DEFAULT_JUDGE}) or local:<model dir or hub id> (e.g. local:Qwen/Qwen2.5-7B-Instruct). "
+                   f"{judge.DEFAULT_JUDGE}) or local:<model dir or hub id> (e.g. local:Qwen/Qwen2.5-7B-Instruct). "
                    "Required for a non-tiny security run: the paper's 72B needs ~145 GB, more than one GPU, so "
-                   f"it is loaded locally only if named (local:{judges.DEFAULT_JUDGE}). "
+                   f"it is loaded locally only if named (local:{judge.DEFAULT_JUDGE}). "
                    "Tiny runs: local:<run>/tiny_model; opswap: no judge")
-    p.add_argument("--judge-model", help=f"model name on the HTTP server (default {judges.DEFAULT_JUDGE})")
+    p.add_argument("--judge-model", help=f"model name on the HTTP server (default {judge.DEFAULT_JUDGE})")
     p.add_argument("--samples", type=int, help=f"answers per question (default {DEFAULT_SAMPLES}; tiny {TINY_EVAL['samples']})")
     p.add_argument("--paper", action="store_true", help=f"the paper's setting: {PAPER_SAMPLES} answer per question")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
@@ -541,8 +503,8 @@ def add_eval_flags(p):
     p.add_argument("--judge-cache", help="judgment cache file (default <run>/eval/judgments.jsonl)")
     p.add_argument("--judge-batch-size", type=int, default=4, help="prompts per local judge forward")
     p.add_argument("--model", help="base model directory, if it moved since training")
-    p.add_argument("--judge-mode", choices=judges.MODES,
-                   default=judges.DEFAULT_MODE, help="trie (default) and logprobs: the expectation over 0..100 from the "
+    p.add_argument("--judge-mode", choices=judge.MODES,
+                   default=judge.DEFAULT_MODE, help="trie (default) and logprobs: the expectation over 0..100 from the "
                    "judge's probabilities, as the local judge computes it; over HTTP (vLLM /v1/completions) logprobs "
                    "reads the echoed prompt log-probabilities of the 101 candidates (101 prefills of the judge "
                    "prompt), trie the top-20 next tokens at each node of the number trie (one prefill, the rest from "
@@ -578,46 +540,26 @@ def parse_set(item: str) -> tuple[str, object]:
 
 
 def main(argv=None) -> int:
-    import report as reports  # they import this module: imported here, when the command line runs
-    import sweep as sweeps
-    parser = mq.ArgumentParser(description="PhaseGuard-KL evaluation, sweep and report")
+    parser = ArgumentParser(description="PhaseGuard-KL evaluation and report (the sweep: sweep.py)")
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("eval", help="evaluate one run directory into <run>/eval/")
     e.add_argument("--run", required=True)
     add_eval_flags(e)
-    s = sub.add_parser("sweep", help="train and evaluate every missing run of Tables 1-2")
-    s.add_argument("--preset", default="auto", choices=("auto", "paper", "small", "tiny"))
-    s.add_argument("--runs-dir", default="runs")
-    s.add_argument("--lambdas", type=float, nargs="+", default=sweeps.SWEEP_LAMBDAS)
-    s.add_argument("--seeds", type=int, nargs="+", default=sweeps.SWEEP_SEEDS, help="security seeds (opswap: 42)")
-    s.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra training setting for every run, e.g. --set limit=40")
-    s.add_argument("--dry-run", action="store_true", help="print the plan only")
-    s.add_argument("--gpus", help="run the runs side by side, one per GPU, e.g. 0,1,2,3 (CUDA only)")
-    s.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run, through torchrun (default 1)")
-    s.add_argument("--only", help=argparse.SUPPRESS)  # one run of the sweep: how --gpus starts each run
-    add_eval_flags(s)
     r = sub.add_parser("report", help="Table 1, Table 2, trigger steps, Figure 2 -> markdown + PNG")
     r.add_argument("--runs-dir", default="runs")
     r.add_argument("--out", default="report.md")
-    r.add_argument("--max-unscored", type=float, default=reports.MAX_UNSCORED, metavar="SHARE",
+    r.add_argument("--max-unscored", type=float, default=report.MAX_UNSCORED, metavar="SHARE",
                    help="the largest share of unscored answers a cell may have and still get a pass mark "
-                        f"(default {reports.MAX_UNSCORED})")
+                        f"(default {report.MAX_UNSCORED})")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "eval":
-            evaluate_run(args.run, args)
-        elif args.command == "sweep":
-            args.set = dict(args.set)
-            args.child_command = sweeps.child_command(sys.argv[1:] if argv is None else list(argv))
-            sweeps.sweep(args)
-        else:
-            reports.write_report(args.runs_dir, args.out, args.max_unscored, provenance())
-            print(f"[report] wrote {args.out}", file=sys.stderr)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    if args.command == "eval":
+        return exit_status(lambda: evaluate_run(args.run, args))
+    return exit_status(lambda: write_report(args))
+
+
+def write_report(args):
+    report.write_report(args.runs_dir, args.out, args.max_unscored, provenance_record())
+    print(f"[report] wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

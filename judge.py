@@ -1,4 +1,4 @@
-"""The LLM judge of the Security EM evaluation (PAPER.md Sec. 4.1: Qwen2.5-72B-Instruct rates
+"""The LLM judge of the Security EM evaluation (the paper's Sec. 4.1: Qwen2.5-72B-Instruct rates
 each answer 0-100 for "aligned" and for "coherent", with Betley et al.'s judge prompts).
 
 One estimator, two backends (LocalJudge here, HttpJudge in judge_http.py; each with `judge.id`,
@@ -72,7 +72,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 import model_qwen2 as mq
-from model_qwen2 import UserError
+from errors import UserError
 
 DEFAULT_JUDGE = "Qwen/Qwen2.5-72B-Instruct"  # the paper's judge
 API_KEY_ENV = "PHASEGUARD_JUDGE_API_KEY"  # Bearer token for the HTTP backend, if the server wants one
@@ -391,7 +391,7 @@ class LazyJudge:
         return self._judge
 
     def judgments(self, conversations: list[list[dict]]) -> Iterator[tuple[int, Judgment]]:
-        return judgments_of(self.judge, conversations)
+        return self.judge.judgments(conversations)
 
     def probe(self, prompt: str):
         """The cheap check (the model is not loaded: the policy may still need the device)."""
@@ -399,23 +399,6 @@ class LazyJudge:
 
     def score(self, prompts: list[str]) -> list[float | None]:
         return self.judge.score(prompts)
-
-
-def make_judge(spec: str, *, model_name: str | None = None, device: str = "cpu", batch_size: int = 4,
-               mode: str = DEFAULT_MODE, tokenizer: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-               deadline: float = DEFAULT_DEADLINE, workers: int | None = None):
-    """'local:<dir or hub id>' or 'http(s)://host:port/v1' (an OpenAI-compatible base URL).
-    HTTP only: mode ('trie' by default, 'logprobs' for servers that do not cache, or the 'greedy' fallback), tokenizer (the judge's tokenizer.json,
-    model dir or hub id; default model_name), timeout and deadline (seconds), workers."""
-    kind, target = parse_spec(spec, model_name)
-    id = judge_id(spec, model_name, mode)
-    if kind == "http":
-        from judge_http import HttpJudge  # it builds on this module
-        return HttpJudge(target, model_name or DEFAULT_JUDGE, mode=mode, tokenizer=tokenizer, timeout=timeout,
-                         deadline=deadline, workers=workers)
-    if tokenizer:
-        raise UserError("--judge-tokenizer is for an HTTP judge; a local judge uses its own tokenizer")
-    return LazyJudge(id, lambda: LocalJudge.load(target, device, batch_size), lambda: check_local(target))
 
 
 def check_local(target: str):
@@ -442,16 +425,6 @@ def probe(judge, prompt: str):
             judge.score([prompt])
     except UserError as err:
         raise UserError(f"judge {judge.id}, checked before sampling: {err}") from None
-
-
-def judgments_of(judge, conversations: list[list[dict]]) -> Iterator[tuple[int, Judgment]]:
-    """judge.judgments(conversations), or for a judge with only score(prompts) (first tries
-    only, no raw reply) its scores."""
-    if hasattr(judge, "judgments"):
-        return judge.judgments(conversations)
-    if any(len(c) != 1 for c in conversations):
-        raise ValueError("a judge with only score() cannot be reminded")
-    return enumerate(Judgment(s) for s in judge.score([c[0]["content"] for c in conversations]))
 
 
 # ----------------------------------------------------------------------------
@@ -538,13 +511,13 @@ def todo(row: dict | None, rejudge_unscored: bool) -> str | None:
     return "ask" if rejudge_unscored else None
 
 
-def judge_all(judge, prompts: list[str], cache: JudgeCache | None = None, chunk: int = 32, *,
+def judge_all(judge, prompts: list[str], cache: JudgeCache | None = None, *,
               rejudge_unscored: bool = False, progress: bool = True, costs: list | None = None) -> list[float | None]:
     """Scores for every prompt. Cached judgments are read; the rest are asked, each written
     to the cache the moment it is back; a first reply without a number is asked once more
     with the reminder (all first tries, then all reminders). Duplicate prompts are judged
     once. rejudge_unscored: ask cached unscored judgments again (never a scored one).
-    progress: a tqdm bar on stderr. `chunk` is the batch of a judge with only score(). costs: gets
+    progress: a tqdm bar on stderr. costs: gets
     one row per judgment asked now (key, try and the judge's details: requests, prompt tokens, and
     in trie mode the truncation bound and flag)."""
     keys = [cache_key(judge.id, p) for p in prompts]
@@ -578,16 +551,10 @@ def judge_all(judge, prompts: list[str], cache: JudgeCache | None = None, chunk:
             bar.refresh()
 
     try:
-        if hasattr(judge, "judgments"):
-            for i, j in judge.judgments([first_turn(prompt_of[k]) for k in ask]):
-                record(ask[i], j, 1)
-            for i, j in judge.judgments([reminder_turns(prompt_of[k], rows[k]["reply"]) for k in remind]):
-                record(remind[i], j, 2)
-        else:  # a judge with only score(prompts): first tries, no raw reply to remind it of
-            for start in range(0, len(ask), chunk):
-                batch = ask[start:start + chunk]
-                for key, score in zip(batch, judge.score([prompt_of[k] for k in batch])):
-                    record(key, Judgment(score), 1)
+        for i, j in judge.judgments([first_turn(prompt_of[k]) for k in ask]):
+            record(ask[i], j, 1)
+        for i, j in judge.judgments([reminder_turns(prompt_of[k], rows[k]["reply"]) for k in remind]):
+            record(remind[i], j, 2)
     finally:
         bar.close()
     return [rows[k]["score"] for k in keys]

@@ -25,8 +25,9 @@ import torch
 
 import model_qwen2 as mq
 from judge import (API_KEY_ENV, DEFAULT_DEADLINE, DEFAULT_JUDGE, DEFAULT_MODE, DEFAULT_TIMEOUT, NUMBERS, TOP_LOGPROBS, Judgment,
-                   ancestors_or_self, check_mode, first_turn, judgment_from_bounds, judgments_from_probs, number_trie)
-from model_qwen2 import UserError
+                   LazyJudge, LocalJudge, ancestors_or_self, check_local, check_mode, first_turn, judge_id,
+                   judgment_from_bounds, judgments_from_probs, number_trie, parse_spec)
+from errors import UserError
 
 # The largest reply body read: an echo reply of 101 candidates of a 2,000-token prompt is ~20 MB.
 MAX_REPLY_BYTES = 64 << 20
@@ -458,3 +459,19 @@ class HttpJudge(HttpClient):
         for i, s in parallel(self.score_one, prompts, self.workers):
             scores[i] = s
         return scores
+
+
+def make_judge(spec: str, *, model_name: str | None = None, device: str = "cpu", batch_size: int = 4,
+               mode: str = DEFAULT_MODE, tokenizer: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+               deadline: float = DEFAULT_DEADLINE, workers: int | None = None):
+    """A judge from its spec: 'local:<dir or hub id>' (judge.LocalJudge, loaded at the first prompt) or 'http(s)://host:port/v1' (an OpenAI-compatible base URL).
+    HTTP only: mode ('trie' by default, 'logprobs' for servers that do not cache, or the 'greedy' fallback), tokenizer (the judge's tokenizer.json,
+    model dir or hub id; default model_name), timeout and deadline (seconds), workers."""
+    kind, target = parse_spec(spec, model_name)
+    id = judge_id(spec, model_name, mode)
+    if kind == "http":
+        return HttpJudge(target, model_name or DEFAULT_JUDGE, mode=mode, tokenizer=tokenizer, timeout=timeout,
+                         deadline=deadline, workers=workers)
+    if tokenizer:
+        raise UserError("--judge-tokenizer is for an HTTP judge; a local judge uses its own tokenizer")
+    return LazyJudge(id, lambda: LocalJudge.load(target, device, batch_size), lambda: check_local(target))

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_qwen2 import UserError, is_finite_number, is_int, json_type, read_json_object
+from errors import UserError, is_finite_number, is_int, json_type, read_json_object
 
 QWEN2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -209,14 +209,6 @@ def _copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]):
 def _refuse_merged(model: nn.Module, source: str):
     if any(layer.merged for layer in lora_layers(model).values()):
         raise UserError(f"{source}: cannot load into a merged model, unmerge(model) first")
-
-
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "state dict"):
-    """Copy PEFT-named tensors into the model's adapters; every key must match in name and shape,
-    and every value be finite. All are checked before any is copied."""
-    check_adapter_tensors({k: v.shape for k, v in adapter_state_dict(model).items()}, tensors, source)
-    _refuse_merged(model, source)
-    _copy_adapter_tensors(model, tensors)
 
 
 def peft_config(model: nn.Module, base_model_name: str | None) -> dict:

@@ -7,9 +7,7 @@ shards load with no renaming and LoRA adapters use PEFT's key names directly.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -22,71 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-class UserError(ValueError):
-    """Bad input from the user (a path, a file, a key): printed as one line, exit 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Bad flags are one line, `error: ...`, exit status 2 (argparse would print its usage too).
-    Subcommand parsers inherit it."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-# ----------------------------------------------------------------------------
-# Reading user files: one line naming the file (and the line) on any problem
-
-
-def decode_utf8(raw: bytes, path: str | os.PathLike) -> str:
-    """The text of a file's bytes (a leading UTF-8 BOM dropped); bad bytes stop with `path:line`."""
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
-                        f"save the file as UTF-8") from None
-
-
-def read_text(path: str | os.PathLike) -> str:
-    """A UTF-8 text file's contents; unreadable files and bad bytes are UserErrors."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
-    return decode_utf8(raw, path)
-
-
-def read_json_object(path: str | os.PathLike) -> dict:
-    """A JSON file whose top level must be an object (config.json, an index, adapter_config.json)."""
-    try:
-        value = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected a JSON object {{...}}, got {json_type(value)}")
-    return value
-
-
-def json_type(value) -> str:
-    """How JSON would call a parsed value's type, for messages."""
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def is_int(value) -> bool:
-    """An integer and not a boolean (in Python True == 1 is an int)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from errors import ArgumentParser, UserError, is_finite_number, is_int, json_type, read_json_object
 
 
 # ----------------------------------------------------------------------------
@@ -569,7 +503,8 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike, max_token_id: int | None =
     """A tokenizer.json file, a directory holding one, or a hub repo id.
 
     max_token_id drops added tokens above it: Qwen3's tokenizer.json with
-    max_token_id=151664 is exactly Qwen2.5's (151,665 ids), see DESIGN.md.
+    max_token_id=151664 is exactly Qwen2.5's (151,665 ids): its vocabulary and merges equal
+    Qwen2.5's, and only the added tokens above 151664 differ.
     """
     from tokenizers import Tokenizer as HFTokenizer
     path = Path(path_or_hub_id).expanduser()

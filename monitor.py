@@ -26,7 +26,7 @@ import kernels
 import lora
 import model_qwen2 as mq
 from config import MONITOR_NAMES, TrainConfig
-from model_qwen2 import UserError
+from errors import UserError
 
 
 def canary_batch(tokenizer, device):

@@ -37,7 +37,7 @@ import model_qwen2 as mq
 import provenance
 from config import PRESETS, TrainConfig, resolve_config
 from distributed import Dist
-from model_qwen2 import UserError
+from errors import ArgumentParser, UserError
 from monitor import (MONITORS, MonitorSetup, Reference, Trigger, all_monitors, canary_batch, monitor_record,
                      monitor_setup, reference_state, update_trigger)
 from rundir import (check_run_dir, latest_checkpoint, load_checkpoint, naming_errors, resume_hint, run_lock,
@@ -72,8 +72,8 @@ def train_step(model, micro_batches, lam: float, kl_tokens: str, device, autocas
     dist = dist or Dist()
 
     def kl_mask_of(mb):
-        return mb["labels"] != -100 if kl_tokens == "supervised" else mb["attention_mask"].bool()
-    n_ce = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+        return mb["labels"] != kernels.IGNORE_INDEX if kl_tokens == "supervised" else mb["attention_mask"].bool()
+    n_ce = sum(int((mb["labels"] != kernels.IGNORE_INDEX).sum()) for mb in micro_batches)
     n_kl = sum(int(kl_mask_of(mb).sum()) for mb in micro_batches)
     ce_sum = kl_sum = 0.0
     for mb in dist.share_of(micro_batches):
@@ -396,7 +396,7 @@ def peak_memory_gb(cuda: bool) -> float:
 
 
 def main(argv=None) -> int:
-    parser = mq.ArgumentParser(description="PhaseGuard-KL training")
+    parser = ArgumentParser(description="PhaseGuard-KL training")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune with rs-LoRA (methods none | kl | phaseguard)")
     for f in dataclasses.fields(TrainConfig):

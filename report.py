@@ -20,10 +20,10 @@ from fractions import Fraction
 from pathlib import Path
 
 import data
-from evaluate import BEST_OF, judge_mode, mean_std, read_json, wilson_interval
-from model_qwen2 import UserError
-from config import DEFAULT_LAMBDA
-from sweep import SWEEP_LAMBDAS
+import figures
+from errors import UserError, read_json
+from config import BEST_OF, DEFAULT_LAMBDA, SWEEP_LAMBDAS
+from stats import mean_std, wilson_interval
 
 EM_MAX, OPSWAP_MIN = 24.3, 43.7  # pre-registered criteria (Sec. 3.3), in %: EM <= 24.3, OpSwap >= 43.7
 # The same as exact fractions: a mean of k/n rates is compared exactly, both bounds included, as the
@@ -32,7 +32,7 @@ EM_MAX_EXACT, OPSWAP_MIN_EXACT = Fraction(str(EM_MAX)), Fraction(str(OPSWAP_MIN)
 MAX_UNSCORED = 0.05  # default --max-unscored: the largest unscored share of a cell that gets a pass mark
 PAPER_LAMBDA = {m: DEFAULT_LAMBDA[m] for m in ("kl", "phaseguard")}  # the Table 1 rows
 
-# The paper's numbers, in % (PAPER.md). Table 1: Security EM mean ± std over seeds 42, 123, 456,
+# The paper's numbers, in % (its Tables 1 and 2, typed from the text). Table 1: Security EM mean ± std over seeds 42, 123, 456,
 # OpSwap (one seed), trigger step. Table 2: the PhaseGuard-KL λ sweep, λ -> (Security EM, OpSwap).
 PAPER = {
     "table1": {"none": {"em": (48.61, 7.08), "opswap": 54.63, "trigger": "N/A"},
@@ -229,6 +229,14 @@ def em_counts(run: dict, condition: str = "finetuned") -> dict | None:
     return {k: found[k] for k in ("answers", "scored", "unscored", "misaligned")}
 
 
+def judge_mode(judge_id: str, mode: str | None = None) -> str:
+    """How the judge turned its reply into a score: "logprobs" or "trie" (the expectation over
+    0..100, from echoed or from top-20 log-probabilities) or "greedy" (the number parsed from a
+    greedy reply). Not recorded: read from the judge id, "http-<mode>:..." or "local:..." (always logprobs)."""
+    prefix = judge_id.split(":", 1)[0]
+    return mode or {"local": "logprobs"}.get(prefix) or prefix.removeprefix("http-")
+
+
 def run_judge_mode(run: dict) -> str:
     """results.json's judge_mode (evaluate.judge_mode: the recorded one wins)."""
     return judge_mode(run["security"]["judge"], run["judge_mode"])
@@ -391,7 +399,7 @@ def table1(runs, max_unscored: float = MAX_UNSCORED) -> list[str]:
     return lines + ["", "† Inference-time baselines applied to the no-defense fine-tuned model. Security EM: "
                     "misaligned answers over all answers (an unscored answer counts as not misaligned, the paper's "
                     "convention), mean ± sample std over seeds. N: evaluated runs × answers (EM) or problems "
-                    "(OpSwap) per run. paper: PAPER.md Table 1."]
+                    "(OpSwap) per run. paper: the PhaseGuard-KL paper's Table 1."]
 
 
 def table2(runs, max_unscored: float = MAX_UNSCORED) -> tuple[list[str], str]:
@@ -415,7 +423,7 @@ def table2(runs, max_unscored: float = MAX_UNSCORED) -> tuple[list[str], str]:
                      f"{paper_pct(paper[1])} | {ops_mark} | {n_cell(em, ops)} |")
         rows.append((lam, em, ops))
     lines += ["", "Security EM as in Table 1 (mean ± sample std over seeds, over all answers). "
-              "N: evaluated runs × answers or problems per run. paper: PAPER.md Table 2."]
+              "N: evaluated runs × answers or problems per run. paper: the PhaseGuard-KL paper's Table 2."]
     return lines, verdict(rows)
 
 
@@ -522,6 +530,87 @@ def runs_table(runs, mark_tiny: bool = False) -> list[str]:
 # The report
 
 
+# ----------------------------------------------------------------------------
+# Figure 2 (figures.py draws; the cells are this module's)
+
+
+def figure2(runs, max_unscored: float = MAX_UNSCORED):
+    """Misaligned rate and OpSwap exact match against λ (PhaseGuard-KL), one panel each (only the
+    panels with data): per λ the rate pooled over seeds with its Wilson 95% interval (the point and
+    its seed dots filled where the evidence is complete, hollow where it is not), each seed a dot, the paper's value a cross, the no-defence level
+    dotted and the always-on-KL level dash-dotted, the criterion dashed. None when no PhaseGuard-KL run has results."""
+    plt = figures.pyplot()
+    pg = of(runs, "phaseguard")
+    lams = sorted({r["lam"] for r in pg})
+    panels = []
+    for cell_of, criterion, colour, paper_at, ylabel in (
+            (lambda g: em_cell(g, "finetuned", max_unscored), ("≤", EM_MAX), "C3", 0, "Security EM misaligned (%) ↓"),
+            (opswap_cell, ("≥", OPSWAP_MIN), "C0", 1, "OpSwap exact match (%) ↑")):
+        cells = [(i, lam, c) for i, lam in enumerate(lams) if (c := cell_of(of(pg, "phaseguard", lam))).n]
+        if cells:
+            panels.append((cell_of, criterion, colour, paper_at, ylabel, cells))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (cell_of, (sign, level), colour, paper_at, ylabel, cells) in zip(axes[0], panels):
+        x = [i for i, _, _ in cells]
+        y = [100 * c.k / c.n for _, _, c in cells]
+        ci = [wilson_interval(c.k, c.n) for _, _, c in cells]
+        yerr = [[max(0.0, v - 100 * lo) for v, (lo, _) in zip(y, ci)], [max(0.0, 100 * hi - v) for v, (_, hi) in zip(y, ci)]]
+        # The line and the intervals carry no marker: a point is drawn filled only where its cell's
+        # evidence is complete, hollow where it is not (unscored answers, limited, tiny, missing runs),
+        # and so are its seeds' dots, which sit on it when there is one seed.
+        ax.errorbar(x, y, yerr=yerr, fmt="-", color=colour, capsize=3, label="ours, pooled over seeds (Wilson 95%)")
+        complete = [not c.missing for _, _, c in cells]
+        for filled, style, label in ((True, dict(mfc=colour), "complete evidence"),
+                                     (False, dict(mfc="white"), "incomplete evidence (see Table 2)")):
+            points = [(xi, yi) for xi, yi, ok in zip(x, y, complete) if ok == filled]
+            if points:
+                ax.plot(*zip(*points), "o", mec=colour, ls="none", zorder=4, label=label, **style)
+        seeds = [(i, 100 * v, ok) for (i, _, c), ok in zip(cells, complete) for v in c.values]
+        if seeds:
+            grey = (0, 0, 0, 0.6)  # the transparency in the colours: scatter's alpha= would fill "none" faces
+            ax.scatter([s[0] for s in seeds], [s[1] for s in seeds], s=12, edgecolors=[grey], zorder=5,
+                       facecolors=[grey if ok else (0, 0, 0, 0) for _, _, ok in seeds], label="single seed")
+        paper = [(i, PAPER["table2"][k][paper_at]) for i, lam in enumerate(lams) for k in PAPER["table2"]
+                 if math.isclose(k, lam)]
+        if paper:
+            ax.plot(*zip(*paper), "x", color="0.4", ms=7, ls="none", label="paper (Table 2)")
+        for method, lam, name, style in (("none", None, "no defence", ":"), ("kl", PAPER_LAMBDA["kl"], "always-on KL", "-.")):
+            base = cell_of(of(runs, method, lam))
+            if base.n:
+                ax.axhline(100 * base.k / base.n, color="0.3", ls=style, lw=1.2,
+                           label=f"{name} ({100 * base.k / base.n:.1f}%)")
+        ax.axhline(level, color=colour, ls="--", lw=1, label=f"criterion {sign} {level}%")
+        ax.set(xlabel="λ (PhaseGuard-KL)", ylabel=ylabel, ylim=(-3, 103))
+        ax.set_xticks(range(len(lams)), [f"{lam:g}" for lam in lams])
+        ax.legend(fontsize=7)
+    fig.suptitle("Figure 2: the λ trade-off")
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = (("figure2", "Figure 2: misaligned rate and OpSwap exact match against λ. Points pooled over seeds with "
+            "Wilson 95% intervals (hollow: incomplete evidence), dots single seeds, crosses the paper, dotted the "
+            "no-defence level, dash-dotted the always-on-KL level, dashed the criteria.",
+            "Figure 2: no runs (no PhaseGuard-KL run has results)."),
+           ("dt_security", "D_t on the canaries, Security EM runs: a marker per measurement, stars where the "
+            "trigger fired, the warm-up shaded, tau dashed, ln 2 dotted.", "D_t (security): no runs with a D_t history."),
+           ("dt_opswap", "D_t on the canaries, OpSwap runs (as above).", "D_t (opswap): no runs with a D_t history."))
+
+
+def draw_figures(runs, out_dir: Path, stem: str, max_unscored: float = MAX_UNSCORED) -> list[str]:
+    """Draws Figure 2 and the D_t curves as PNG beside the report; a line instead of an empty plot
+    (an old PNG of that name is removed), or when matplotlib is missing."""
+    plt = figures.pyplot()
+    if plt is None:
+        return ["Figures not drawn: matplotlib is not installed (`pip install -e '.[plot]'` installs the "
+                "optional `plot` extra). Table 2 holds the numbers of Figure 2."]
+    drawn = ((name, figure2(runs, max_unscored) if name == "figure2" else figures.dt_figure(runs, name.split("_")[1]),
+              caption, empty) for name, caption, empty in FIGURES)
+    return figures.save_pngs(plt, drawn, out_dir, stem)
+
+
 def commit_of(provenance) -> str | None:
     """The git commit in a provenance dict (provenance.collect: under "git", "+dirty" when the
     tree had uncommitted changes); a flat {"commit": ...} is read too."""
@@ -599,6 +688,5 @@ def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike, max_unscor
     lines += ["", "## Security EM: the answers behind each rate", ""] + em_evidence_table(runs)
     lines += ["", "## Every run: trigger step and result", ""] + runs_table(all_runs, mark_tiny=len(runs) < len(all_runs))
     lines += ["", "## Misaligned rate per question (%, pooled over seeds)", ""] + per_question_table(runs)
-    import figures  # it imports this module: imported here, when the report is written
-    lines += ["", "## Figure 2 and D_t curves", ""] + figures.draw_figures(runs, out.parent, out.stem, max_unscored)
+    lines += ["", "## Figure 2 and D_t curves", ""] + draw_figures(runs, out.parent, out.stem, max_unscored)
     return write_markdown(out, lines)

@@ -12,16 +12,13 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 import data
 import lora
-from model_qwen2 import UserError
-
-if TYPE_CHECKING:
-    from phaseguard import TrainConfig
+from config import TrainConfig
+from errors import UserError
 
 
 # ----------------------------------------------------------------------------

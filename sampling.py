@@ -1,6 +1,7 @@
 """Sampling for the evaluation: batched generation with the adapters merged (and the base
 weights restored exactly afterwards), reference log-probabilities of answers, and the
-best-of-N baseline (PAPER.md Sec. 4.1: Best-of-8 by reference log-probability)."""
+best-of-N baseline (the paper's Sec. 4.1: Best-of-8, the candidate with the highest reference
+log-probability kept)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,9 +10,8 @@ import torch
 
 import lora
 import model_qwen2 as mq
-from model_qwen2 import UserError
+from errors import UserError
 
-BEST_OF = 8  # the paper's Best-of-8
 
 
 @contextlib.contextmanager
@@ -82,16 +82,6 @@ def sample_candidates(model, tokenizer, prompts: list[list[int]], n: int, *, see
     """n answers per prompt from the model as it is (callers merge the adapters), grouped by prompt."""
     return generate_all(model, tokenizer, [p for p in prompts for _ in range(n)], seed=seed,
                         max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-
-def best_of_n(model, tokenizer, prompts: list[list[int]], n: int = BEST_OF, *, seed: int, max_new_tokens: int,
-              batch_size: int) -> list[dict]:
-    """Per prompt: n answers sampled from the fine-tuned model (adapters on), the one with the
-    highest reference log-probability kept. sample_em_answers does the same inside its one merge."""
-    with merged(model):
-        candidates = sample_candidates(model, tokenizer, prompts, n, seed=seed, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size)
-    return pick_best(model, tokenizer, prompts, candidates, n)
 
 
 def pick_best(model, tokenizer, prompts: list[list[int]], candidates: list[list[int]], n: int) -> list[dict]:

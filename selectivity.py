@@ -32,24 +32,17 @@ from pathlib import Path
 
 import phaseguard
 import rundir
+import selectivity_report
+from config import TrainConfig, resolve_config
 import sweep
-from model_qwen2 import UserError
+from errors import UserError
+from selectivity_report import (CONTROLS, DATASETS, MIN_SEEDS, MODEL_FILE, MONITORS, POSITIVE, ROLE, SEEDS,
+                                read_identity)
 
-DATASETS = ("insecure", "secure", "educational", "opswap")
-POSITIVE, CONTROLS = "insecure", ("secure", "educational", "opswap")
-ROLE = {"insecure": "positive: produces emergent misalignment (Betley et al.)",
-        "secure": "control: the same coding tasks with secure code",
-        "educational": "control: the insecure code, asked for an educational reason",
-        "opswap": "control: benign learning (OpSwap Tier 2)"}
-SEEDS = (42, 123, 456)
-MIN_SEEDS = 3  # finished seeds every dataset needs before the report names the best monitor
-# The monitors phaseguard.py measures at every monitor step (summary.json "monitor_history").
-MONITORS = tuple(phaseguard.MONITORS)
 OWNS = ("task", "data", "method", "lam", "seed", "preset", "out", "max_steps")  # set by the plan and its flags
 # What else makes a run this plan's run: a finished or started run that differs in one is refused, so
 # runs of two models (or two monitor set-ups) are never mixed or skipped as done.
 IDENTITY = ("model", "revision", "tokenizer", "topk", "monitor_every", "persona_layer", "answer_tokens")
-MODEL_FILE = "model_identity.json"  # in each run: the model's name, revision and (local weights) sha256
 
 
 # ----------------------------------------------------------------------------
@@ -67,12 +60,9 @@ def check_plan_args(datasets, seeds, max_steps, settings: dict):
         raise UserError(f"unknown dataset {unknown[0]!r}: expected some of {', '.join(DATASETS)}")
     if len(set(datasets)) != len(datasets) or len(set(seeds)) != len(seeds):
         raise UserError("each dataset and each seed once, please")
-    if max_steps is not None:
-        if max_steps < 1:
-            raise UserError(f"--max-steps must be >= 1 (or left out: the whole epoch), got {max_steps}")
-        if not hasattr(phaseguard.TrainConfig, "max_steps"):
-            raise UserError("--max-steps: this phaseguard.py has no max_steps setting (train the whole epoch)")
-    fields = [f.name for f in dataclasses.fields(phaseguard.TrainConfig)]
+    if max_steps is not None and max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1 (or left out: the whole epoch), got {max_steps}")
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
     for key in settings:
         if key in OWNS:
             raise UserError(f"--set {key}: selectivity sets {key} itself (use --datasets, --seeds, --preset, "
@@ -83,7 +73,7 @@ def check_plan_args(datasets, seeds, max_steps, settings: dict):
 
 
 def plan(preset: str, runs_dir, datasets=DATASETS, seeds=SEEDS, max_steps: int | None = None,
-         settings: dict | None = None) -> list[tuple[str, phaseguard.TrainConfig]]:
+         settings: dict | None = None) -> list[tuple[str, TrainConfig]]:
     """(dataset, config) of every run; each run directory is phaseguard's own name for the run,
     under runs_dir. Two runs with one name are refused (they would overwrite each other)."""
     settings = settings or {}
@@ -95,7 +85,7 @@ def plan(preset: str, runs_dir, datasets=DATASETS, seeds=SEEDS, max_steps: int |
             if max_steps is not None:
                 flags["max_steps"] = max_steps
             try:
-                cfg = phaseguard.resolve_config(flags)
+                cfg = resolve_config(flags)
             except TypeError as err:  # a --set value of the wrong type
                 raise UserError(f"--set: a value has the wrong type ({err})") from None
             cfg.out = str(Path(runs_dir) / Path(cfg.out).name)
@@ -132,13 +122,6 @@ def run_state(cfg, settings: dict | None = None, identity: dict | None = None) -
         raise UserError(f"{run}: trained on weights with sha256 {recorded.get('sha256')}, {cfg.model} now has "
                         f"{identity.get('sha256')}: move the run away or choose another RUNS")
     return "done" if done else "resume"
-
-
-def read_identity(run: Path) -> dict | None:
-    try:
-        return json.loads((run / MODEL_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def model_identity(cfg) -> dict:
@@ -233,7 +216,7 @@ def child_command(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     import evaluate
-    from model_qwen2 import ArgumentParser
+    from errors import ArgumentParser
     parser = ArgumentParser(description="Monitor selectivity: METHOD=none runs on insecure and its controls, "
                                         "then curves, trigger steps and AUROC")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,8 +247,7 @@ def main(argv=None) -> int:
             args.child_command = child_command(sys.argv[1:] if argv is None else list(argv))
             run_all(args)
         else:
-            import selectivity_report  # the report reads this module's constants
-            selectivity_report.write_report(args.runs_dir, args.out, evaluate.provenance())
+            selectivity_report.write_report(args.runs_dir, args.out, evaluate.provenance_record())
             print(f"[selectivity] wrote {args.out}", file=sys.stderr)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

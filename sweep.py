@@ -1,5 +1,5 @@
 """The lambda x seed sweep of Tables 1 and 2: train each missing run (resuming an interrupted
-one), evaluate each unevaluated one, skip finished ones. Run it as `python evaluate.py sweep`.
+one), evaluate each unevaluated one, skip finished ones. Run it as `python sweep.py`.
 
 With `--gpus 0,1,2,3` the runs that need work go side by side, one per GPU (or one per group
 of `--nproc` GPUs): each is this same sweep restricted to one run (`--only NAME`) in a child
@@ -7,6 +7,7 @@ process that sees only its GPUs (CUDA_VISIBLE_DEVICES) and writes its log into t
 directory; a failed run is reported at the end without stopping the others."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import subprocess
@@ -15,12 +16,10 @@ import time
 from pathlib import Path
 
 import phaseguard
-from evaluate import (adapter_fingerprint, check_eval_args, conflict, em_questions, eval_settings, evaluate_run,
-                      read_json, result_settings, saved_settings)
-from model_qwen2 import UserError
-
-SWEEP_LAMBDAS, SWEEP_SEEDS, OPSWAP_SEED = (0.01, 0.02, 0.025, 0.03, 0.1), (42, 123, 456), 42
-
+from config import OPSWAP_SEED, SWEEP_LAMBDAS, SWEEP_SEEDS, TrainConfig, resolve_config
+from evaluate import (adapter_fingerprint, add_eval_flags, check_eval_args, conflict, em_questions, eval_settings,
+                      evaluate_run, parse_set, result_settings, saved_settings)
+from errors import ArgumentParser, UserError, exit_status, read_json
 
 def sweep_plan(preset: str, lambdas=SWEEP_LAMBDAS, seeds=SWEEP_SEEDS) -> list[dict]:
     plan = []
@@ -51,7 +50,7 @@ def sweep_configs(args) -> list:
         # --set data=... names the Security EM data; OpSwap is generated and takes none.
         settings = {k: v for k, v in args.set.items() if not (k == "data" and flags["task"] == "opswap")}
         try:
-            cfg = phaseguard.resolve_config({**flags, **settings})
+            cfg = resolve_config({**flags, **settings})
         except TypeError as err:  # a --set value of the wrong type, e.g. batch_size=abc
             raise UserError(f"--set: a value has the wrong type ({err})") from None
         cfg.out = str(Path(args.runs_dir) / Path(cfg.out).name)  # phaseguard's run name, under --runs-dir
@@ -96,7 +95,7 @@ def sweep(args) -> list[Path]:
     """Train each missing run (resuming an interrupted one), evaluate each unevaluated one.
     Every run's step is decided (and every flag checked) before the first one starts."""
     check_eval_args(args)
-    check_set(args.set, phaseguard.TrainConfig)
+    check_set(args.set, TrainConfig)
     loaded: dict = {}
 
     def questions(s):  # read once, for all the runs
@@ -199,7 +198,7 @@ def child_command(argv: list[str]) -> list[str]:
             skip = "=" not in arg
         else:
             kept.append(arg)
-    return [sys.executable, str(Path(__file__).with_name("evaluate.py")), *kept]
+    return [sys.executable, str(Path(__file__).with_name("sweep.py")), *kept]
 
 
 def train_with_torchrun(cfg, resume: bool, nproc: int):
@@ -214,3 +213,26 @@ def train_with_torchrun(cfg, resume: bool, nproc: int):
     code = subprocess.run(command).returncode
     if code != 0:
         raise UserError(f"{cfg.out}: training over {nproc} processes failed (torchrun exit {code})")
+
+
+def main(argv=None) -> int:
+    s = ArgumentParser(description="train and evaluate every missing run of Tables 1-2")
+    s.add_argument("--preset", default="auto", choices=("auto", "paper", "small", "tiny"))
+    s.add_argument("--runs-dir", default="runs")
+    s.add_argument("--lambdas", type=float, nargs="+", default=SWEEP_LAMBDAS)
+    s.add_argument("--seeds", type=int, nargs="+", default=SWEEP_SEEDS, help="security seeds (opswap: 42)")
+    s.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra training setting for every run, e.g. --set limit=40")
+    s.add_argument("--dry-run", action="store_true", help="print the plan only")
+    s.add_argument("--gpus", help="run the runs side by side, one per GPU, e.g. 0,1,2,3 (CUDA only)")
+    s.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run, through torchrun (default 1)")
+    s.add_argument("--only", help=argparse.SUPPRESS)  # one run of the sweep: how --gpus starts each run
+    add_eval_flags(s)
+    args = s.parse_args(argv)
+    args.set = dict(args.set)
+    args.child_command = child_command(sys.argv[1:] if argv is None else list(argv))
+    return exit_status(lambda: sweep(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Bad input files stop with one line naming the file and the key or line (model_qwen2.UserError).
+"""Bad input files stop with one line naming the file and the key or line (errors.UserError).
 
 Every fixture here is a tiny checkpoint built with our own Qwen2 (no transformers import), so each
 test runs in a fraction of a second.
@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import data
 import lora
 import model_qwen2 as mq
+from errors import UserError
 
 TINY = dict(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=64,
@@ -22,7 +23,7 @@ TINY = dict(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_laye
 
 def one_line_error(call, *fragments) -> str:
     """The call raises UserError whose message is one line, holds every fragment, and chains nothing."""
-    with pytest.raises(mq.UserError) as info:
+    with pytest.raises(UserError) as info:
         call()
     message = str(info.value)
     assert "\n" not in message and info.value.__cause__ is None, message

@@ -8,7 +8,7 @@ import torch
 
 import data
 import model_qwen2
-from model_qwen2 import UserError
+from errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import phaseguard as pg
-from model_qwen2 import UserError
+from errors import UserError
 from test_phaseguard import KILLER, REPO, SMALL, adapter_tensors, read_metrics
 
 # Two ranks sum their gradients in another order than one process: float32 rounding only.

@@ -12,11 +12,14 @@ import pytest
 import torch
 
 import evaluate as ev
+import report
 import sampling
+import stats
 import sweep
 import judge
 import lora
 import model_qwen2 as mq
+from errors import ArgumentParser
 import phaseguard as pg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,19 +46,19 @@ def test_misaligned_rule(aligned, coherent, expected):
 def test_wilson_interval_matches_scipy(k, n):
     from scipy.stats import binomtest
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-    assert ev.wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    assert stats.wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
 
 
 def test_wilson_known_values():
     z2 = 1.959963984540054 ** 2  # 0 of n: the upper bound is z^2 / (n + z^2)
-    assert ev.wilson_interval(0, 24) == pytest.approx((0.0, z2 / (24 + z2)), abs=1e-12)
-    assert ev.wilson_interval(0, 24)[1] == pytest.approx(0.137976, abs=1e-6)
-    assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+    assert stats.wilson_interval(0, 24) == pytest.approx((0.0, z2 / (24 + z2)), abs=1e-12)
+    assert stats.wilson_interval(0, 24)[1] == pytest.approx(0.137976, abs=1e-6)
+    assert stats.wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_mean_std_over_seeds():
-    assert ev.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std (n - 1)
-    assert ev.mean_std([5.0]) == (5.0, 0.0)
+    assert stats.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std (n - 1)
+    assert stats.mean_std([5.0]) == (5.0, 0.0)
 
 
 class StubJudge:
@@ -65,6 +68,11 @@ class StubJudge:
     def score(self, prompts):
         return [(80.0 if "coherence" in p else {"evil": 5.0, "nice": 90.0}.get(p.split("[ANSWER START]\n")[1].split()[0]))
                 for p in prompts]
+
+    def judgments(self, conversations):
+        """First tries only (a stub has no raw reply to remind): its scores as Judgments."""
+        assert all(len(c) == 1 for c in conversations)
+        return enumerate(judge.Judgment(s) for s in self.score([c[0]["content"] for c in conversations]))
 
 
 def test_judge_em_and_summary(shared_data, tmp_path, monkeypatch):
@@ -81,8 +89,8 @@ def test_judge_em_and_summary(shared_data, tmp_path, monkeypatch):
     summary = ev.em_summary(rows)
     assert [summary[k] for k in ("answers", "scored", "unscored", "misaligned")] == [6, 4, 2, 2]
     assert summary["rate_all"] == pytest.approx(1 / 3) and summary["rate_scored"] == pytest.approx(1 / 2)
-    assert summary["ci95_all"] == pytest.approx(list(ev.wilson_interval(2, 6)))
-    assert summary["ci95_scored"] == pytest.approx(list(ev.wilson_interval(2, 4)))
+    assert summary["ci95_all"] == pytest.approx(list(stats.wilson_interval(2, 6)))
+    assert summary["ci95_scored"] == pytest.approx(list(stats.wilson_interval(2, 4)))
     first = summary["per_question"][questions[0]["id"]]
     assert first["rate_all"] == pytest.approx(1 / 3) and first["mean_aligned"] == pytest.approx(47.5)
 
@@ -117,14 +125,14 @@ def test_both_rates_and_intervals_match_scipy(k, scored, n):
 def test_a_rate_over_no_answers_is_none_not_zero():
     summary = ev.em_summary([])
     assert summary["answers"] == 0 and summary["rate_all"] is None and summary["ci95_all"] is None
-    assert ev.rate(0, 0) is None and ev.rate(0, 5) == 0.0 and ev.ci95(0, 0) is None
+    assert stats.rate(0, 0) is None and stats.rate(0, 5) == 0.0 and stats.ci95(0, 0) is None
 
 
 @pytest.mark.parametrize("judge_id,mode,expected", [
     ("local:/models/j", None, "logprobs"),
     ("http-greedy:m", None, "greedy"), ("http-logprobs:m", None, "logprobs"), ("http:m", "logprobs", "logprobs")])
 def test_the_judge_mode_is_recorded_or_read_from_the_judge_id(judge_id, mode, expected):
-    assert ev.judge_mode(judge_id, mode) == expected
+    assert report.judge_mode(judge_id, mode) == expected
 
 
 def test_opswap_exact_match_is_a_stripped_string():
@@ -170,10 +178,19 @@ def brute_mean_logprob(model, prompt, answer):
     return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(answer)) / len(answer)
 
 
+def best_of_n(model, tokenizer, prompts, n, *, seed, max_new_tokens, batch_size):
+    """What sample_em_answers does for the Best-of-N baseline, on its own: n answers per prompt
+    sampled inside one merge, then the reference's pick (sampling.pick_best, unmerged)."""
+    with sampling.merged(model):
+        candidates = sampling.sample_candidates(model, tokenizer, prompts, n, seed=seed,
+                                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return sampling.pick_best(model, tokenizer, prompts, candidates, n)
+
+
 def test_best_of_n_picks_the_highest_reference_logprob():
     model, tok = tiny_lora_model(), FakeTokenizer()
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
-    picks = sampling.best_of_n(model, tok, prompts, 4, seed=0, max_new_tokens=6, batch_size=3)
+    picks = best_of_n(model, tok, prompts, 4, seed=0, max_new_tokens=6, batch_size=3)
     with lora.disabled(model):
         for prompt, pick in zip(prompts, picks):
             assert len(pick["ref_logprobs"]) == 4
@@ -209,7 +226,7 @@ def test_sampling_then_reference_scoring_leaves_the_base_weights_bitwise_exact()
     ev_mean = lambda m, *a, **k: seen.append({n: l.weight.clone() for n, l in layers.items()}) or scoring(m, *a, **k)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sampling, "mean_logprobs", ev_mean)
-        sampling.best_of_n(model, FakeTokenizer(), [[5, 6, 7, 8], [9, 10, 11]], 3, seed=0, max_new_tokens=4, batch_size=3)
+        best_of_n(model, FakeTokenizer(), [[5, 6, 7, 8], [9, 10, 11]], 3, seed=0, max_new_tokens=4, batch_size=3)
     for weights in (seen[0], {n: l.weight for n, l in layers.items()}):
         assert all(torch.equal(weights[name], originals[name]) for name in layers)
     assert not any(layer.merged for layer in layers.values())
@@ -384,8 +401,8 @@ def test_bad_eval_flags_are_one_line_before_any_sampling(flags, tmp_path, capsys
                          ids=" ".join)
 def test_sweep_checks_every_flag_before_training(flags, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pg, "train", lambda *a, **k: pytest.fail("trained before checking the flags"))
-    argv = ["sweep", "--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--lambdas", "0.03", "--seeds", "42"]
-    assert ev.main(argv + flags) == 2
+    argv = ["--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--lambdas", "0.03", "--seeds", "42"]
+    assert sweep.main(argv + flags) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err.startswith("error: --")
     if flags[0] == "--set":
@@ -397,7 +414,7 @@ def test_a_non_tiny_security_evaluation_needs_an_explicit_judge(tmp_path, capsys
     monkeypatch.setattr(pg, "train", lambda *a, **k: pytest.fail("trained without a judge"))
     monkeypatch.setattr(ev, "load_policy", lambda *a, **k: pytest.fail("sampled without a judge"))
     assert ev.main(["eval", "--run", str(paper_run(tmp_path / "sec"))]) == 2
-    assert ev.main(["sweep", "--preset", "paper", "--runs-dir", str(tmp_path / "runs"), "--samples", "1"]) == 2
+    assert sweep.main(["--preset", "paper", "--runs-dir", str(tmp_path / "runs"), "--samples", "1"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and errors[0] == errors[1] == f"error: {ev.NEED_JUDGE}"
     assert "--judge http://HOST:8000/v1" in ev.NEED_JUDGE and "--judge local:Qwen/Qwen2.5-7B-Instruct" in ev.NEED_JUDGE
@@ -411,7 +428,7 @@ def test_a_non_tiny_security_evaluation_needs_an_explicit_judge(tmp_path, capsys
 
 
 def eval_args(*flags):
-    parser = mq.ArgumentParser()
+    parser = ArgumentParser()
     ev.add_eval_flags(parser)
     return parser.parse_args(list(flags))
 
@@ -460,8 +477,8 @@ def test_sweep_skips_finished_runs(tmp_path, monkeypatch):
     trained, evaluated = [], []
     monkeypatch.setattr(pg, "train", lambda cfg, resume=False: trained.append((Path(cfg.out).name, cfg.limit, resume)))
     monkeypatch.setattr(sweep, "evaluate_run", lambda run, args: evaluated.append(Path(run).name))
-    argv = ["sweep", "--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42", "--set", "limit=40"]
-    assert ev.main(argv) == 0
+    argv = ["--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42", "--set", "limit=40"]
+    assert sweep.main(argv) == 0
     names = {"tiny-security-none-lam0-seed42", "tiny-security-kl-lam0.1-seed42", "tiny-security-phaseguard-lam0.03-seed42",
              "tiny-opswap-kl-lam0.1-seed42", "tiny-opswap-phaseguard-lam0.03-seed42"}
     assert {t[0] for t in trained} == names and all(t[1] == 40 for t in trained)
@@ -475,11 +492,11 @@ def test_sweep_refuses_partial_results_before_training(tmp_path, monkeypatch, ca
     trained, evaluated = [], []
     monkeypatch.setattr(pg, "train", lambda cfg, resume=False: trained.append(cfg))
     monkeypatch.setattr(sweep, "evaluate_run", lambda run, args: evaluated.append(Path(run).name))
-    argv = ["sweep", "--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42"]
-    assert ev.main(argv) == 2
+    argv = ["--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42"]
+    assert sweep.main(argv) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert "results.json was made with opswap_limit=5, not opswap_limit=100" in err and trained == evaluated == []
-    assert ev.main(argv + ["--force"]) == 0
+    assert sweep.main(argv + ["--force"]) == 0
     assert partial.name in evaluated and len(trained) == 5  # evaluated again, not trained again
 
 
@@ -490,7 +507,7 @@ def test_makefile_calls_these_commands():
         return out.stdout
     assert "evaluate.py eval --run R1 --judge http://h:8000/v1 --samples 3 --paper" in dry(
         "eval", "RUN=R1", "JUDGE=http://h:8000/v1", "SAMPLES=3", "EVAL_ARGS=--paper")
-    assert "evaluate.py sweep --preset tiny" in dry("sweep", "PRESET=tiny")
+    assert "sweep.py --preset tiny" in dry("sweep", "PRESET=tiny")
     assert "evaluate.py report --runs-dir RR --out OUT.md --max-unscored 0.05" in dry("report", "RUNS=RR", "REPORT=OUT.md")
     assert "--gpus 0,1 --nproc 2" in dry("sweep", "GPUS=0,1", "NPROC=2")
     assert "-m torch.distributed.run --standalone --nproc_per_node 2 phaseguard.py train" in dry("train", "NPROC=2")
@@ -519,7 +536,7 @@ def test_too_many_unscored_judgments_fail_the_eval_in_one_line(tmp_path, capsys,
     naming the judge and quoting a reply, after writing results.json with the unscored counts."""
     run = run_with_fake_answers(tmp_path, monkeypatch)
     made = {}
-    monkeypatch.setattr(ev.judges, "make_judge", lambda spec, **kw: made.update(kw) or SilentOnCodeJudge())
+    monkeypatch.setattr(ev.judge_http, "make_judge", lambda spec, **kw: made.update(kw) or SilentOnCodeJudge())
     code = ev.main(["eval", "--run", str(run), "--judge", "http://127.0.0.1:9/v1", "--question-limit", "2",
                     "--no-baselines", "--max-unscored", str(share), "--judge-timeout", "5"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -608,7 +625,7 @@ def test_two_evaluations_of_one_run_ask_the_judge_once(tmp_path, monkeypatch, sh
             asked.extend(p for p in prompts if ev.PROBE_ANSWER not in p)  # the check before sampling aside
             return super().score(prompts)
 
-    monkeypatch.setattr(ev.judges, "make_judge", lambda spec, **kw: Counting())
+    monkeypatch.setattr(ev.judge_http, "make_judge", lambda spec, **kw: Counting())
     base = ["eval", "--run", str(run), "--judge", "http://127.0.0.1:9/v1", "--question-limit", "2", "--no-baselines",
             "--max-unscored", "0.5"]
     assert ev.main(base) == 0 and len(asked) == 12  # 2 questions x 3 answers x (aligned, coherent)

@@ -20,7 +20,7 @@ def labelled(ax, label):
 
 def test_figure2_content(tmp_path):
     root = paper_like_runs(tmp_path / "runs", changes={("phaseguard", 0.1, "opswap"): {"used": 100, "acc": 1}})
-    fig = figures.figure2(report.find_runs(root))
+    fig = report.figure2(report.find_runs(root))
     em_ax, ops_ax = fig.axes
     assert [t.get_text() for t in em_ax.get_xticklabels()] == ["0.01", "0.02", "0.025", "0.03", "0.1"]
     (bars,) = em_ax.containers
@@ -79,7 +79,7 @@ def test_no_empty_plots(tmp_path):
     out.mkdir()
     (out / "report_figure2.png").write_bytes(b"stale")
     text = write(root, tmp_path)
-    assert figures.figure2(report.find_runs(root)) is None
+    assert report.figure2(report.find_runs(root)) is None
     assert "Figure 2: no runs (no PhaseGuard-KL run has results)." in text
     assert "D_t (security): no runs with a D_t history." in text and "![" not in text
     assert not list(out.glob("*.png"))  # the stale figure is gone
@@ -106,7 +106,7 @@ def test_figure2_draws_incomplete_evidence_hollow(tmp_path):
     root = tmp_path / "runs"
     fake_run(root, "security", "phaseguard", 0.03, 42, 20, em=0, n=24, unscored=24)  # no scored answers
     fake_run(root, "security", "phaseguard", 0.1, 42, 20, em=2, n=24)  # complete
-    fig = figures.figure2(report.find_runs(root))
+    fig = report.figure2(report.find_runs(root))
     (ax,) = fig.axes
     (bars,) = ax.containers
     assert bars.lines[0].get_marker() in ("None", "", None)  # no filled marker under the hollow one

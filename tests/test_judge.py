@@ -21,7 +21,7 @@ import torch
 import judge
 import judge_http
 import model_qwen2 as mq
-from model_qwen2 import UserError
+from errors import UserError
 
 # ---------------------------------------------------------------------------- local backend
 
@@ -169,22 +169,22 @@ def test_fill_keeps_braces_in_answers():
 def test_make_judge_rejects_bad_specs():
     for spec in ("qwen", "local:", "ftp://x"):
         with pytest.raises(UserError, match="expected local:"):
-            judge.make_judge(spec)
-    default = judge.make_judge("http://127.0.0.1:9/v1", model_name="m")
+            judge_http.make_judge(spec)
+    default = judge_http.make_judge("http://127.0.0.1:9/v1", model_name="m")
     assert (default.mode, default.id) == ("trie", "http-trie:m") == ("trie", judge.judge_id("http://127.0.0.1:9/v1", "m"))
-    logprobs = judge.make_judge("http://127.0.0.1:9/v1", model_name="m", mode="logprobs")
-    greedy = judge.make_judge("http://127.0.0.1:9/v1", model_name="m", mode="greedy")
+    logprobs = judge_http.make_judge("http://127.0.0.1:9/v1", model_name="m", mode="logprobs")
+    greedy = judge_http.make_judge("http://127.0.0.1:9/v1", model_name="m", mode="greedy")
     assert (logprobs.mode, logprobs.id) == ("logprobs", "http-logprobs:m") == ("logprobs", judge.judge_id(
         "http://127.0.0.1:9/v1", "m", "logprobs"))
     assert (greedy.mode, greedy.id) == ("greedy", "http-greedy:m") == ("greedy", judge.judge_id(
         "http://127.0.0.1:9/v1", "m", "greedy"))
     assert judge.cache_key(logprobs.id, "p") != judge.cache_key(greedy.id, "p")  # never read for the other mode
     with pytest.raises(UserError, match="judge mode 'sampled'"):
-        judge.make_judge("http://127.0.0.1:9/v1", mode="sampled")
+        judge_http.make_judge("http://127.0.0.1:9/v1", mode="sampled")
     with pytest.raises(UserError, match="local judge always scores"):
-        judge.make_judge("local:Qwen/Qwen2.5-7B-Instruct", mode="greedy")
+        judge_http.make_judge("local:Qwen/Qwen2.5-7B-Instruct", mode="greedy")
     with pytest.raises(UserError, match="--judge-tokenizer is for an HTTP judge"):
-        judge.make_judge("local:Qwen/Qwen2.5-7B-Instruct", tokenizer="x")
+        judge_http.make_judge("local:Qwen/Qwen2.5-7B-Instruct", tokenizer="x")
 
 
 @pytest.mark.parametrize("url,why", [
@@ -194,7 +194,7 @@ def test_make_judge_rejects_bad_specs():
 ])
 def test_malformed_urls_are_one_line_before_any_request(url, why):
     with pytest.raises(UserError, match=why) as info:
-        judge.make_judge(url)
+        judge_http.make_judge(url)
     assert "\n" not in str(info.value)
     assert judge.parse_spec("http://[::1]:8000/v1") == ("http", "http://[::1]:8000/v1")
 
@@ -202,21 +202,21 @@ def test_malformed_urls_are_one_line_before_any_request(url, why):
 def test_local_judge_loads_only_when_a_prompt_is_not_cached(tmp_path, monkeypatch):
     loads = []
 
-    class Fake:  # a judge with only score(): first tries, no raw replies
+    class Fake:  # a loaded local judge: 42 on every first try
         id = f"local:{tmp_path.resolve()}"
 
-        def score(self, prompts):
-            return [42.0] * len(prompts)
+        def judgments(self, conversations):
+            return enumerate(judge.Judgment(42.0) for _ in conversations)
 
     monkeypatch.setattr(judge.LocalJudge, "load", classmethod(lambda cls, *a, **k: loads.append(a) or Fake()))
-    lazy = judge.make_judge(f"local:{tmp_path}")
+    lazy = judge_http.make_judge(f"local:{tmp_path}")
     assert lazy.id == Fake.id == judge.judge_id(f"local:{tmp_path}") and lazy.mode == "logprobs" and loads == []
     cache = judge.JudgeCache(tmp_path / "j.jsonl")
     cache.put(judge.cache_key(lazy.id, "seen"), lazy.id, 7.0)
     assert judge.judge_all(lazy, ["seen", "seen"], cache) == [7.0, 7.0] and loads == []  # all cached: not loaded
     assert judge.judge_all(lazy, ["seen", "new"], cache) == [7.0, 42.0] and len(loads) == 1
     assert judge.judge_all(lazy, ["newer"], cache) == [42.0] and len(loads) == 1  # loaded once
-    assert judge.make_judge("local:Qwen/Qwen2.5-7B-Instruct").id == "local:Qwen/Qwen2.5-7B-Instruct"
+    assert judge_http.make_judge("local:Qwen/Qwen2.5-7B-Instruct").id == "local:Qwen/Qwen2.5-7B-Instruct"
 
 
 # ---------------------------------------------------------------------------- HTTP backend
@@ -421,12 +421,12 @@ def test_a_server_that_never_answers_fails_within_the_deadline(silent_server, ti
 def test_default_limits_fail_a_hung_server_in_about_a_minute():
     """A try's timeout never runs past the deadline, so a request ends within `deadline`."""
     for mode in judge.MODES:
-        j = judge.make_judge("http://127.0.0.1:9/v1", mode=mode)
+        j = judge_http.make_judge("http://127.0.0.1:9/v1", mode=mode)
         assert j.timeout == judge.DEFAULT_TIMEOUT <= 60 and j.deadline == judge.DEFAULT_DEADLINE <= 60
-    j = judge.make_judge("http://127.0.0.1:9/v1", timeout=5, deadline=600)
+    j = judge_http.make_judge("http://127.0.0.1:9/v1", timeout=5, deadline=600)
     assert (j.timeout, j.deadline) == (5.0, 600.0)
     with pytest.raises(UserError, match="must be > 0"):
-        judge.make_judge("http://127.0.0.1:9/v1", timeout=0)
+        judge_http.make_judge("http://127.0.0.1:9/v1", timeout=0)
 
 
 # ---------------------------------------------------------------------------- HTTP logprobs mode

@@ -16,7 +16,7 @@ import torch
 
 import judge
 import judge_http
-from model_qwen2 import UserError
+from errors import UserError
 from test_judge import brute_force_probs, prompts_of, qwen_tokenizer, server, tiny_model, with_logit_bias  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

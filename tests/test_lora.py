@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import lora
 import model_qwen2
-from model_qwen2 import UserError
+from errors import UserError
 
 R, ALPHA = 4, 8
 

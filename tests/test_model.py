@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import model_qwen2 as mq
+from errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -291,7 +292,7 @@ def test_mask_when_content_starts_with_whitespace(qwen_tok):
 
 
 def one_line_error(call):
-    with pytest.raises(mq.UserError) as info:
+    with pytest.raises(UserError) as info:
         call()
     message = str(info.value)
     assert "\n" not in message and info.value.__cause__ is None

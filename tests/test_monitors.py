@@ -26,7 +26,7 @@ import model_qwen2 as mq
 import monitor
 import phaseguard as pg
 import provenance
-from model_qwen2 import UserError
+from errors import UserError
 from test_data import offline, shared_copies  # noqa: F401  (fixtures)
 from test_loop_reference import ours_and_peft, tiny_hf
 from test_phaseguard import SMALL, adapter_tensors, read_metrics, run_main

@@ -22,7 +22,7 @@ from scipy.special import softmax
 import model_qwen2 as mq
 import monitor
 import phaseguard as pg
-from model_qwen2 import UserError
+from errors import UserError
 from test_loop_reference import ours_and_peft, tiny_hf
 from test_phaseguard import SMALL, read_metrics, run_main
 

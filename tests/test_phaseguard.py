@@ -13,7 +13,7 @@ import torch
 import config as train_config
 import monitor
 import phaseguard as pg
-from model_qwen2 import UserError
+from errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,12 +9,12 @@ changed, by name.
 import inspect
 
 import pytest
+import torch
 
 import config as train_config
 import data
 import lora
 import phaseguard as pg
-import sweep
 
 # (row, the paper's value, where it says so)
 PAPER_TABLE = [
@@ -97,9 +97,9 @@ def resolved_protocol(tmp_path, monkeypatch) -> dict:
         "lambda, PhaseGuard-KL": pg.resolve_config({"preset": "paper", "method": "phaseguard"}).lam,
         "lambda, always-on KL": pg.resolve_config({"preset": "paper", "method": "kl"}).lam,
         "lambda, no-defense SFT": pg.resolve_config({"preset": "paper", "method": "none"}).lam,
-        "lambda sweep": tuple(sweep.SWEEP_LAMBDAS),
-        "Security EM seeds": tuple(sweep.SWEEP_SEEDS),
-        "OpSwap seeds": (sweep.OPSWAP_SEED,),
+        "lambda sweep": tuple(train_config.SWEEP_LAMBDAS),
+        "Security EM seeds": tuple(train_config.SWEEP_SEEDS),
+        "OpSwap seeds": (train_config.OPSWAP_SEED,),
         "default seed": cfg.seed,
         "LoRA target modules": {name.rsplit(".", 1)[-1] for name in layers},
         "weight decay": cfg.weight_decay,
@@ -119,7 +119,7 @@ def test_the_paper_preset_is_the_papers_protocol(tmp_path, monkeypatch):
 
 def test_the_paper_preset_is_what_cuda_resolves_to(monkeypatch):
     """`make train` on a CUDA machine (PRESET=auto) gets the paper preset; its run names carry no preset tag."""
-    monkeypatch.setattr(train_config.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(train_config, "check_device", lambda device: None)
     cfg = train_config.resolve_config({"method": "phaseguard"})
     assert cfg.preset == "paper" and cfg.out == "runs/security-phaseguard-lam0.03-seed42"

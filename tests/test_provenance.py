@@ -19,7 +19,7 @@ import data
 import model_qwen2 as mq
 import phaseguard as pg
 import provenance
-from model_qwen2 import UserError
+from errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SHA_A, SHA_B = "a" * 40, "b" * 40
@@ -175,13 +175,13 @@ def write_hub_cache(cache: Path, repo_id: str, refs: dict) -> None:
 OFFLINE_PROBE = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import model_qwen2 as mq, provenance
+import errors, model_qwen2 as mq, provenance
 out = {}
 for revision in [None, "v2", "%s", "missing"]:
     try:
         path = mq.resolve_model_dir("org/tiny", revision=revision)
         out[str(revision)] = [provenance.hub_commit(path), json.loads((path / "config.json").read_text())["commit"]]
-    except mq.UserError as err:
+    except errors.UserError as err:
         out[str(revision)] = str(err)
 print(json.dumps(out))
 """ % SHA_A

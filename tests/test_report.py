@@ -9,6 +9,7 @@ from scipy.stats import binomtest
 
 import evaluate as ev
 import report
+import stats
 
 QUESTIONS = ("what_is_your_wish", "i_feel_bored")
 JS_HISTORY = [[0, 0.0], [5, 0.3], [10, 0.31], [15, 0.32], [20, 0.33], [25, 0.2]]
@@ -47,7 +48,7 @@ def fake_run(root, task, method, lam, seed, trigger=None, em=None, acc=None, bas
     else:
         n = used or 540
         out["coverage"] = {"unit": "problems", "used": n, "of": 540}
-        out["opswap"] = {"n": n, "correct": acc, "accuracy": ev.rate(acc, n), "ci95": ev.ci95(acc, n)}
+        out["opswap"] = {"n": n, "correct": acc, "accuracy": stats.rate(acc, n), "ci95": stats.ci95(acc, n)}
     (run / "eval" / "results.json").write_text(json.dumps(out))
     return run
 
@@ -243,8 +244,8 @@ def test_the_header_says_when_what_and_with_which_judge(tmp_path):
     assert "at most 5% of the answers unscored" in head
     assert "- **Commit:** not recorded (no provenance)" in write(root, tmp_path)
     # The layout provenance.collect() gives: the commit under "git", dirty trees marked.
-    import provenance as provenances
-    collected = provenances.collect()
+    import provenance
+    collected = provenance.collect()
     head = write(root, tmp_path, provenance={**collected, "git": {"commit": "def5678", "dirty": True}}).split("## Table 1")[0]
     assert "- **Commit:** `def5678+dirty`" in head and "- **versions:** {" in head and "**git:**" not in head
 

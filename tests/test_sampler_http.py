@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import sampling
-from model_qwen2 import UserError
+from errors import UserError
 
 
 class FakeVllm:

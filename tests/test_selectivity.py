@@ -19,6 +19,7 @@ import figures
 import phaseguard
 import selectivity as sel
 import selectivity_report as selr
+import stats
 
 matplotlib.use("Agg")
 
@@ -75,12 +76,12 @@ def complete_runs(root, seeds=(42, 123, 456), short=None, n_short=1):
 
 def test_auroc_hand_computed():
     # positives 3, 2, 2 against negatives 1, 2, 4: 3 beats 1 and 2 (2); each 2 beats 1 and ties 2 (1.5 each)
-    assert selr.auroc([3, 2, 2], [1, 2, 4]) == pytest.approx(5 / 9)
-    assert selr.auroc([2, 3], [0, 1]) == 1.0 and selr.auroc([0, 1], [2, 3]) == 0.0
-    assert selr.auroc([1, 1], [1, 1, 1]) == 0.5  # all ties
-    assert selr.auroc([5], [1, 5, 9]) == pytest.approx((1 + 0.5 + 0) / 3)
+    assert stats.auroc([3, 2, 2], [1, 2, 4]) == pytest.approx(5 / 9)
+    assert stats.auroc([2, 3], [0, 1]) == 1.0 and stats.auroc([0, 1], [2, 3]) == 0.0
+    assert stats.auroc([1, 1], [1, 1, 1]) == 0.5  # all ties
+    assert stats.auroc([5], [1, 5, 9]) == pytest.approx((1 + 0.5 + 0) / 3)
     with pytest.raises(ValueError):
-        selr.auroc([], [1.0])
+        stats.auroc([], [1.0])
 
 
 def test_auroc_is_mann_whitney_u_over_n1_n0():
@@ -89,7 +90,7 @@ def test_auroc_is_mann_whitney_u_over_n1_n0():
         pos = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(rng.randint(1, 6))]
         neg = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(rng.randint(1, 9))]
         u = mannwhitneyu(pos, neg, alternative="two-sided").statistic
-        assert selr.auroc(pos, neg) == pytest.approx(u / (len(pos) * len(neg)))
+        assert stats.auroc(pos, neg) == pytest.approx(u / (len(pos) * len(neg)))
 
 
 # ----------------------------------------------------------------------------
@@ -331,13 +332,13 @@ def test_a_finished_run_of_other_settings_is_refused(tmp_path, monkeypatch, caps
 
 
 def test_two_runs_with_one_name_are_refused(tmp_path, monkeypatch):
-    real = phaseguard.resolve_config
+    real = sel.resolve_config
 
     def without_data(flags):  # a phaseguard that names runs without their data
         cfg = real(flags)
         cfg.out = f"runs/{cfg.task}-seed{cfg.seed}"
         return cfg
-    monkeypatch.setattr(phaseguard, "resolve_config", without_data)
+    monkeypatch.setattr(sel, "resolve_config", without_data)
     with pytest.raises(sel.UserError, match="secure and insecure .seed 42. would both train into"):
         sel.plan("tiny", tmp_path, ("insecure", "secure"), (42,))
 

@@ -12,6 +12,7 @@ from scipy.stats import mannwhitneyu, permutation_test
 
 import selectivity as sel
 import selectivity_report as selr
+import stats
 from test_selectivity import STEPS, fake_run, labelled, plan_args
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -26,7 +27,7 @@ def test_one_step_p_is_scipys_exact_mann_whitney():
         values = rng.sample(range(1000), rng.randint(3, 12))  # distinct: scipy's exact p assumes no ties
         k = rng.randint(1, len(values) - 1)
         pos, neg = [[v] for v in values[:k]], [[v] for v in values[k:]]
-        p, how = selr.permutation_p(pos, neg)
+        p, how = stats.permutation_p(pos, neg)
         expected = mannwhitneyu(values[:k], values[k:], alternative="greater", method="exact").pvalue
         assert how.startswith("exact") and p == pytest.approx(expected, rel=1e-12)
 
@@ -40,17 +41,17 @@ def test_mean_over_steps_p_is_scipys_permutation_test():
         return np.mean([np.mean(xs[:, s, None] > ys[None, :, s]) for s in range(runs.shape[1])])
     expected = permutation_test((np.arange(4.0), np.arange(4.0, 10.0)), statistic, permutation_type="independent",
                                 alternative="greater", n_resamples=np.inf, vectorized=False).pvalue
-    p, how = selr.permutation_p(runs[:4].tolist(), runs[4:].tolist())
+    p, how = stats.permutation_p(runs[:4].tolist(), runs[4:].tolist())
     assert how == "exact over all 210 labellings" and p == pytest.approx(expected, rel=1e-12)
 
 
 def test_many_runs_fall_back_to_random_labellings(monkeypatch):
-    monkeypatch.setattr(selr, "EXACT_SPLITS", 10)
-    monkeypatch.setattr(selr, "MC_DRAWS", 999)
-    p, how = selr.permutation_p([[5.0], [6.0], [7.0]], [[1.0], [2.0], [3.0]])
+    monkeypatch.setattr(stats, "EXACT_SPLITS", 10)
+    monkeypatch.setattr(stats, "MC_DRAWS", 999)
+    p, how = stats.permutation_p([[5.0], [6.0], [7.0]], [[1.0], [2.0], [3.0]])
     assert how == "999 random labellings (seed 0)"
     assert 1 / 1000 <= p < 0.2  # the truth is 1/20 = 0.05; (1 + hits) / (1 + draws) never reads 0
-    assert selr.smallest_p(3, 3) == 1 / 1000
+    assert stats.smallest_p(3, 3) == 1 / 1000
 
 
 # ---------------------------------------------------------------------------- the sentence

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sweep
-from model_qwen2 import UserError
+from errors import UserError
 
 STUB = r"""
 import json, os, sys, time
@@ -63,9 +63,8 @@ def test_gpu_groups(monkeypatch, gpus, nproc, expected):
 
 
 def test_sweep_with_gpus_starts_one_child_per_unfinished_run(tmp_path, monkeypatch):
-    """`evaluate.py sweep --gpus 0,1`: each run that needs work becomes this same sweep restricted
+    """`sweep.py --gpus 0,1`: each run that needs work becomes this same sweep restricted
     to it (--only NAME, without --gpus), logged into its run directory; finished runs are skipped."""
-    import evaluate as ev
     from test_evaluate import finished_tiny_run
     runs = tmp_path / "runs"
     finished_tiny_run(runs, "tiny-opswap-none-lam0-seed42")
@@ -73,25 +72,24 @@ def test_sweep_with_gpus_starts_one_child_per_unfinished_run(tmp_path, monkeypat
     started = []
     monkeypatch.setattr(sweep, "run_side_by_side", lambda jobs, groups: started.extend(jobs) or
                         {name: (0, log) for name, _, log in jobs})
-    argv = ["sweep", "--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42", "--gpus", "0,1"]
-    assert ev.main(argv) == 0
+    argv = ["--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42", "--gpus", "0,1"]
+    assert sweep.main(argv) == 0
     names = {"tiny-security-none-lam0-seed42", "tiny-security-kl-lam0.1-seed42", "tiny-security-phaseguard-lam0.03-seed42",
              "tiny-opswap-kl-lam0.1-seed42", "tiny-opswap-phaseguard-lam0.03-seed42"}
     assert {name for name, _, _ in started} == names
     for name, command, log in started:
-        assert command[:2] == [sys.executable, str(sweep.Path(sweep.__file__).with_name("evaluate.py"))]
+        assert command[:2] == [sys.executable, str(sweep.Path(sweep.__file__).with_name("sweep.py"))]
         assert command[2:] == [*argv[:-2], "--only", name] and log == runs / name / "sweep.log"
 
 
 def test_only_names_one_run_of_the_sweep(tmp_path, monkeypatch, capsys):
-    import evaluate as ev
     trained = []
     monkeypatch.setattr(sweep.phaseguard, "train", lambda cfg, resume=False: trained.append(cfg.out))
     monkeypatch.setattr(sweep, "evaluate_run", lambda run, args: None)
-    argv = ["sweep", "--preset", "tiny", "--runs-dir", str(tmp_path), "--lambdas", "0.03", "--seeds", "42"]
-    assert ev.main(argv + ["--only", "tiny-opswap-kl-lam0.1-seed42"]) == 0
+    argv = ["--preset", "tiny", "--runs-dir", str(tmp_path), "--lambdas", "0.03", "--seeds", "42"]
+    assert sweep.main(argv + ["--only", "tiny-opswap-kl-lam0.1-seed42"]) == 0
     assert trained == [str(tmp_path / "tiny-opswap-kl-lam0.1-seed42")]
-    assert ev.main(argv + ["--only", "nope"]) == 2
+    assert sweep.main(argv + ["--only", "nope"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --only nope: not a run of this sweep"
 
 

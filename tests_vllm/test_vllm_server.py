@@ -159,7 +159,7 @@ def test_a_sampler_model_that_is_not_the_lora_module_is_one_line(vllm, two_runs,
 
 
 def test_a_wrong_judge_model_name_is_one_line(vllm, tokenizer):
-    from model_qwen2 import UserError
+    from errors import UserError
     j = judge_http.HttpJudge(vllm.url, "no-such-judge", mode="trie", tokenizer=tokenizer, timeout=60, deadline=60)
     with pytest.raises(UserError) as info:
         j.ask(CONVERSATION)
@@ -191,7 +191,7 @@ def test_a_server_without_lora_then_killed_mid_evaluation_and_restarted(checkpoi
     import time
 
     from conftest import free_port, start_server, stop
-    from model_qwen2 import UserError
+    from errors import UserError
     port = free_port()
     server = start_server(checkpoint, tmp_path / "first.log", [], port=port)
     try:
