@@ -1,5 +1,5 @@
 """Monitor selectivity (selectivity.py): the AUROC against a hand count and scipy, the trigger steps
-on a tau grid through phaseguard.update_trigger, the report and its figures from synthetic run
+on a tau grid through monitor.update_trigger, the report and its figures from synthetic run
 directories (config.json and summary.json written by hand), the run plan (finished runs skipped,
 interrupted ones resumed, one child per run with GPUS), and `make selectivity` end to end on the
 tiny preset."""
@@ -16,6 +16,7 @@ import pytest
 from scipy.stats import mannwhitneyu
 
 import figures
+import monitor
 import phaseguard
 import selectivity as sel
 import selectivity_report as selr
@@ -99,8 +100,9 @@ def test_auroc_is_mann_whitney_u_over_n1_n0():
 
 def test_trigger_step_is_phaseguards_trigger(monkeypatch):
     calls = []
-    real = phaseguard.update_trigger
-    monkeypatch.setattr(phaseguard, "update_trigger", lambda t, d, s: calls.append((d, s)) or real(t, d, s))
+    assert selr.update_trigger is monitor.update_trigger  # the loop's own trigger, not a copy
+    real = selr.update_trigger
+    monkeypatch.setattr(selr, "update_trigger", lambda t, d, s: calls.append((d, s)) or real(t, d, s))
     above = [[s, 0.3] for s in STEPS]
     assert selr.trigger_step(above, 0.15) == 20  # warm-up 0, 5, 10; above at 15 and 20: the paper's step 20
     assert calls[:5] == [(0.3, 0), (0.3, 5), (0.3, 10), (0.3, 15), (0.3, 20)] and len(calls) == 5  # stops when fired
