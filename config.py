@@ -65,18 +65,27 @@ class TrainConfig:
 
     def check(self):
         """Every field in range before anything is read or written: one line, exit 2, per bad value."""
+        self.check_choices()
+        self.check_tau()
+        self.check_numbers()
+        self.check_sources()
+
+    def check_choices(self):
+        """The named choices: method, task, preset, monitor, KL tokens."""
         if self.method not in METHODS:
             raise UserError(f"unknown METHOD {self.method!r}: expected one of {', '.join(METHODS)}")
         if self.task not in ("security", "opswap"):
             raise UserError(f"unknown TASK {self.task!r}: expected 'security' or 'opswap'")
         if self.preset not in ("auto", *PRESETS):
             raise UserError(f"unknown PRESET {self.preset!r}: expected auto, {', '.join(PRESETS)}")
-        if self.lam is not None and not (math.isfinite(self.lam) and self.lam >= 0):
-            raise UserError(f"LAMBDA must be a finite number >= 0, got {self.lam}")
         if self.monitor not in MONITOR_NAMES:
             raise UserError(f"unknown MONITOR {self.monitor!r}: expected one of {', '.join(MONITOR_NAMES)}")
-        # tau must be a value the monitor can exceed: JS (natural log) lies in [0, ln 2] (Sec. 3.2),
-        # 1 - cosine similarity in [0, 2], the KL in [0, inf).
+        if self.kl_tokens not in ("all", "supervised"):
+            raise UserError(f"kl_tokens must be 'all' or 'supervised', got {self.kl_tokens!r}")
+
+    def check_tau(self):
+        """tau must be a value the monitor can exceed: JS (natural log) lies in [0, ln 2] (Sec. 3.2),
+        1 - cosine similarity in [0, 2], the KL in [0, inf)."""
         if self.monitor in ("js", "js-rest", "js-answer") and not 0 < self.tau < math.log(2):
             raise UserError(f"tau must be > 0 and < ln 2 = {math.log(2):.4f} (the largest JS) for monitor "
                             f"{self.monitor}, got {self.tau}")
@@ -85,6 +94,11 @@ class TrainConfig:
         if self.monitor == "hidden" and not 0 < self.tau < 2:
             raise UserError(f"tau must be > 0 and < 2 (the largest 1 - cosine similarity) for monitor hidden, "
                             f"got {self.tau}")
+
+    def check_numbers(self):
+        """Rates, counts and sizes in their ranges."""
+        if self.lam is not None and not (math.isfinite(self.lam) and self.lam >= 0):
+            raise UserError(f"LAMBDA must be a finite number >= 0, got {self.lam}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"lr must be a finite number > 0, got {self.lr}")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
@@ -95,8 +109,6 @@ class TrainConfig:
             raise UserError(f"lora_dropout must be >= 0 and < 1, got {self.lora_dropout}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise UserError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
-        if self.kl_tokens not in ("all", "supervised"):
-            raise UserError(f"kl_tokens must be 'all' or 'supervised', got {self.kl_tokens!r}")
         for name in ("batch_size", "micro_batch_size", "monitor_every", "topk", "lora_r", "epochs",
                      "checkpoint_every", "max_len", "consecutive", "answer_tokens"):
             if getattr(self, name) < 1:
@@ -116,11 +128,14 @@ class TrainConfig:
             raise UserError(f"limit must be >= 1 (the number of training samples to use), got {self.limit}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"max_steps must be >= 1 (the number of optimizer steps to run), got {self.max_steps}")
+        if self.batch_size % self.micro_batch_size:
+            raise UserError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+
+    def check_sources(self):
+        """The model revision, the data source and the device."""
         if self.revision is not None and (not self.revision.strip() or self.model == "tiny"):
             raise UserError(f"revision pins a hub model's commit (a branch, tag or commit hash), got "
                             f"{self.revision!r} for model {self.model!r}")
-        if self.batch_size % self.micro_batch_size:
-            raise UserError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         if self.task == "security":
             data.check_data_source(self.data)
         check_device(self.device)

@@ -500,7 +500,7 @@ class JudgeCache:
         return self.rows.get(cache_key(judge_id, prompt), {}).get("reply")
 
 
-def todo(row: dict | None, rejudge_unscored: bool) -> str | None:
+def still_to_ask(row: dict | None, rejudge_unscored: bool) -> str | None:
     """What a judgment still needs: 'ask' (from the start), 'remind' (the second try), None."""
     if row is None:
         return "ask"
@@ -525,7 +525,7 @@ def judge_all(judge, prompts: list[str], cache: JudgeCache | None = None, *,
     rows: dict[str, dict] = dict(cache.rows) if cache is not None else {}
     ask, remind = [], []
     for key in dict.fromkeys(keys):
-        need = todo(rows.get(key), rejudge_unscored)
+        need = still_to_ask(rows.get(key), rejudge_unscored)
         (ask if need == "ask" else remind if need == "remind" else []).append(key)
     if not ask and not remind:
         return [rows[k]["score"] for k in keys]

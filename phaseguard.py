@@ -40,7 +40,7 @@ from distributed import Dist
 from errors import ArgumentParser, UserError
 from monitor import (MONITORS, MonitorSetup, Reference, Trigger, all_monitors, canary_batch, monitor_record,
                      monitor_setup, reference_state, update_trigger)
-from rundir import (check_run_dir, latest_checkpoint, load_checkpoint, naming_errors, resume_hint, run_lock,
+from rundir import (check_run_dir, latest_checkpoint, load_checkpoint, write_errors_name, resume_hint, run_lock,
                     save_checkpoint, start_run_dir, truncate_metrics, write_atomic)
 
 # ----------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def load_run_model(cfg: TrainConfig, run: Path, resuming: bool = False, device: 
         else:
             raw_train, _ = data.opswap_split(2)
         texts = [m["content"] for s in raw_train[:cfg.limit] for m in s["messages"]]
-        with naming_errors(run / "tiny_model"):
+        with write_errors_name(run / "tiny_model"):
             model_dir, tok_path = build_tiny_model(cfg, texts, run / "tiny_model")
     else:  # one snapshot: the weights, and the tokenizer unless another is named, at the same commit
         model_dir = mq.resolve_model_dir(cfg.model, revision=cfg.revision)
@@ -235,7 +235,7 @@ def train_locked(cfg: TrainConfig, resume: bool, dist: Dist) -> Path:
             if not dist.is_main:
                 continue
             # Log and checkpoint (rank 0).
-            with naming_errors(run.dir / "metrics.jsonl"):
+            with write_errors_name(run.dir / "metrics.jsonl"):
                 log.write(json.dumps(step_record(cfg, step, stats, lam, lr, grad_norm, seconds, values, trigger,
                                                  run.cuda)) + "\n")
                 log.flush()
@@ -360,7 +360,7 @@ def finish(cfg: TrainConfig, run: Run, trigger: Trigger, dist: Dist) -> Path:
                 run.monitor_history[name].append([run.stop, value])
     dist.barrier()
     if dist.is_main:
-        with naming_errors(run.dir / "adapter"):
+        with write_errors_name(run.dir / "adapter"):
             lora.save_adapter(run.model, run.dir / "adapter", cfg.model)
         summary = {"steps": run.stop, "planned_steps": run.total_steps, "trigger_step": trigger.fired_at,
                    "monitor": cfg.monitor, "monitor_history": run.monitor_history,

@@ -27,12 +27,12 @@ from errors import UserError
 
 def save_checkpoint(run: Path, model, optimizer, step: int, trigger, monitor_history: dict):
     tmp = run / f"checkpoint-{step}.tmp"
-    with naming_errors(tmp):
+    with write_errors_name(tmp):
         write_checkpoint(run, tmp, model, optimizer, step, trigger, monitor_history)
 
 
 @contextlib.contextmanager
-def naming_errors(path: Path):
+def write_errors_name(path: Path):
     """A failed write (ENOSPC, EFBIG) names no file by itself, and safetensors reports it as
     "os error N" in an exception of its own: raise an OSError naming the path being written."""
     try:
@@ -188,10 +188,10 @@ def run_lock(run: Path):
     it. flock: the kernel releases it when the process ends, however it ends, so a killed run
     never leaves a stale lock (the file itself stays; it holds nothing)."""
     import fcntl
-    with naming_errors(run):
+    with write_errors_name(run):
         run.mkdir(parents=True, exist_ok=True)
     path = run / LOCK_FILE
-    with naming_errors(path):
+    with write_errors_name(path):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -213,7 +213,7 @@ def write_atomic(path: Path, text: str):
 
 def write_atomic_bytes(path: Path, content: bytes):
     tmp = path.with_name(path.name + ".tmp")
-    with naming_errors(tmp):
+    with write_errors_name(tmp):
         tmp.write_bytes(content)
         fsync(tmp)
     os.replace(tmp, path)
@@ -340,7 +340,7 @@ def truncate_metrics(path: Path, step: int):
             steps.add(record["step"])
     if garbled:
         aside = path.with_name(path.name + ".garbled")
-        with naming_errors(aside), open(aside, "ab") as out:
+        with write_errors_name(aside), open(aside, "ab") as out:
             out.write(b"".join(raw + b"\n" for _, raw in garbled))
         missing = sorted(set(range(1, step + 1)) - steps)
         print(f"[phaseguard] warning: {path}: line(s) {', '.join(str(n) for n, _ in garbled)} not a JSON record "
