@@ -17,6 +17,7 @@ from scipy.stats import mannwhitneyu
 
 import figures
 import monitor
+import orchestrate
 import phaseguard
 import selectivity as sel
 import selectivity_report as selr
@@ -334,15 +335,18 @@ def test_a_finished_run_of_other_settings_is_refused(tmp_path, monkeypatch, caps
 
 
 def test_two_runs_with_one_name_are_refused(tmp_path, monkeypatch):
-    real = sel.resolve_config
+    real = orchestrate.resolve_config
+    named = []
 
     def without_data(flags):  # a phaseguard that names runs without their data
         cfg = real(flags)
         cfg.out = f"runs/{cfg.task}-seed{cfg.seed}"
+        named.append(cfg.out)
         return cfg
-    monkeypatch.setattr(sel, "resolve_config", without_data)
+    monkeypatch.setattr(orchestrate, "resolve_config", without_data)  # where plan_configs looks it up
     with pytest.raises(sel.UserError, match="secure and insecure .seed 42. would both train into"):
         sel.plan("tiny", tmp_path, ("insecure", "secure"), (42,))
+    assert named == ["runs/security-seed42"] * 2  # the stub named both, and the second was refused
 
 
 def test_bad_flags_are_one_line(tmp_path, capsys):
@@ -357,9 +361,9 @@ def test_bad_flags_are_one_line(tmp_path, capsys):
 
 
 def test_gpus_start_one_child_per_unfinished_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(sel.sweep, "gpu_groups", lambda gpus, nproc: {"0,1": ["0", "1"], None: []}[gpus])
+    monkeypatch.setattr(orchestrate, "gpu_groups", lambda gpus, nproc: {"0,1": ["0", "1"], None: []}[gpus])
     started = []
-    monkeypatch.setattr(sel.sweep, "run_side_by_side", lambda jobs, groups: started.extend(jobs) or
+    monkeypatch.setattr(orchestrate, "run_side_by_side", lambda jobs, groups: started.extend(jobs) or
                         {name: (0, log) for name, _, log in jobs})
     plan = sel.plan("tiny", tmp_path, ("insecure", "opswap"), (42, 123))
     finish(plan[0][1])
