@@ -92,7 +92,6 @@ def run_state(cfg, settings: dict | None = None, identity: dict | None = None) -
     if not isinstance(was, dict):
         raise UserError(f"{run / 'config.json'}: not readable as the run's config (not an object)")
     done = (run / "summary.json").is_file()
-    was = {**rundir.added_keys(was), **was} if was else was
     now = dataclasses.asdict(cfg)
     for key in sorted((set(OWNS) | set(IDENTITY) | set(settings or {})) - {"out"}):
         if was and key in now and was.get(key) != now[key]:
