@@ -34,7 +34,7 @@ import orchestrate
 import rundir
 import selectivity_report
 from config import TrainConfig
-from errors import UserError
+from errors import ArgumentParser, UserError, exit_status
 from selectivity_report import (CONTROLS, DATASETS, MIN_SEEDS, MODEL_FILE, MONITORS, POSITIVE, ROLE, SEEDS,
                                 read_identity)
 
@@ -183,7 +183,6 @@ def child_command(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     import evaluate
-    from errors import ArgumentParser
     parser = ArgumentParser(description="Monitor selectivity: METHOD=none runs on insecure and its controls, "
                                         "then curves, trigger steps and AUROC")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,20 +205,18 @@ def main(argv=None) -> int:
     p.add_argument("--runs-dir", default="selectivity-runs")
     p.add_argument("--out", default="selectivity.md")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "run":
-            args.set = dict(args.set)
-            if args.model:
-                args.set["model"] = args.model
-            args.child_command = child_command(sys.argv[1:] if argv is None else list(argv))
-            run_all(args)
-        else:
-            selectivity_report.write_report(args.runs_dir, args.out, evaluate.provenance_record())
-            print(f"[selectivity] wrote {args.out}", file=sys.stderr)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    if args.command == "report":
+        return exit_status(lambda: write_report(args.runs_dir, args.out, evaluate.provenance_record()))
+    args.set = dict(args.set)
+    if args.model:
+        args.set["model"] = args.model
+    args.child_command = child_command(sys.argv[1:] if argv is None else list(argv))
+    return exit_status(lambda: run_all(args))
+
+
+def write_report(runs_dir, out, provenance: dict):
+    selectivity_report.write_report(runs_dir, out, provenance)
+    print(f"[selectivity] wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
