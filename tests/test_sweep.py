@@ -7,7 +7,6 @@ import pytest
 
 import orchestrate
 import sweep
-from errors import UserError
 
 def test_sweep_with_gpus_starts_one_child_per_unfinished_run(tmp_path, monkeypatch):
     """`sweep.py --gpus 0,1`: each run that needs work becomes this same sweep restricted
