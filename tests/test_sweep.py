@@ -8,6 +8,7 @@ import pytest
 import orchestrate
 import sweep
 
+
 def test_sweep_with_gpus_starts_one_child_per_unfinished_run(tmp_path, monkeypatch):
     """`sweep.py --gpus 0,1`: each run that needs work becomes this same sweep restricted
     to it (--only NAME, without --gpus), logged into its run directory; finished runs are skipped."""
