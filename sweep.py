@@ -32,10 +32,13 @@ SWEEP_FLAGS = "--lambdas, --seeds, --preset, --runs-dir"  # what sets them, for 
 
 
 def sweep_configs(args) -> list:
-    # --set data=... names the Security EM data; OpSwap is generated and takes none (None: no flag).
-    runs = [(f"{flags['task']} {flags['method']}" + (f" lam {flags['lam']:g}" if "lam" in flags else ""),
-             {**flags, "data": None} if flags["task"] == "opswap" else flags)
-            for flags in sweep_plan(args.preset, args.lambdas, args.seeds)]
+    """The config of every run of the plan, under --runs-dir, with the --set settings."""
+    runs = []
+    for flags in sweep_plan(args.preset, args.lambdas, args.seeds):
+        label = " ".join([flags["task"], flags["method"], *([f"lam {flags['lam']:g}"] if "lam" in flags else [])])
+        if flags["task"] == "opswap":  # --set data=... names the Security EM data; OpSwap is generated
+            flags = {**flags, "data": None}  # and takes none (a None flag is no flag)
+        runs.append((label, flags))
     return orchestrate.plan_configs(runs, args.set, args.runs_dir)
 
 
