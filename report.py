@@ -47,19 +47,34 @@ PAPER = {
 # Runs
 
 
-def find_runs(runs_dir: Path) -> list[dict]:
-    """Every run under runs_dir, found by its config.json (never by directory names)."""
-    runs = []
+RUN_KEYS = ("method", "task", "lam", "seed")  # what makes a config.json a run's (phaseguard.py train writes them)
+
+
+def find_run_dirs(runs_dir) -> list[tuple[Path, dict]]:
+    """(run directory, its config.json) of every run under runs_dir, found by its config.json (never by
+    directory names). Passed over: the tiny preset's model (tiny_model/) and anything in a checkpoint-N/,
+    which hold a model's config, and a config.json without RUN_KEYS (not a run's). A config.json that
+    does not parse is one line naming it."""
+    runs_dir = Path(runs_dir)
+    found = []
     for cfg_file in sorted(runs_dir.rglob("config.json")):
+        inside = cfg_file.parent.relative_to(runs_dir).parts
+        if any(part == "tiny_model" or part.startswith("checkpoint-") for part in inside):
+            continue
         cfg = read_json(cfg_file)
-        if (not isinstance(cfg, dict) or not {"method", "task", "lam", "seed"} <= set(cfg)
-                or "checkpoint-" in str(cfg_file.parent.name)):
-            continue  # a tiny_model/ or a checkpoint's config
-        check_config(cfg_file, cfg)
-        run = cfg_file.parent
+        if isinstance(cfg, dict) and set(RUN_KEYS) <= set(cfg):
+            found.append((cfg_file.parent, cfg))
+    return found
+
+
+def find_runs(runs_dir: Path) -> list[dict]:
+    """Every run under runs_dir (find_run_dirs), its config, summary and results checked."""
+    runs = []
+    for run, cfg in find_run_dirs(runs_dir):
+        check_config(run / "config.json", cfg)
         summary = checked_summary(run / "summary.json")
         results = checked_results(run / "eval" / "results.json")
-        runs.append({"dir": run, **{k: cfg[k] for k in ("method", "task", "lam", "seed")}, "preset": cfg.get("preset"),
+        runs.append({"dir": run, **{k: cfg[k] for k in RUN_KEYS}, "preset": cfg.get("preset"),
                      "tau": cfg.get("tau"), "warmup": cfg.get("warmup_measurements", 3),
                      "trigger": summary.get("trigger_step"), "steps": summary.get("steps"),
                      "monitor_curve": monitor_curve(summary), "security": results.get("security"),
@@ -621,22 +636,28 @@ def commit_of(provenance) -> str | None:
     return f"{commit}+dirty" if commit and git.get("dirty") else commit
 
 
-def header(all_runs, runs, runs_dir: Path, max_unscored: float, provenance: dict | None) -> list[str]:
-    """Date, commit and provenance, judge and judge mode, the runs used, the criteria."""
+def provenance_lines(provenance: dict | None, evaluated_at=()) -> list[str]:
+    """A report's "- **Date:**" (now, UTC), "- **Commit:**" (the report's, "+dirty" for a tree with
+    uncommitted changes; then the commits the runs were evaluated at, when given) and a line per
+    other key of the provenance dict (provenance.collect) as given."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     provenance = provenance or {}
-    commits = sorted({c for r in runs if (c := commit_of(r["provenance"]))})
     commit = f"`{commit_of(provenance)}`" if commit_of(provenance) else "not recorded (no provenance)"
-    if commits:
-        commit += f"; the runs were evaluated at {', '.join(f'`{c}`' for c in commits)}"
+    if evaluated_at:
+        commit += f"; the runs were evaluated at {', '.join(f'`{c}`' for c in evaluated_at)}"
+    return [f"- **Date:** {now}", f"- **Commit:** {commit}"] + [
+        f"- **{key}:** {value if isinstance(value, str) else json.dumps(value, sort_keys=True)}"
+        for key, value in provenance.items() if key not in ("commit", "git") and value is not None]
+
+
+def header(all_runs, runs, runs_dir: Path, max_unscored: float, provenance: dict | None) -> list[str]:
+    """Date, commit and provenance, judge and judge mode, the runs used, the criteria."""
+    commits = sorted({c for r in runs if (c := commit_of(r["provenance"]))})
     judges = Counter(f"{r['security']['judge']} (mode {run_judge_mode(r)})" for r in runs if r["security"])
     judge = "; ".join(f"{j}: {n} run{'s' if n > 1 else ''}" if len(judges) > 1 else j for j, n in judges.items())
     tasks = Counter(r["task"] for r in runs)
     evaluated = sum(bool(r["security"] or r["opswap"]) for r in runs)
-    lines = ["# PhaseGuard-KL: results", "", f"- **Date:** {now}", f"- **Commit:** {commit}"]
-    # PROVENANCE: every key of the dict provenance.py gives, but the commit (above), as given.
-    lines += [f"- **{key}:** {value if isinstance(value, str) else json.dumps(value, sort_keys=True)}"
-              for key, value in provenance.items() if key not in ("commit", "git") and value is not None]
+    lines = ["# PhaseGuard-KL: results", ""] + provenance_lines(provenance, commits)
     lines += [f"- **Judge:** {judge or 'none (no Security EM results)'}",
               f"- **Runs:** {len(all_runs)} under `{runs_dir}`; the tables and figures use {len(runs)} "
               f"({tasks['security']} security, {tasks['opswap']} opswap), {evaluated} of them evaluated",

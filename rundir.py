@@ -246,12 +246,6 @@ def resolved_paths(cfg: TrainConfig) -> dict:
 PROVENANCE_KEYS = ("provenance", "resumes")
 
 
-def added_keys(previous: dict) -> dict:
-    """Settings added after runs were started, at the values a config.json without them ran with."""
-    return {"monitor": "js", "max_steps": None,
-            "persona_layer": None, "answer_tokens": 8}
-
-
 def config_record(cfg: TrainConfig, origin: dict | None = None) -> dict:
     """config.json: every field, `resolved_paths`, and `provenance` (provenance.collect) when given."""
     record = {**dataclasses.asdict(cfg), "resolved_paths": resolved_paths(cfg)}
@@ -273,7 +267,6 @@ def check_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> bool:
         raise UserError(f"{config_file}: not a JSON run config ({err})") from None
     if not isinstance(previous, dict):
         raise UserError(f"{config_file}: not a JSON run config (a {type(previous).__name__})")
-    previous = {**added_keys(previous), **previous}
     now = config_record(cfg)
     before_paths, now_paths = previous.get("resolved_paths") or {}, now["resolved_paths"]
     for key in sorted((set(previous) | set(now)) - {"out", "resolved_paths", *PROVENANCE_KEYS}):

@@ -7,14 +7,14 @@ both of its tasks (Sec. 4.4); this measures, for every monitor, how far apart th
 watches) on each dataset x seed, for at most --max-steps optimizer steps (default: the whole epoch).
 A run is finished when its summary.json exists and is skipped; an interrupted one is resumed; one made
 with another model or other monitor settings is refused (IDENTITY, MODEL_FILE). With --gpus the runs go
-side by side as in the sweep (sweep.gpu_groups, sweep.run_side_by_side: one child process per run, this
-command with --only NAME, logged into the run directory); with --jobs N, N at a time on the CPU, each
-with cores / N torch threads.
+side by side as in the sweep (orchestrate.gpu_groups, orchestrate.run_side_by_side: one child process per
+run, this command with --only NAME, logged into the run directory); with --jobs N, N at a time on the CPU,
+each with cores / N torch threads.
 
 `python selectivity.py report` writes the markdown report and its PNGs beside it:
 - per monitor, every dataset's curve (mean over seeds, min-max band over seeds);
 - per monitor and tau on a grid (TAU_GRIDS), the step at which each run would have fired the trigger
-  (phaseguard.update_trigger, the paper's warm-up of 3 measurements and 2 consecutive points);
+  (monitor.update_trigger, the paper's warm-up of 3 measurements and 2 consecutive points);
 - per monitor, the AUROC of the insecure runs (positives) against each control and the pooled controls
   (negatives), with its N and a one-sided permutation p;
 - whether any monitor separates (selectivity_report.best_monitor_line), only when every dataset has at
@@ -30,16 +30,16 @@ import os
 import sys
 from pathlib import Path
 
-import phaseguard
+import orchestrate
 import rundir
 import selectivity_report
-from config import TrainConfig, resolve_config
-import sweep
-from errors import UserError
+from config import TrainConfig
+from errors import ArgumentParser, UserError, exit_status
 from selectivity_report import (CONTROLS, DATASETS, MIN_SEEDS, MODEL_FILE, MONITORS, POSITIVE, ROLE, SEEDS,
                                 read_identity)
 
 OWNS = ("task", "data", "method", "lam", "seed", "preset", "out", "max_steps")  # set by the plan and its flags
+OWN_FLAGS = "--datasets, --seeds, --preset, --max-steps, --runs-dir"  # what sets them, for a refused --set
 # What else makes a run this plan's run: a finished or started run that differs in one is refused, so
 # runs of two models (or two monitor set-ups) are never mixed or skipped as done.
 IDENTITY = ("model", "revision", "tokenizer", "topk", "monitor_every", "persona_layer", "answer_tokens")
@@ -62,14 +62,7 @@ def check_plan_args(datasets, seeds, max_steps, settings: dict):
         raise UserError("each dataset and each seed once, please")
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps must be >= 1 (or left out: the whole epoch), got {max_steps}")
-    fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    for key in settings:
-        if key in OWNS:
-            raise UserError(f"--set {key}: selectivity sets {key} itself (use --datasets, --seeds, --preset, "
-                            "--max-steps, --runs-dir)")
-        if key not in fields:
-            raise UserError(f"--set {key}: not a training setting (one of: "
-                            f"{', '.join(f for f in fields if f not in OWNS)})")
+    orchestrate.check_settings(settings, OWNS, "selectivity", OWN_FLAGS)
 
 
 def plan(preset: str, runs_dir, datasets=DATASETS, seeds=SEEDS, max_steps: int | None = None,
@@ -78,23 +71,11 @@ def plan(preset: str, runs_dir, datasets=DATASETS, seeds=SEEDS, max_steps: int |
     under runs_dir. Two runs with one name are refused (they would overwrite each other)."""
     settings = settings or {}
     check_plan_args(datasets, seeds, max_steps, settings)
-    runs, names = [], {}
-    for dataset in datasets:
-        for seed in seeds:
-            flags = {**settings, **dataset_flags(dataset), "method": "none", "seed": seed, "preset": preset}
-            if max_steps is not None:
-                flags["max_steps"] = max_steps
-            try:
-                cfg = resolve_config(flags)
-            except TypeError as err:  # a --set value of the wrong type
-                raise UserError(f"--set: a value has the wrong type ({err})") from None
-            cfg.out = str(Path(runs_dir) / Path(cfg.out).name)
-            if cfg.out in names:
-                raise UserError(f"{dataset} and {names[cfg.out]} (seed {seed}) would both train into {cfg.out}: "
-                                "phaseguard.py does not name its runs by dataset")
-            names[cfg.out] = dataset
-            runs.append((dataset, cfg))
-    return runs
+    runs = [(dataset, {**dataset_flags(dataset), "method": "none", "seed": seed, "preset": preset,
+                       **({} if max_steps is None else {"max_steps": max_steps})})
+            for dataset in datasets for seed in seeds]
+    configs = orchestrate.plan_configs(runs, settings, runs_dir)
+    return [(dataset, cfg) for (dataset, _), cfg in zip(runs, configs)]
 
 
 def run_state(cfg, settings: dict | None = None, identity: dict | None = None) -> str:
@@ -111,7 +92,6 @@ def run_state(cfg, settings: dict | None = None, identity: dict | None = None) -
     if not isinstance(was, dict):
         raise UserError(f"{run / 'config.json'}: not readable as the run's config (not an object)")
     done = (run / "summary.json").is_file()
-    was = {**rundir.added_keys(was), **was} if was else was
     now = dataclasses.asdict(cfg)
     for key in sorted((set(OWNS) | set(IDENTITY) | set(settings or {})) - {"out"}):
         if was and key in now and was.get(key) != now[key]:
@@ -154,7 +134,7 @@ def run_all(args) -> list[Path]:
     threads); finished runs are skipped. Every run's state is decided first."""
     if args.jobs < 1 or (args.jobs > 1 and args.gpus):
         raise UserError(f"--jobs {args.jobs}: expected a number >= 1, and not together with --gpus")
-    groups = sweep.gpu_groups(args.gpus, args.nproc)
+    groups = orchestrate.gpu_groups(args.gpus, args.nproc)
     runs = plan(args.preset, args.runs_dir, args.datasets, args.seeds, args.max_steps, args.set)
     if args.only is not None:
         runs = [(d, cfg) for d, cfg in runs if Path(cfg.out).name == args.only]
@@ -178,16 +158,12 @@ def run_all(args) -> list[Path]:
             groups, os.environ["OMP_NUM_THREADS"] = [""] * args.jobs, str(threads)
         jobs = [(Path(cfg.out).name, [*args.child_command, "--only", Path(cfg.out).name]
                  + ([] if args.gpus else ["--threads", str(threads)]), Path(cfg.out) / "selectivity.log") for cfg in todo]
-        sweep.report_failures(sweep.run_side_by_side(jobs, groups))
+        orchestrate.report_failures(orchestrate.run_side_by_side(jobs, groups))
     else:
         if args.threads:
             torch_threads(args.threads)
         for cfg in todo:
-            resume = (Path(cfg.out) / "config.json").is_file()
-            if args.nproc > 1:
-                sweep.train_with_torchrun(cfg, resume, args.nproc)
-            else:
-                phaseguard.train(cfg, resume=resume)
+            orchestrate.train_or_resume(cfg, args.nproc)
     return [Path(cfg.out) for _, cfg in runs]
 
 
@@ -197,17 +173,8 @@ def torch_threads(n: int):
 
 
 def child_command(argv: list[str]) -> list[str]:
-    """This command line without --gpus (sweep.child_command) and --jobs, run by this file."""
-    kept, skip = [], False
-    for arg in sweep.child_command(argv)[2:]:
-        name = arg.split("=", 1)[0]
-        if skip:
-            skip = False
-        elif len(name) >= 3 and "--jobs".startswith(name):
-            skip = "=" not in arg
-        else:
-            kept.append(arg)
-    return [sys.executable, str(Path(__file__).resolve()), *kept]
+    """This command line without --gpus and --jobs (a child runs one run, on its own), run by this file."""
+    return orchestrate.child_command(argv, Path(__file__).resolve(), dropped=("--gpus", "--jobs"))
 
 
 # ----------------------------------------------------------------------------
@@ -216,7 +183,6 @@ def child_command(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     import evaluate
-    from errors import ArgumentParser
     parser = ArgumentParser(description="Monitor selectivity: METHOD=none runs on insecure and its controls, "
                                         "then curves, trigger steps and AUROC")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,20 +205,18 @@ def main(argv=None) -> int:
     p.add_argument("--runs-dir", default="selectivity-runs")
     p.add_argument("--out", default="selectivity.md")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "run":
-            args.set = dict(args.set)
-            if args.model:
-                args.set["model"] = args.model
-            args.child_command = child_command(sys.argv[1:] if argv is None else list(argv))
-            run_all(args)
-        else:
-            selectivity_report.write_report(args.runs_dir, args.out, evaluate.provenance_record())
-            print(f"[selectivity] wrote {args.out}", file=sys.stderr)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    if args.command == "report":
+        return exit_status(lambda: write_report(args.runs_dir, args.out, evaluate.provenance_record()))
+    args.set = dict(args.set)
+    if args.model:
+        args.set["model"] = args.model
+    args.child_command = child_command(sys.argv[1:] if argv is None else list(argv))
+    return exit_status(lambda: run_all(args))
+
+
+def write_report(runs_dir, out, provenance: dict):
+    selectivity_report.write_report(runs_dir, out, provenance)
+    print(f"[selectivity] wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ with its N and a one-sided permutation p, and whether any monitor separates: onl
 has MIN_SEEDS finished seeds, and only a monitor whose p passes a Bonferroni threshold."""
 from __future__ import annotations
 
-import datetime
 import json
 import math
 from pathlib import Path
@@ -15,7 +14,7 @@ import data
 import report
 from config import MONITOR_NAMES, TrainConfig
 from monitor import Trigger, update_trigger
-from errors import UserError
+from errors import UserError, read_json
 from stats import auroc, permutation_p, smallest_p
 
 # The study (selectivity.py runs it, this module reads it): METHOD=none on each dataset x seed.
@@ -70,24 +69,12 @@ def histories_of(summary: dict) -> dict[str, list[tuple[int, float]]]:
 
 
 def find_runs(runs_dir: Path) -> list[dict]:
-    """Every METHOD=none run under runs_dir, found by its config.json (never by directory names)."""
+    """Every METHOD=none run under runs_dir (report.find_run_dirs: found by its config.json)."""
     runs = []
-    for cfg_file in sorted(Path(runs_dir).rglob("config.json")):
-        run = cfg_file.parent
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"{cfg_file}: not readable as a run's config ({err})") from None
-        if not isinstance(cfg, dict) or not {"method", "task", "seed"} <= set(cfg) or run.name.startswith("checkpoint-"):
-            continue  # a tiny_model/ or a checkpoint's config
+    for run, cfg in report.find_run_dirs(runs_dir):
         if cfg["method"] != "none":
             continue
-        summary = {}
-        if (run / "summary.json").is_file():
-            try:
-                summary = json.loads((run / "summary.json").read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise UserError(f"{run / 'summary.json'}: not readable ({err})") from None
+        summary = read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
         runs.append({"dir": run, "dataset": dataset_of(cfg), "seed": cfg["seed"], "preset": cfg.get("preset"),
                      "model": model_label(cfg, read_identity(run)),
                      "finished": bool(summary), "steps": summary.get("steps"),
@@ -473,16 +460,10 @@ def draw_figures(runs, monitors, out_dir: Path, stem: str) -> list[str]:
 
 
 def header(all_runs, runs, runs_dir: Path, provenance: dict | None) -> list[str]:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    provenance = provenance or {}
-    found = provenance.get("commit") or (provenance.get("git") or {}).get("commit")
-    commit = f"`{found}`" if found else "not recorded (no provenance)"
     presets = sorted({str(r["preset"]) for r in runs})
     models = sorted({r.get("model", "not recorded") for r in runs}) or ["no finished run"]
-    lines = ["# PhaseGuard-KL: monitor selectivity", "", f"- **Model:** {'; '.join(models)}", f"- **Date:** {now}",
-             f"- **Commit:** {commit}"]
-    lines += [f"- **{key}:** {value if isinstance(value, str) else json.dumps(value, sort_keys=True)}"
-              for key, value in provenance.items() if key != "commit" and value is not None]
+    lines = ["# PhaseGuard-KL: monitor selectivity", "", f"- **Model:** {'; '.join(models)}"]
+    lines += report.provenance_lines(provenance)
     lines += [f"- **Runs:** {len(all_runs)} METHOD=none runs under `{runs_dir}`; the report uses {len(runs)} "
               f"(finished, preset {', '.join(presets) or '—'})",
               f"- **Question:** does a monitor separate the fine-tune that produces emergent misalignment "

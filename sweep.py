@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import phaseguard
-from config import OPSWAP_SEED, SWEEP_LAMBDAS, SWEEP_SEEDS, TrainConfig, resolve_config
+import orchestrate
+from config import OPSWAP_SEED, SWEEP_LAMBDAS, SWEEP_SEEDS
 from evaluate import (adapter_fingerprint, add_eval_flags, check_eval_args, conflict, em_questions, eval_settings,
                       evaluate_run, parse_set, result_settings, saved_settings)
 from errors import ArgumentParser, UserError, exit_status, read_json
@@ -31,31 +28,18 @@ def sweep_plan(preset: str, lambdas=SWEEP_LAMBDAS, seeds=SWEEP_SEEDS) -> list[di
 
 
 SWEEP_OWNS = ("task", "method", "lam", "seed", "preset", "out")  # set by the plan, --preset and --runs-dir
-
-
-def check_set(settings: dict, config_class):
-    """--set keys must be training settings the sweep does not set itself."""
-    fields = [f.name for f in dataclasses.fields(config_class)]
-    for key in settings:
-        if key in SWEEP_OWNS:
-            raise UserError(f"--set {key}: the sweep sets {key} itself (use --lambdas, --seeds, --preset, --runs-dir)")
-        if key not in fields:
-            raise UserError(f"--set {key}: not a training setting (one of: "
-                            f"{', '.join(f for f in fields if f not in SWEEP_OWNS)})")
+SWEEP_FLAGS = "--lambdas, --seeds, --preset, --runs-dir"  # what sets them, for a refused --set
 
 
 def sweep_configs(args) -> list:
-    configs = []
+    """The config of every run of the plan, under --runs-dir, with the --set settings."""
+    runs = []
     for flags in sweep_plan(args.preset, args.lambdas, args.seeds):
-        # --set data=... names the Security EM data; OpSwap is generated and takes none.
-        settings = {k: v for k, v in args.set.items() if not (k == "data" and flags["task"] == "opswap")}
-        try:
-            cfg = resolve_config({**flags, **settings})
-        except TypeError as err:  # a --set value of the wrong type, e.g. batch_size=abc
-            raise UserError(f"--set: a value has the wrong type ({err})") from None
-        cfg.out = str(Path(args.runs_dir) / Path(cfg.out).name)  # phaseguard's run name, under --runs-dir
-        configs.append(cfg)
-    return configs
+        label = " ".join([flags["task"], flags["method"], *([f"lam {flags['lam']:g}"] if "lam" in flags else [])])
+        if flags["task"] == "opswap":  # --set data=... names the Security EM data; OpSwap is generated
+            flags = {**flags, "data": None}  # and takes none (a None flag is no flag)
+        runs.append((label, flags))
+    return orchestrate.plan_configs(runs, args.set, args.runs_dir)
 
 
 def sweep_step(run: Path, cfg, args, questions) -> str:
@@ -95,7 +79,7 @@ def sweep(args) -> list[Path]:
     """Train each missing run (resuming an interrupted one), evaluate each unevaluated one.
     Every run's step is decided (and every flag checked) before the first one starts."""
     check_eval_args(args)
-    check_set(args.set, TrainConfig)
+    orchestrate.check_settings(args.set, SWEEP_OWNS, "the sweep", SWEEP_FLAGS)
     loaded: dict = {}
 
     def questions(s):  # read once, for all the runs
@@ -103,7 +87,7 @@ def sweep(args) -> list[Path]:
             loaded[s["question_limit"]] = em_questions(s)
         return loaded[s["question_limit"]]
 
-    groups = gpu_groups(getattr(args, "gpus", None), getattr(args, "nproc", 1))
+    groups = orchestrate.gpu_groups(getattr(args, "gpus", None), getattr(args, "nproc", 1))
     plan = [(Path(cfg.out), cfg) for cfg in sweep_configs(args)]
     only = getattr(args, "only", None)
     if only is not None:
@@ -118,101 +102,19 @@ def sweep(args) -> list[Path]:
     if groups:
         jobs = [(run.name, [*args.child_command, "--only", run.name], run / "sweep.log")
                 for (run, _), step in zip(plan, steps) if step != "done"]
-        report_failures(run_side_by_side(jobs, groups))
+        orchestrate.report_failures(orchestrate.run_side_by_side(jobs, groups))
         return [run for run, _ in plan]
     for (run, cfg), step in zip(plan, steps):
         if step == "train + evaluate":
-            resume = (run / "config.json").is_file()
-            if getattr(args, "nproc", 1) > 1:
-                train_with_torchrun(cfg, resume, args.nproc)
-            else:
-                phaseguard.train(cfg, resume=resume)
+            orchestrate.train_or_resume(cfg, getattr(args, "nproc", 1))
         if step != "done":
             evaluate_run(run, args)
     return [run for run, _ in plan]
 
 
-# ----------------------------------------------------------------------------
-# Several GPUs: one run per GPU (or per group of nproc GPUs), side by side
-
-
-def gpu_groups(gpus: str | None, nproc: int = 1) -> list[str]:
-    """'0,1,2,3' with nproc 2 -> ['0,1', '2,3']: the CUDA_VISIBLE_DEVICES of each concurrent run.
-    Refused (one line) on a machine without those CUDA devices."""
-    if not gpus:
-        return []
-    ids = [g.strip() for g in gpus.split(",")]
-    if not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
-        raise UserError(f"GPUS={gpus}: expected distinct GPU indices separated by commas, e.g. 0,1,2,3")
-    import torch
-    if not torch.cuda.is_available():
-        raise UserError(f"GPUS={gpus}: this machine has no CUDA device (run the sweep without GPUS)")
-    if max(map(int, ids)) >= torch.cuda.device_count():
-        raise UserError(f"GPUS={gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if nproc < 1 or len(ids) % nproc:
-        raise UserError(f"GPUS={gpus}: {len(ids)} GPUs cannot be cut into groups of NPROC={nproc}")
-    return [",".join(ids[i:i + nproc]) for i in range(0, len(ids), nproc)]
-
-
-def run_side_by_side(jobs: list[tuple[str, list[str], Path]], groups: list[str], poll_s: float = 0.2) -> dict:
-    """Run each (name, command, log file) job with CUDA_VISIBLE_DEVICES set to a free group, at
-    most one job per group at a time, until all are done. {name: (exit code, log file)}."""
-    pending, running, done = list(jobs), {}, {}
-    free = list(groups)
-    while pending or running:
-        while pending and free:
-            name, command, log_path = pending.pop(0)
-            group = free.pop(0)
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(log_path, "ab")
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": group}
-            print(f"[sweep] {name}: started on GPU {group}, log {log_path}", file=sys.stderr)
-            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            running[name] = (proc, group, log, log_path)
-        time.sleep(poll_s)
-        for name, (proc, group, log, log_path) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                free.append(group)
-                done[name] = (proc.returncode, log_path)
-                del running[name]
-                print(f"[sweep] {name}: {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}",
-                      file=sys.stderr)
-    return done
-
-
-def report_failures(done: dict):
-    failed = [f"{name} (exit {code}, log {log})" for name, (code, log) in done.items() if code != 0]
-    if failed:
-        raise UserError(f"{len(failed)} of {len(done)} runs failed: {'; '.join(failed)}")
-
-
 def child_command(argv: list[str]) -> list[str]:
     """This sweep's command line without --gpus: what each run's child process runs (with --only)."""
-    kept, skip = [], False
-    for arg in argv:
-        name = arg.split("=", 1)[0]
-        if skip:
-            skip = False
-        elif len(name) >= 3 and "--gpus".startswith(name):  # argparse takes --gpu, --gp, --g for --gpus too
-            skip = "=" not in arg
-        else:
-            kept.append(arg)
-    return [sys.executable, str(Path(__file__).with_name("sweep.py")), *kept]
-
-
-def train_with_torchrun(cfg, resume: bool, nproc: int):
-    """One run over nproc processes (torchrun, data parallel): its config as phaseguard flags."""
-    flags = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name != "tiny_model" and value is not None:
-            flags += [f"--{f.name.replace('_', '-')}", str(value)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(Path(__file__).with_name("phaseguard.py")), "train", *flags, *(["--resume"] if resume else [])]
-    code = subprocess.run(command).returncode
-    if code != 0:
-        raise UserError(f"{cfg.out}: training over {nproc} processes failed (torchrun exit {code})")
+    return orchestrate.child_command(argv, Path(__file__).with_name("sweep.py"), dropped=("--gpus",))
 
 
 def main(argv=None) -> int:

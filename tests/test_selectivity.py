@@ -17,7 +17,9 @@ from scipy.stats import mannwhitneyu
 
 import figures
 import monitor
+import orchestrate
 import phaseguard
+import report
 import selectivity as sel
 import selectivity_report as selr
 import stats
@@ -288,6 +290,56 @@ def test_without_matplotlib_the_report_says_so(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------
+# What both reports share (report.py): the runs found by config.json, the provenance lines
+
+
+def test_both_reports_find_the_runs_and_pass_over_checkpoints_and_tiny_models(tmp_path):
+    root = complete_runs(tmp_path / "runs")
+    runs = sorted(p for p in root.iterdir())
+    for run in runs[:2]:  # a checkpoint holding a copy of its run's config, and the tiny preset's model
+        (run / "checkpoint-5" / "adapter").mkdir(parents=True)
+        (run / "checkpoint-5" / "config.json").write_text((run / "config.json").read_text())
+        (run / "checkpoint-5" / "adapter" / "config.json").write_text((run / "config.json").read_text())
+        (run / "tiny_model").mkdir()
+        (run / "tiny_model" / "config.json").write_text("{not json: a model's config is never read")
+    (root / "notes").mkdir()
+    (root / "notes" / "config.json").write_text(json.dumps({"method": "none", "task": "opswap"}))  # not a run's
+    found = report.find_run_dirs(root)
+    assert [run for run, _ in found] == runs and all(cfg["method"] == "none" for _, cfg in found)
+    assert [r["dir"] for r in selr.find_runs(root)] == runs
+    assert [r["dir"] for r in report.find_runs(root)] == runs
+
+
+def test_a_config_that_does_not_parse_is_one_line_in_both_reports(tmp_path, capsys):
+    import evaluate
+    root = complete_runs(tmp_path / "runs")
+    broken = sorted(root.iterdir())[3] / "config.json"
+    broken.write_text('{"method": "none",')
+    assert sel.main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "sel.md")]) == 2
+    assert evaluate.main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "r.md")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and errors[0] == errors[1] and errors[0].startswith(f"error: {broken}: cannot read (")
+    assert not (tmp_path / "sel.md").exists() and not (tmp_path / "r.md").exists()
+
+
+def test_the_selectivity_header_has_the_reports_provenance_lines(tmp_path):
+    """The same Date, Commit (a dirty tree marked) and provenance lines as the results report."""
+    provenance = {"time": "2026-12-02T20:00:00Z", "git": {"commit": "def5678", "dirty": True},
+                  "versions": {"torch": "2.13.0"}, "model": None}
+    text = selr.write_report(complete_runs(tmp_path / "runs"), tmp_path / "sel.md", provenance)
+    head = text.split("- **Runs:**")[0].splitlines()
+    assert head[:3] == ["# PhaseGuard-KL: monitor selectivity", "", "- **Model:** not recorded"]
+    shared = report.provenance_lines(provenance)
+    assert [line for line in head[3:] if not line.startswith("- **Date:**")] == [
+        line for line in shared if not line.startswith("- **Date:**")] == [
+        "- **Commit:** `def5678+dirty`", "- **time:** 2026-12-02T20:00:00Z", '- **versions:** {"torch": "2.13.0"}']
+    assert head[3].startswith("- **Date:** ") and head[3].endswith(" UTC")
+    assert report.provenance_lines(None)[1] == "- **Commit:** not recorded (no provenance)"
+    assert report.provenance_lines({"commit": "abc"}, ["a1", "b2"])[1] == (
+        "- **Commit:** `abc`; the runs were evaluated at `a1`, `b2`")
+
+
+# ----------------------------------------------------------------------------
 # Running: the plan, finished runs skipped, one child per run with GPUS
 
 
@@ -334,15 +386,18 @@ def test_a_finished_run_of_other_settings_is_refused(tmp_path, monkeypatch, caps
 
 
 def test_two_runs_with_one_name_are_refused(tmp_path, monkeypatch):
-    real = sel.resolve_config
+    real = orchestrate.resolve_config
+    named = []
 
     def without_data(flags):  # a phaseguard that names runs without their data
         cfg = real(flags)
         cfg.out = f"runs/{cfg.task}-seed{cfg.seed}"
+        named.append(cfg.out)
         return cfg
-    monkeypatch.setattr(sel, "resolve_config", without_data)
+    monkeypatch.setattr(orchestrate, "resolve_config", without_data)  # where plan_configs looks it up
     with pytest.raises(sel.UserError, match="secure and insecure .seed 42. would both train into"):
         sel.plan("tiny", tmp_path, ("insecure", "secure"), (42,))
+    assert named == ["runs/security-seed42"] * 2  # the stub named both, and the second was refused
 
 
 def test_bad_flags_are_one_line(tmp_path, capsys):
@@ -357,9 +412,9 @@ def test_bad_flags_are_one_line(tmp_path, capsys):
 
 
 def test_gpus_start_one_child_per_unfinished_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(sel.sweep, "gpu_groups", lambda gpus, nproc: {"0,1": ["0", "1"], None: []}[gpus])
+    monkeypatch.setattr(orchestrate, "gpu_groups", lambda gpus, nproc: {"0,1": ["0", "1"], None: []}[gpus])
     started = []
-    monkeypatch.setattr(sel.sweep, "run_side_by_side", lambda jobs, groups: started.extend(jobs) or
+    monkeypatch.setattr(orchestrate, "run_side_by_side", lambda jobs, groups: started.extend(jobs) or
                         {name: (0, log) for name, _, log in jobs})
     plan = sel.plan("tiny", tmp_path, ("insecure", "opswap"), (42, 123))
     finish(plan[0][1])

@@ -117,7 +117,7 @@ def test_runs_of_two_models_are_refused(tmp_path):
 
 
 def test_a_run_of_another_model_is_refused_not_skipped(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sel.phaseguard, "train", lambda cfg, resume=False: pytest.fail("trained"))
+    monkeypatch.setattr(sel.orchestrate.phaseguard, "train", lambda cfg, resume=False: pytest.fail("trained"))
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -180,7 +180,7 @@ def test_equal_aurocs_stay_four_distinguishable_lines():
 def test_jobs_run_side_by_side_with_cores_over_jobs_threads(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(sel.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setattr(sel.sweep, "run_side_by_side", lambda jobs, groups: started.append((jobs, groups)) or
+    monkeypatch.setattr(sel.orchestrate, "run_side_by_side", lambda jobs, groups: started.append((jobs, groups)) or
                         {name: (0, log) for name, _, log in jobs})
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     argv = plan_args(tmp_path, "--jobs", "3")
@@ -193,7 +193,7 @@ def test_jobs_run_side_by_side_with_cores_over_jobs_threads(tmp_path, monkeypatc
     assert sel.cpu_threads(16) == 1 and sel.cpu_threads(1) == 8
     threads = []
     monkeypatch.setattr(sel, "torch_threads", threads.append)
-    monkeypatch.setattr(sel.phaseguard, "train", lambda cfg, resume=False: None)
+    monkeypatch.setattr(sel.orchestrate.phaseguard, "train", lambda cfg, resume=False: None)
     assert sel.main([*argv[:-2], "--only", jobs[0][0], "--threads", "2"]) == 0  # a child
     assert threads == [2]
 
