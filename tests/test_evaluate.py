@@ -295,14 +295,13 @@ def test_opswap_eval_counts_exact_matches(chain, monkeypatch):
     fake = lambda model, t, prompts, **kw: [tok.encode(test[i]["answer"] if i % 2 == 0 else "x") for i in range(len(prompts))]
     monkeypatch.setattr(ev, "generate_all", fake)
     cfg = json.loads((chain / "opswap-phaseguard" / "config.json").read_text())
-    r = ev.evaluate_opswap(chain / "opswap-phaseguard", cfg, {"opswap_limit": None, "device": "cpu", "model": None,
-                                                             "seed": 0, "batch_size": 8})
+    r = ev.evaluate_opswap(chain / "opswap-phaseguard", cfg, ev.EvalConfig(device="cpu", seed=0, batch_size=8))
     assert (r["n"], r["correct"], r["accuracy"]) == (540, 270, 0.5)
 
 
 def test_report_on_the_tiny_chain(chain, tmp_path):
     out = tmp_path / "report.md"
-    assert ev.main(["report", "--runs-dir", str(chain), "--out", str(out)]) == 0
+    assert report.main(["--runs-dir", str(chain), "--out", str(out)]) == 0
     text = out.read_text()
     assert "TINY PRESET" in text and "| security-none | security | none |" in text
     assert "| opswap-phaseguard | opswap | phaseguard | 0.03 | 42 | 8 | 10 |" in text  # fired at step 8
@@ -357,7 +356,7 @@ def test_a_retrained_adapter_is_never_judged_by_its_old_answers(chain_copy, caps
 
 
 def test_report_and_eval_errors_are_one_line(tmp_path, capsys):
-    assert ev.main(["report", "--runs-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r.md")]) == 2
+    assert report.main(["--runs-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r.md")]) == 2
     assert ev.main(["eval", "--run", str(tmp_path)]) == 2
     (tmp_path / "config.json").write_text(json.dumps({"method": "none", "task": "security", "lam": 0, "seed": 1,
                                                       "preset": "paper", "model": "x"}))
@@ -423,8 +422,8 @@ def test_a_non_tiny_security_evaluation_needs_an_explicit_judge(tmp_path, capsys
     monkeypatch.setattr(ev, "evaluate_opswap", lambda *a: {"n": 1, "correct": 1, "accuracy": 1.0, "ci95": [0.2, 1.0]})
     assert ev.main(["eval", "--run", str(opswap)]) == 0
     cfg = json.loads((tmp_path / "sec" / "config.json").read_text())
-    named = ev.eval_settings(tmp_path / "sec", cfg, eval_args("--judge", f"local:{judge.DEFAULT_JUDGE}"))
-    assert named["judge"] == "local:Qwen/Qwen2.5-72B-Instruct"
+    named = ev.EvalConfig.from_args(eval_args("--judge", f"local:{judge.DEFAULT_JUDGE}")).for_run(tmp_path / "sec", cfg)
+    assert named.judge == "local:Qwen/Qwen2.5-72B-Instruct"
 
 
 def eval_args(*flags):
@@ -508,7 +507,7 @@ def test_makefile_calls_these_commands():
     assert "evaluate.py eval --run R1 --judge http://h:8000/v1 --samples 3 --paper" in dry(
         "eval", "RUN=R1", "JUDGE=http://h:8000/v1", "SAMPLES=3", "EVAL_ARGS=--paper")
     assert "sweep.py --preset tiny" in dry("sweep", "PRESET=tiny")
-    assert "evaluate.py report --runs-dir RR --out OUT.md --max-unscored 0.05" in dry("report", "RUNS=RR", "REPORT=OUT.md")
+    assert "report.py --runs-dir RR --out OUT.md --max-unscored 0.05" in dry("report", "RUNS=RR", "REPORT=OUT.md")
     assert "--gpus 0,1 --nproc 2" in dry("sweep", "GPUS=0,1", "NPROC=2")
     assert "-m torch.distributed.run --standalone --nproc_per_node 2 phaseguard.py train" in dry("train", "NPROC=2")
     one = dry("train", "REVISION=abc")
@@ -524,7 +523,7 @@ def run_with_fake_answers(tmp_path, monkeypatch):
     """A non-tiny security run whose sampling gives 3 answers per question, "evil", "nice" and "code"."""
     monkeypatch.setenv("PHASEGUARD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ev, "load_policy", lambda *a, **k: (None, None))
-    monkeypatch.setattr(ev, "sample_em_answers", lambda model, tok, questions, s, baselines: {"finetuned": [
+    monkeypatch.setattr(ev, "sample_em_answers", lambda model, tok, questions, settings, sampler: {"finetuned": [
         {"id": q["id"], "question": q["question"], "system": q["system"], "sample": i, "answer": word + " answer"}
         for q in questions for i, word in enumerate(["evil", "nice", "code"])]})
     return paper_run(tmp_path / "sec")

@@ -274,12 +274,12 @@ def test_the_best_of_n_the_runs_hold_and_the_per_question_table(tmp_path):
 def test_bad_report_arguments_are_one_line(tmp_path, capsys):
     paper_like_runs(tmp_path / "runs")
     (tmp_path / "out").mkdir()
-    argv = ["report", "--runs-dir", str(tmp_path / "runs"), "--out"]
-    assert ev.main(argv + [str(tmp_path / "out")]) == 2
-    assert ev.main(argv + [str(tmp_path / "r.md"), "--max-unscored", "5"]) == 2
+    argv = ["--runs-dir", str(tmp_path / "runs"), "--out"]
+    assert report.main(argv + [str(tmp_path / "out")]) == 2
+    assert report.main(argv + [str(tmp_path / "r.md"), "--max-unscored", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "is a directory" in err[0] and "--max-unscored 5.0: must be a share between 0 and 1" in err[1]
-    assert ev.main(argv + [str(tmp_path / "r.md"), "--max-unscored", "0.1"]) == 0
+    assert report.main(argv + [str(tmp_path / "r.md"), "--max-unscored", "0.1"]) == 0
 
 
 def test_runs_outside_the_papers_protocol_are_left_out_and_named(tmp_path):
@@ -365,7 +365,7 @@ def test_a_malformed_run_file_is_one_line_naming_it(tmp_path, capsys, name, chan
     run = fake_run(root, "security", "phaseguard", 0.03, 42, 20, em=3)
     path = run / ("eval" if name == "results.json" else "") / name
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
-    assert ev.main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "r.md")]) == 2
+    assert report.main(["--runs-dir", str(root), "--out", str(tmp_path / "r.md")]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err.startswith(f"error: {path}: ") and message in err, err
     assert not (tmp_path / "r.md").exists()
