@@ -500,6 +500,53 @@ def test_sweep_refuses_partial_results_before_training(tmp_path, monkeypatch, ca
     assert partial.name in evaluated and len(trained) == 5  # evaluated again, not trained again
 
 
+def test_the_sweep_evaluates_with_the_eval_flags_it_was_given(tmp_path, monkeypatch):
+    """sweep.py turns its eval flags into an EvalConfig the way evaluate.py does, and hands that one
+    (not the defaults) to every run's evaluation."""
+    monkeypatch.setattr(pg, "train", lambda cfg, resume=False: None)
+    given = []
+    monkeypatch.setattr(sweep, "evaluate_run", lambda run, eval_config: given.append(eval_config))
+    flags = ["--samples", "3", "--paper", "--no-baselines", "--judge-timeout", "5", "--max-unscored", "0.2"]
+    argv = ["--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--lambdas", "0.03", "--seeds", "42", *flags]
+    assert sweep.main(argv) == 0
+    assert len(given) == 6 and all(c == ev.EvalConfig.from_args(eval_args(*flags)) for c in given)
+    assert given[0] == ev.EvalConfig(samples=3, paper=True, baselines=False, judge_timeout=5.0, max_unscored=0.2)
+
+
+def test_results_of_a_run_to_be_trained_again_are_kept_unless_forced(tmp_path, monkeypatch, capsys):
+    """An unfinished run (no summary.json) whose eval/ holds results: its adapter is to be trained
+    again, so the sweep refuses before training anything; --force trains it."""
+    runs = tmp_path / "runs"
+    stale = runs / "tiny-opswap-none-lam0-seed42" / "eval"
+    stale.mkdir(parents=True)
+    (stale / "results.json").write_text("{}")
+    trained = []
+    monkeypatch.setattr(pg, "train", lambda cfg, resume=False: trained.append(Path(cfg.out).name))
+    monkeypatch.setattr(sweep, "evaluate_run", lambda run, eval_config: None)
+    argv = ["--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42"]
+    assert sweep.main(argv) == 2 and trained == []
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err == f"error: {stale} holds results of an adapter that is to be trained again: move it away or pass --force"
+    assert sweep.main(argv + ["--force"]) == 0 and "tiny-opswap-none-lam0-seed42" in trained
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--judge-mode", "greedy"], "--judge-mode greedy is for HTTP servers without log-probabilities"),
+    (["--judge-tokenizer", "tokenizer.json"], "--judge-tokenizer is for an HTTP judge"),
+])
+def test_http_judge_flags_with_a_local_judge_fail_before_training(flags, message, tmp_path, monkeypatch, capsys):
+    """A tiny run's judge is its own model, loaded locally: the flags only an HTTP judge takes are
+    refused by the sweep before any training, and by eval before any sampling."""
+    monkeypatch.setattr(pg, "train", lambda *a, **k: pytest.fail("trained before the judge flags were checked"))
+    monkeypatch.setattr(ev, "load_policy", lambda *a, **k: pytest.fail("sampled before the judge flags were checked"))
+    argv = ["--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--lambdas", "0.03", "--seeds", "42", *flags]
+    assert sweep.main(argv) == 2
+    run = paper_run(tmp_path / "run")
+    assert ev.main(["eval", "--run", str(run), "--judge", f"local:{tmp_path}", *flags]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith(f"error: {message}") for e in errors)
+
+
 def test_makefile_calls_these_commands():
     def dry(*args):
         out = subprocess.run(["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
