@@ -380,7 +380,7 @@ def judge_spec(run: Path, cfg: dict, given: str | None) -> str | None:
 
 def check_judge_kind(spec: str | None, flags: EvalConfig):
     """The judge flags that only an HTTP judge takes, refused for a local one (a typo fails now,
-    not after the sampling)."""
+    not after the sampling); naming the paper's 72B as a local judge is said on stderr."""
     if spec is None:
         return
     kind, _ = judge.parse_spec(spec, flags.judge_model)
