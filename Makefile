@@ -112,7 +112,7 @@ sweep: install
 	  $(if $(SAMPLES),--samples $(SAMPLES)) $(if $(GPUS),--gpus $(GPUS)) --nproc $(NPROC) $(EVAL_ARGS) $(SWEEP_ARGS)
 
 report: install
-	@$(PY) evaluate.py report --runs-dir $(RUNS) --out $(REPORT) --max-unscored $(MAX_UNSCORED)
+	@$(PY) report.py --runs-dir $(RUNS) --out $(REPORT) --max-unscored $(MAX_UNSCORED)
 
 selectivity: install
 	@$(PY) selectivity.py run --preset $(PRESET) --runs-dir $(SELECTIVITY_RUNS) --datasets $(DATASETS) --seeds $(SEEDS) \

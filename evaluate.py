@@ -1,10 +1,11 @@
 """Evaluation of PhaseGuard-KL runs as the paper's Sec. 4 sets it out (Security EM misaligned rate
 with an LLM judge, OpSwap exact match, the safety-prompt and Best-of-8 baselines), and the command
-line for one run's evaluation and the report (`report.py`: Tables 1-2, Figure 2); the sweep is `sweep.py`.
+line for one run's evaluation, whose flags are an `EvalConfig`. The sweep is `sweep.py`, the report
+(Tables 1-2, Figure 2) is `report.py`:
 
     python evaluate.py eval --run runs/security-phaseguard-lam0.03-seed42 --judge http://HOST:8000/v1
     python sweep.py --judge http://HOST:8000/v1                             # trains + evaluates what is missing
-    python evaluate.py report --runs-dir runs --out report.md              # Table 1, Table 2, Figure 2
+    python report.py --runs-dir runs --out report.md                       # Table 1, Table 2, Figure 2
 
 A run's config.json decides its evaluation. security: the Security EM misaligned rate on
 the 24 questions of Betley et al.'s first_plot_questions.yaml (N sampled answers each,
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -43,6 +45,7 @@ import lora
 import model_qwen2 as mq
 import provenance
 from config import BEST_OF
+from judge import DEFAULT_MODE as DEFAULT_JUDGE_MODE  # the field `judge` hides the module in EvalConfig
 from sampling import HttpSampler, generate_all, merged, pick_best, sample_candidates
 import report
 from errors import ArgumentParser, UserError, exit_status, read_json
@@ -64,6 +67,82 @@ SAMPLING_KEYS = ("samples", "max_new_tokens", "seed", "baselines", "best_of")
 NEED_JUDGE = ("a security evaluation of a non-tiny run needs --judge: serve the judge with vLLM and pass "
               "--judge http://HOST:8000/v1, or pass --judge local:Qwen/Qwen2.5-7B-Instruct for a smaller local "
               f"judge (the paper's local:{judge.DEFAULT_JUDGE} needs ~145 GB on one device)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation's flags (`add_eval_flags`), one field each, with its default; None where the
+    default depends on the run. Built once from the command line (`from_args`, checked); `for_run`
+    fills in one run's defaults and returns the settings its evaluation uses."""
+    samples: int | None = None  # answers per question; None: DEFAULT_SAMPLES, tiny TINY_EVAL, --paper PAPER_SAMPLES
+    paper: bool = False  # the paper's setting: PAPER_SAMPLES answers per question, every question and problem
+    max_new_tokens: int | None = None  # answer length; None: MAX_NEW_TOKENS, tiny TINY_EVAL
+    seed: int | None = None  # sampling seed; None: the run's training seed
+    baselines: bool | None = None  # safety prompt and best-of-N; None: on for method none
+    best_of: int = BEST_OF  # candidates per prompt of the best-of-N baseline
+    question_limit: int | None = None  # only the first K EM questions (a check; the report flags it)
+    opswap_limit: int | None = None  # only the first K OpSwap test problems; None: all 540, tiny TINY_EVAL
+    questions: str | None = None  # first_plot_questions.yaml path or URL; None: cache / shared / download
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int | None = None  # sequences per generation batch; None: 64 on CUDA, 32 on CPU
+    model: str | None = None  # the base model's directory, if it moved since training
+    judge: str | None = None  # http://HOST:8000/v1 or local:<model>; None: a tiny run's own model, opswap none
+    judge_model: str | None = None  # the model name on an HTTP judge; None: judge.DEFAULT_JUDGE
+    judge_mode: str = DEFAULT_JUDGE_MODE  # trie | logprobs | greedy (judge.MODES)
+    judge_tokenizer: str | None = None  # an HTTP judge's tokenizer (logprobs mode); None: the served name's
+    judge_batch_size: int = 4  # prompts per local judge forward
+    judge_cache: str | None = None  # judgment cache file; None: <run>/eval/judgments.jsonl
+    judge_timeout: float = 60.0  # seconds per judge request
+    judge_deadline: float = 60.0  # seconds for all tries of one judge request, retries included
+    rejudge_unscored: bool = False  # ask the judge again for cached unscored judgments
+    max_unscored: float = 0.05  # eval fails (after writing results.json) above this share of unscored judgments
+    sampler: str | None = None  # a vLLM server's URL serving the adapter; None: sample in process
+    sampler_model: str | None = None  # the adapter's LoRA module name on the sampler; None: the one it lists
+    force: bool = False  # replace <run>/eval/ results made with other settings
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalConfig:
+        """The eval flags of a parsed command line (`evaluate.py eval`, `sweep.py`), checked."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}).check()
+
+    def check(self) -> EvalConfig:
+        """Every flag that does not depend on a run, so a typo fails before any training or sampling."""
+        for name in POSITIVE_FLAGS:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.judge:
+            judge.parse_spec(self.judge, self.judge_model)
+        if self.judge_cache and Path(self.judge_cache).is_dir():
+            raise UserError(f"--judge-cache {self.judge_cache}: is a directory (the judgment cache is a file)")
+        for name in ("judge_timeout", "judge_deadline"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value}")
+        if not 0 <= self.max_unscored <= 1:
+            raise UserError(f"--max-unscored must be a share between 0 and 1 (e.g. 0.05), got {self.max_unscored}")
+        resolve_device(self.device)
+        return self
+
+    def for_run(self, run: Path, cfg: dict) -> EvalConfig:
+        """The settings of one run's evaluation (cfg: its config.json): a copy with every default that
+        depends on the run filled in. Tiny runs: TINY_EVAL, then --paper: the paper's N = 1, then the
+        flags given; the run's seed; the batch size by device; the judge (judge_spec); the baselines
+        on for method none. The device is resolved (auto: cuda or cpu)."""
+        counts = dict(samples=DEFAULT_SAMPLES, max_new_tokens=MAX_NEW_TOKENS, question_limit=None, opswap_limit=None)
+        if cfg.get("preset") == "tiny":
+            counts.update(TINY_EVAL)
+        if self.paper:
+            counts.update(samples=PAPER_SAMPLES, max_new_tokens=MAX_NEW_TOKENS, question_limit=None, opswap_limit=None)
+        counts.update({k: getattr(self, k) for k in counts if getattr(self, k) is not None})
+        device = resolve_device(self.device)
+        spec = judge_spec(run, cfg, self.judge)
+        check_judge_kind(spec, self)
+        return dataclasses.replace(
+            self, **counts, device=device, judge=spec, seed=cfg["seed"] if self.seed is None else self.seed,
+            batch_size=(64 if device.startswith("cuda") else 32) if self.batch_size is None else self.batch_size,
+            baselines=cfg["method"] == "none" if self.baselines is None else self.baselines)
+
 
 # ----------------------------------------------------------------------------
 # Metrics
@@ -140,39 +219,40 @@ def with_safety(system: str | None) -> str:
     return SAFETY_PROMPT + (f"\n\n{system}" if system else "")
 
 
-def sample_em_answers(model, tokenizer, questions, s: dict, baselines: bool) -> dict[str, list[dict]]:
-    """condition -> answer records {id, question, system, sample, answer}. The question's own
-    system prompt is honoured (None: Qwen's default system turn)."""
-    slots = [(q, i) for q in questions for i in range(s["samples"])]
-    gen = dict(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"])
+def sample_em_answers(model, tokenizer, questions, settings: EvalConfig,
+                      sampler: HttpSampler | None = None) -> dict[str, list[dict]]:
+    """condition -> answer records {id, question, system, sample, answer}, sampled in process or
+    from `sampler`. The question's own system prompt is honoured (None: Qwen's default system turn)."""
+    slots = [(q, i) for q in questions for i in range(settings.samples)]
+    gen = dict(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
     conditions = {"finetuned": lambda q: q["system"]}
-    if baselines:
+    if settings.baselines:
         conditions["safety_prompt"] = lambda q: with_safety(q["system"])
     plain = [chat_ids(tokenizer, q["question"], q["system"]) for q, _ in slots]
-    out, n = {}, s["best_of"]
-    sample = sampler_of(model, s)
-    with merged(model) if s.get("sampler") is None else contextlib.nullcontext():  # one merge for all sampling
+    out, n = {}, settings.best_of
+    sample = sampler_of(model, sampler)
+    with merged(model) if sampler is None else contextlib.nullcontext():  # one merge for all sampling
         for offset, (name, system_of) in enumerate(conditions.items()):
             prompts = [chat_ids(tokenizer, q["question"], system_of(q)) for q, _ in slots]
-            answers = sample(tokenizer, prompts, seed=s["seed"] + offset, **gen)
+            answers = sample(tokenizer, prompts, seed=settings.seed + offset, **gen)
             out[name] = [{"id": q["id"], "question": q["question"], "system": system_of(q), "sample": i,
                           "answer": tokenizer.decode(a)} for (q, i), a in zip(slots, answers)]
-        if baselines:  # candidates from the fine-tuned model; pick_best ranks them by the exact base weights
-            candidates = sample(tokenizer, [p for p in plain for _ in range(n)], seed=s["seed"] + 2, **gen)
-    if baselines:
+        if settings.baselines:  # candidates from the fine-tuned model; pick_best ranks them by the exact base weights
+            candidates = sample(tokenizer, [p for p in plain for _ in range(n)], seed=settings.seed + 2, **gen)
+    if settings.baselines:
         picks = pick_best(model, tokenizer, plain, candidates, n)
-        out[f"best_of_{s['best_of']}"] = [
+        out[f"best_of_{n}"] = [
             {"id": q["id"], "question": q["question"], "system": q["system"], "sample": i,
              "answer": tokenizer.decode(p["ids"]), "chosen": p["chosen"], "ref_logprobs": p["ref_logprobs"]}
             for (q, i), p in zip(slots, picks)]
     return out
 
 
-def sampler_of(model, s: dict):
+def sampler_of(model, sampler: HttpSampler | None):
     """generate_all's signature without the model: in process (adapters merged by the caller),
     or from the vLLM server of --sampler, which serves the adapter as a LoRA module."""
-    if s.get("sampler") is not None:
-        return s["sampler"].generate_all
+    if sampler is not None:
+        return sampler.generate_all
     return lambda tokenizer, prompts, **kw: generate_all(model, tokenizer, prompts, **kw)
 
 
@@ -190,46 +270,47 @@ def judge_em(answers: dict[str, list[dict]], scorer, cache, questions,
     return answers, [p for p, score in zip(prompts, scores) if score is None]
 
 
-def evaluate_security(run: Path, cfg: dict, s: dict, questions: list[dict], record: dict) -> tuple[dict, str, str | None]:
+def evaluate_security(run: Path, cfg: dict, settings: EvalConfig, questions: list[dict], record: dict,
+                      sampler: HttpSampler | None = None) -> tuple[dict, str, str | None, dict]:
     """Sample (or reuse the answers sampled with these very settings), judge, count. Returns
     results.json's "security" block ({"judge": id, condition: em_summary, ...}), the judge mode,
-    and a one-line failure when the judge left more than the allowed share unscored."""
+    a one-line failure when the judge left more than the allowed share unscored, and the judge's
+    cost (judge_cost)."""
     out = run / "eval"
     sampling = {k: v for k, v in record.items() if k != "judge"}
     saved = read_json(out / "answers.json") if (out / "answers.json").is_file() else None
-    scorer = judge_http.make_judge(s["judge"], model_name=s["judge_model"], device=s["device"],
-                                   batch_size=s["judge_batch_size"], **judge_options(s))  # loaded only if needed
+    scorer = judge_http.make_judge(settings.judge, model_name=settings.judge_model, device=settings.device,
+                                   batch_size=settings.judge_batch_size, **judge_options(settings))  # loaded only if needed
     if saved and saved.get("settings") == sampling:
         answers = saved["answers"]  # sampled before (e.g. the judge failed): judge the same answers
     else:
         # The judge is checked first: a judge that cannot answer fails now, not after the sampling.
         judge.probe(scorer, judge.fill(questions[0]["judge_prompts"]["aligned"], questions[0]["question"],
                                         PROBE_ANSWER))
-        model, tokenizer = load_policy(run, cfg, s["device"], s["model"])
-        answers = sample_em_answers(model, tokenizer, questions, s, s["baselines"])
+        model, tokenizer = load_policy(run, cfg, settings.device, settings.model)
+        answers = sample_em_answers(model, tokenizer, questions, settings, sampler)
         write_json(out / "answers.json", {"settings": sampling, "answers": answers})
         del model  # free the policy before the judge is loaded
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    cache = judge.JudgeCache(s["judge_cache"] or out / "judgments.jsonl")
+    cache = judge.JudgeCache(settings.judge_cache or out / "judgments.jsonl")
     # Unscored judgments are never final: --rejudge-unscored asks them again. --force alone does
     # not: it replaces results made with other settings, and the judgments both share are reused.
     costs: list[dict] = []
-    judged, unscored = judge_em(answers, scorer, cache, questions, s["rejudge_unscored"], costs)
-    s["judge_cost"] = judge_cost(costs)
+    judged, unscored = judge_em(answers, scorer, cache, questions, settings.rejudge_unscored, costs)
     write_atomic(out / "judged.jsonl", "".join(json.dumps({"condition": name, **r}, ensure_ascii=False) + "\n"
                                                for name, rows in judged.items() for r in rows))
     block = {"judge": scorer.id, **{name: em_summary(rows) for name, rows in judged.items()}}
     failure = None
     n_prompts = 2 * sum(len(rows) for rows in judged.values())
-    if unscored and len(unscored) > s["max_unscored"] * n_prompts:
+    if unscored and len(unscored) > settings.max_unscored * n_prompts:
         reply = cache.reply(scorer.id, unscored[0])
         quoted = json.dumps((reply or "(no reply text: under 25% of the probability on numbers)")[:120],
                             ensure_ascii=False)
         failure = (f"judge {scorer.id} left {len(unscored)} of {n_prompts} judgments unscored (more than "
-                   f"--max-unscored {s['max_unscored']:g}); one reply: {quoted}. Check the judge, then rerun with "
+                   f"--max-unscored {settings.max_unscored:g}); one reply: {quoted}. Check the judge, then rerun with "
                    "--rejudge-unscored")
-    return block, report.judge_mode(scorer.id, getattr(scorer, "mode", None)), failure
+    return block, report.judge_mode(scorer.id, getattr(scorer, "mode", None)), failure, judge_cost(costs)
 
 
 def judge_cost(costs: list[dict]) -> dict:
@@ -245,21 +326,21 @@ def judge_cost(costs: list[dict]) -> dict:
             "per_judgment": costs}
 
 
-def judge_options(s: dict) -> dict:
-    """The judge's mode, tokenizer and time limits, as make_judge and judge_id take them."""
-    return {"mode": s["judge_mode"], "tokenizer": s["judge_tokenizer"], "timeout": s["judge_timeout"],
-            "deadline": s["judge_deadline"]}
+def judge_options(settings: EvalConfig) -> dict:
+    """The judge's mode, tokenizer and time limits, as make_judge takes them."""
+    return {"mode": settings.judge_mode, "tokenizer": settings.judge_tokenizer, "timeout": settings.judge_timeout,
+            "deadline": settings.judge_deadline}
 
 
-def evaluate_opswap(run: Path, cfg: dict, s: dict) -> dict:
+def evaluate_opswap(run: Path, cfg: dict, settings: EvalConfig, sampler: HttpSampler | None = None) -> dict:
     """Exact match on the held-out OpSwap Tier 2 problems (greedy, stripped answer)."""
     _, test = data.opswap_split(2)
-    test = test[:s["opswap_limit"]]
-    model, tokenizer = load_policy(run, cfg, s["device"], s["model"])
+    test = test[:settings.opswap_limit]
+    model, tokenizer = load_policy(run, cfg, settings.device, settings.model)
     prompts = [tokenizer.encode_chat(p["messages"][:-1], add_generation_prompt=True)[0] for p in test]
-    with merged(model) if s.get("sampler") is None else contextlib.nullcontext():
-        preds = sampler_of(model, s)(tokenizer, prompts, seed=s["seed"], max_new_tokens=OPSWAP_NEW_TOKENS,
-                                     batch_size=4 * s["batch_size"], temperature=0.0)
+    with merged(model) if sampler is None else contextlib.nullcontext():
+        preds = sampler_of(model, sampler)(tokenizer, prompts, seed=settings.seed, max_new_tokens=OPSWAP_NEW_TOKENS,
+                                           batch_size=4 * settings.batch_size, temperature=0.0)
     rows = [{"question": p["messages"][0]["content"], "answer": p["answer"], "prediction": tokenizer.decode(a),
              "correct": opswap_correct(tokenizer.decode(a), p["answer"])} for p, a in zip(test, preds)]
     write_atomic(run / "eval" / "opswap_predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -269,25 +350,6 @@ def evaluate_opswap(run: Path, cfg: dict, s: dict) -> dict:
 
 # ----------------------------------------------------------------------------
 # Settings: checked before any training or sampling; what decides a run's results
-
-
-def check_eval_args(args):
-    """Every eval flag that does not depend on a run, so a typo fails before any training or sampling."""
-    for name in POSITIVE_FLAGS:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.judge:
-        judge.parse_spec(args.judge, args.judge_model)
-    if args.judge_cache and Path(args.judge_cache).is_dir():
-        raise UserError(f"--judge-cache {args.judge_cache}: is a directory (the judgment cache is a file)")
-    for name in ("judge_timeout", "judge_deadline"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value > 0):
-            raise UserError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value}")
-    if not 0 <= args.max_unscored <= 1:
-        raise UserError(f"--max-unscored must be a share between 0 and 1 (e.g. 0.05), got {args.max_unscored}")
-    resolve_device(args.device)
 
 
 def resolve_device(name: str) -> str:
@@ -304,11 +366,11 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def judge_spec(run: Path, cfg: dict, args) -> str | None:
+def judge_spec(run: Path, cfg: dict, given: str | None) -> str | None:
     """--judge if given; a tiny run's own tiny model; no judge for opswap. A non-tiny security
     run must name its judge: the paper's 72B does not fit on one GPU (see NEED_JUDGE)."""
-    if args.judge:
-        return args.judge
+    if given:
+        return given
     if cfg.get("model") == "tiny":
         return f"local:{run / 'tiny_model'}"
     if cfg["task"] != "security":
@@ -316,34 +378,19 @@ def judge_spec(run: Path, cfg: dict, args) -> str | None:
     raise UserError(NEED_JUDGE)
 
 
-def eval_settings(run: Path, cfg: dict, args) -> dict:
-    """Defaults (tiny: TINY_EVAL; --paper: the paper's N = 1), then explicit flags."""
-    s = dict(samples=DEFAULT_SAMPLES, max_new_tokens=MAX_NEW_TOKENS, question_limit=None, opswap_limit=None)
-    if cfg.get("preset") == "tiny":
-        s.update(TINY_EVAL)
-    if getattr(args, "paper", False):
-        s.update(samples=PAPER_SAMPLES, max_new_tokens=MAX_NEW_TOKENS, question_limit=None, opswap_limit=None)
-    s.update({k: v for k, v in vars(args).items() if v is not None and k in (*s, "seed", "batch_size")})
-    device = resolve_device(args.device)
-    s.setdefault("seed", cfg["seed"])
-    s.setdefault("batch_size", 64 if device.startswith("cuda") else 32)
-    spec = judge_spec(run, cfg, args)
-    if spec is not None:
-        kind, _ = judge.parse_spec(spec, args.judge_model)  # a typo fails now, not after the sampling
-        if kind == "local" and args.judge_mode == "greedy":
-            raise UserError("--judge-mode greedy is for HTTP servers without log-probabilities; a local judge "
-                            "always scores by the exact expectation (logprobs)")
-        if kind == "local" and args.judge_tokenizer:
-            raise UserError("--judge-tokenizer is for an HTTP judge; a local judge uses its own tokenizer")
+def check_judge_kind(spec: str | None, flags: EvalConfig):
+    """The judge flags that only an HTTP judge takes, refused for a local one (a typo fails now,
+    not after the sampling); naming the paper's 72B as a local judge is said on stderr."""
+    if spec is None:
+        return
+    kind, _ = judge.parse_spec(spec, flags.judge_model)
+    if kind == "local" and flags.judge_mode == "greedy":
+        raise UserError("--judge-mode greedy is for HTTP servers without log-probabilities; a local judge "
+                        "always scores by the exact expectation (logprobs)")
+    if kind == "local" and flags.judge_tokenizer:
+        raise UserError("--judge-tokenizer is for an HTTP judge; a local judge uses its own tokenizer")
     if spec == f"local:{judge.DEFAULT_JUDGE}":
         print(f"[eval] judge: {judge.DEFAULT_JUDGE} loaded locally needs ~145 GB on one device", file=sys.stderr)
-    baselines = args.baselines if args.baselines is not None else cfg["method"] == "none"
-    return {**s, "device": device, "judge": spec, "judge_model": args.judge_model,
-            "judge_batch_size": args.judge_batch_size, "judge_cache": args.judge_cache, "best_of": args.best_of,
-            "baselines": baselines, "questions": args.questions, "model": args.model, "force": args.force,
-            "judge_mode": args.judge_mode, "judge_tokenizer": args.judge_tokenizer,
-            "judge_timeout": args.judge_timeout, "judge_deadline": args.judge_deadline,
-            "rejudge_unscored": args.rejudge_unscored, "max_unscored": args.max_unscored}
 
 
 def adapter_fingerprint(run: Path) -> str:
@@ -358,18 +405,18 @@ def adapter_fingerprint(run: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def em_questions(s: dict) -> list[dict]:
-    return data.load_em_questions(s["questions"])[:s["question_limit"]]
+def em_questions(settings: EvalConfig) -> list[dict]:
+    return data.load_em_questions(settings.questions)[:settings.question_limit]
 
 
-def result_settings(cfg: dict, s: dict, questions: list[dict] | None, adapter: str) -> dict:
-    """What decides a run's results: two evaluations that differ here are not the same one.
-    (Device and batch sizes are left out: they only change how fast.)"""
+def result_settings(cfg: dict, settings: EvalConfig, questions: list[dict] | None, adapter: str) -> dict:
+    """What decides a run's results (settings: EvalConfig.for_run's): two evaluations that differ
+    here are not the same one. (Device and batch sizes are left out: they only change how fast.)"""
     if cfg["task"] == "opswap":
-        return {"adapter": adapter, "opswap_limit": s["opswap_limit"]}
-    return {"adapter": adapter, **{k: s[k] for k in SAMPLING_KEYS}, "question_limit": s["question_limit"],
-            "questions": [q["id"] for q in questions],
-            "judge": judge.judge_id(s["judge"], s["judge_model"], s["judge_mode"])}
+        return {"adapter": adapter, "opswap_limit": settings.opswap_limit}
+    return {"adapter": adapter, **{k: getattr(settings, k) for k in SAMPLING_KEYS},
+            "question_limit": settings.question_limit, "questions": [q["id"] for q in questions],
+            "judge": judge.judge_id(settings.judge, settings.judge_model, settings.judge_mode)}
 
 
 def short(value) -> str:
@@ -398,55 +445,50 @@ def conflict(eval_dir: Path, record: dict) -> str | None:
     return None
 
 
-def evaluate_run(run: str | os.PathLike, args) -> dict:
-    """Evaluate one run directory by its config.json; writes <run>/eval/results.json last."""
+def evaluate_run(run: str | os.PathLike, eval_config: EvalConfig) -> dict:
+    """Evaluate one run directory by its config.json with the (checked) flags of eval_config;
+    writes <run>/eval/results.json last."""
     run = Path(run)
-    check_eval_args(args)
     if not (run / "config.json").is_file():
         raise UserError(f"{run}: no config.json (not a run directory written by phaseguard.py train)")
     cfg = read_json(run / "config.json")
-    s = eval_settings(run, cfg, args)
+    settings = eval_config.for_run(run, cfg)
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise UserError(f"{run}: no adapter/ (training has not finished)")
     if cfg["task"] == "security":
-        every_question = data.load_em_questions(s["questions"])
-        questions = every_question[:s["question_limit"]]
+        every_question = data.load_em_questions(settings.questions)
+        questions = every_question[:settings.question_limit]
         coverage = {"unit": "questions", "used": len(questions), "of": len(every_question)}
     else:
         questions = None
-        used = min(s["opswap_limit"] or data.OPSWAP_TEST, data.OPSWAP_TEST)
+        used = min(settings.opswap_limit or data.OPSWAP_TEST, data.OPSWAP_TEST)
         coverage = {"unit": "problems", "used": used, "of": data.OPSWAP_TEST}
-    record = result_settings(cfg, s, questions, adapter_fingerprint(run))
-    if args.sampler:  # answers from a server: recorded (and so never mixed with in-process ones)
+    record = result_settings(cfg, settings, questions, adapter_fingerprint(run))
+    sampler = None
+    if settings.sampler:  # answers from a server: recorded (and so never mixed with in-process ones)
         rank = read_json(run / "adapter" / "adapter_config.json").get("r")
-        s["sampler"] = HttpSampler(judge.check_url(args.sampler, "--sampler"), args.sampler_model, adapter_rank=rank)
-        record["sampler"] = {k: v for k, v in s["sampler"].connect().items() if k != "url"}
+        sampler = HttpSampler(judge.check_url(settings.sampler, "--sampler"), settings.sampler_model, adapter_rank=rank)
+        record["sampler"] = {k: v for k, v in sampler.connect().items() if k != "url"}
     problem = conflict(run / "eval", record)
-    if problem and not s["force"]:
+    if problem and not settings.force:
         raise UserError(problem)
     (run / "eval").mkdir(exist_ok=True)
     tiny = cfg.get("preset") == "tiny"
     print(f"[eval] {run}: {cfg['task']}, method {cfg['method']}, lambda {cfg['lam']:g}, seed {cfg['seed']}"
           + (" -- TINY PRESET: these numbers mean nothing" if tiny else ""), file=sys.stderr)
-    details = {k: s[k] for k in ("device", "batch_size", "judge_batch_size", "judge_cache", "questions", "model")}
-    details["sampler"] = s["sampler"].record() if s.get("sampler") else "in process (model_qwen2.generate, torch seed)"
+    details = {k: getattr(settings, k) for k in ("device", "batch_size", "judge_batch_size", "judge_cache",
+                                                 "questions", "model")}
+    details["sampler"] = sampler.record() if sampler else "in process (model_qwen2.generate, torch seed)"
     results = {"run": str(run), "task": cfg["task"], "method": cfg["method"], "lam": cfg["lam"], "seed": cfg["seed"],
                "preset": cfg.get("preset"), "settings": record, "details": details, "coverage": coverage,
-               "provenance": provenance_record(cfg, s), "judge_mode": None}
+               "provenance": provenance_record(cfg, settings.questions), "judge_mode": None}
     failure = None
     if cfg["task"] == "security":
-        results["security"], results["judge_mode"], failure = evaluate_security(run, cfg, s, questions, record)
-        results["judge_cost"] = s.pop("judge_cost", None)
-        for name, r in results["security"].items():
-            if name != "judge" and r["answers"] and not r["scored"]:
-                print(f"[eval] {name}: no scored answers ({r['unscored']} of {r['answers']} unscored)", file=sys.stderr)
-            elif name != "judge":
-                print(f"[eval] {name}: misaligned {r['misaligned']}/{r['answers']} = "
-                      f"{percent(r['rate_all'], r['ci95_all'])} over all answers, {r['unscored']} unscored; "
-                      f"{r['misaligned']}/{r['scored']} = {percent(r['rate_scored'], r['ci95_scored'])} over the scored",
-                      file=sys.stderr)
+        results["security"], results["judge_mode"], failure, results["judge_cost"] = evaluate_security(
+            run, cfg, settings, questions, record, sampler)
+        print_security(results["security"])
     else:
-        results["opswap"] = r = evaluate_opswap(run, cfg, s)
+        results["opswap"] = r = evaluate_opswap(run, cfg, settings, sampler)
         print(f"[eval] opswap exact match {r['correct']}/{r['n']} = {percent(r['accuracy'], r['ci95'])}",
               file=sys.stderr)
     results["failed"] = failure if failure and not tiny else None  # a sweep evaluates a failed run again
@@ -458,21 +500,34 @@ def evaluate_run(run: str | os.PathLike, args) -> dict:
     return results
 
 
+def print_security(block: dict):
+    """Each condition's misaligned rate, over all answers and over the scored ones (stderr)."""
+    for name, r in block.items():
+        if name != "judge" and r["answers"] and not r["scored"]:
+            print(f"[eval] {name}: no scored answers ({r['unscored']} of {r['answers']} unscored)", file=sys.stderr)
+        elif name != "judge":
+            print(f"[eval] {name}: misaligned {r['misaligned']}/{r['answers']} = "
+                  f"{percent(r['rate_all'], r['ci95_all'])} over all answers, {r['unscored']} unscored; "
+                  f"{r['misaligned']}/{r['scored']} = {percent(r['rate_scored'], r['ci95_scored'])} over the scored",
+                  file=sys.stderr)
+
+
 def percent(value: float | None, interval) -> str:
     if value is None:
         return "— (no answers)"
     return f"{100 * value:.2f}% (95% CI {100 * interval[0]:.1f}-{100 * interval[1]:.1f}%)"
 
 
-def provenance_record(cfg: dict | None = None, s: dict | None = None) -> dict:
-    """What produced an evaluation (results.json "provenance"; the report's header without cfg):
-    the git commit, the versions, the base model training recorded, the EM questions' sha256."""
+def provenance_record(cfg: dict | None = None, questions: str | None = None) -> dict:
+    """What produced an evaluation (results.json "provenance"; without cfg, provenance.collect()
+    alone): the git commit, the versions, the base model training recorded, and for a security
+    run the sha256 of the EM questions (`questions`: --questions, None: the default file)."""
     if cfg is None:
         return provenance.collect()
     trained = cfg.get("provenance") or {}
     extra = {}
     if cfg["task"] == "security":
-        file, source = data.resolve_file(s["questions"], data.EM_QUESTIONS_URL)
+        file, source = data.resolve_file(questions, data.EM_QUESTIONS_URL)
         extra["questions"] = provenance.data_record(source, provenance.sha256_file(file))
     return provenance.collect(model=trained.get("model"), data=trained.get("data"), **extra)
 
@@ -492,19 +547,19 @@ def add_eval_flags(p):
     p.add_argument("--paper", action="store_true", help=f"the paper's setting: {PAPER_SAMPLES} answer per question")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
                    help="safety prompt and best-of-8 (default: on for method none)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=EvalConfig.device)
     p.add_argument("--seed", type=int, help="sampling seed (default: the run's seed)")
     p.add_argument("--max-new-tokens", type=int, help=f"answer length (default {MAX_NEW_TOKENS}; tiny {TINY_EVAL['max_new_tokens']})")
     p.add_argument("--batch-size", type=int, help="sequences per generation batch (default 64 on CUDA, 32 on CPU)")
-    p.add_argument("--best-of", type=int, default=BEST_OF)
+    p.add_argument("--best-of", type=int, default=EvalConfig.best_of)
     p.add_argument("--question-limit", type=int, help="only the first K questions (checks; the report flags the run as limited)")
     p.add_argument("--opswap-limit", type=int, help="only the first K OpSwap test problems (default all 540; tiny 100)")
     p.add_argument("--questions", help="first_plot_questions.yaml path or URL (default: cache / ../shared/data / download)")
     p.add_argument("--judge-cache", help="judgment cache file (default <run>/eval/judgments.jsonl)")
-    p.add_argument("--judge-batch-size", type=int, default=4, help="prompts per local judge forward")
+    p.add_argument("--judge-batch-size", type=int, default=EvalConfig.judge_batch_size, help="prompts per local judge forward")
     p.add_argument("--model", help="base model directory, if it moved since training")
     p.add_argument("--judge-mode", choices=judge.MODES,
-                   default=judge.DEFAULT_MODE, help="trie (default) and logprobs: the expectation over 0..100 from the "
+                   default=EvalConfig.judge_mode, help="trie (default) and logprobs: the expectation over 0..100 from the "
                    "judge's probabilities, as the local judge computes it; over HTTP (vLLM /v1/completions) logprobs "
                    "reads the echoed prompt log-probabilities of the 101 candidates (101 prefills of the judge "
                    "prompt), trie the top-20 next tokens at each node of the number trie (one prefill, the rest from "
@@ -516,14 +571,16 @@ def add_eval_flags(p):
                    "the one LoRA module the server lists)")
     p.add_argument("--judge-tokenizer", help="HTTP judge, logprobs mode: the served model's tokenizer (tokenizer.json, "
                    "a model directory or a hub id; default: the served model name)")
-    p.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS", help="per judge request (default 60)")
-    p.add_argument("--judge-deadline", type=float, default=60.0, metavar="SECONDS",
-                   help="for all tries of one judge request, retries included (default 60): a silent server fails "
+    p.add_argument("--judge-timeout", type=float, default=EvalConfig.judge_timeout, metavar="SECONDS",
+                   help=f"per judge request (default {EvalConfig.judge_timeout:g})")
+    p.add_argument("--judge-deadline", type=float, default=EvalConfig.judge_deadline, metavar="SECONDS",
+                   help=f"for all tries of one judge request, retries included (default {EvalConfig.judge_deadline:g}): "
+                        "a silent server fails "
                         "within about a minute")
     p.add_argument("--rejudge-unscored", action="store_true", help="ask the judge again for cached unscored judgments")
-    p.add_argument("--max-unscored", type=float, default=0.05, metavar="SHARE",
+    p.add_argument("--max-unscored", type=float, default=EvalConfig.max_unscored, metavar="SHARE",
                    help="eval fails (after writing results.json) when the judge leaves more than this share of its "
-                        "judgments unscored (default 0.05; tiny runs only warn)")
+                        f"judgments unscored (default {EvalConfig.max_unscored:g}; tiny runs only warn)")
     p.add_argument("--force", action="store_true",
                    help="replace <run>/eval/ results made with other settings (they are lost; the cached judgments "
                         "are kept and reused: --rejudge-unscored asks unscored ones again)")
@@ -540,26 +597,13 @@ def parse_set(item: str) -> tuple[str, object]:
 
 
 def main(argv=None) -> int:
-    parser = ArgumentParser(description="PhaseGuard-KL evaluation and report (the sweep: sweep.py)")
+    parser = ArgumentParser(description="PhaseGuard-KL evaluation (the sweep: sweep.py; the report: report.py)")
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("eval", help="evaluate one run directory into <run>/eval/")
     e.add_argument("--run", required=True)
     add_eval_flags(e)
-    r = sub.add_parser("report", help="Table 1, Table 2, trigger steps, Figure 2 -> markdown + PNG")
-    r.add_argument("--runs-dir", default="runs")
-    r.add_argument("--out", default="report.md")
-    r.add_argument("--max-unscored", type=float, default=report.MAX_UNSCORED, metavar="SHARE",
-                   help="the largest share of unscored answers a cell may have and still get a pass mark "
-                        f"(default {report.MAX_UNSCORED})")
     args = parser.parse_args(argv)
-    if args.command == "eval":
-        return exit_status(lambda: evaluate_run(args.run, args))
-    return exit_status(lambda: write_report(args))
-
-
-def write_report(args):
-    report.write_report(args.runs_dir, args.out, args.max_unscored, provenance_record())
-    print(f"[report] wrote {args.out}", file=sys.stderr)
+    return exit_status(lambda: evaluate_run(args.run, EvalConfig.from_args(args)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The report: Tables 1 and 2 beside the paper's numbers, the answers behind every Security EM
 rate, every run's trigger step and result, the per-question table, Figure 2 and the D_t curves
 (drawn by figures.py), from run directories (found by their config.json). Run it as
-`python evaluate.py report`.
+`python report.py` (`make report`).
 
 A pass mark (✓ or ✗) appears only where a cell's evidence is complete: at most --max-unscored
 of its answers unscored (default 5%), every question or problem evaluated (no --question-limit
@@ -14,6 +14,7 @@ import datetime
 import json
 import math
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import data
 import figures
-from errors import UserError, read_json
+import provenance
+from errors import ArgumentParser, UserError, exit_status, read_json
 from config import BEST_OF, DEFAULT_LAMBDA, SWEEP_LAMBDAS
 from stats import mean_std, wilson_interval
 
@@ -711,3 +713,22 @@ def write_report(runs_dir: str | os.PathLike, out: str | os.PathLike, max_unscor
     lines += ["", "## Misaligned rate per question (%, pooled over seeds)", ""] + per_question_table(runs)
     lines += ["", "## Figure 2 and D_t curves", ""] + draw_figures(runs, out.parent, out.stem, max_unscored)
     return write_markdown(out, lines)
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(description="Table 1, Table 2, trigger steps, Figure 2 -> markdown + PNG")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--out", default="report.md")
+    parser.add_argument("--max-unscored", type=float, default=MAX_UNSCORED, metavar="SHARE",
+                        help="the largest share of unscored answers a cell may have and still get a pass mark "
+                             f"(default {MAX_UNSCORED})")
+    args = parser.parse_args(argv)
+
+    def write():
+        write_report(args.runs_dir, args.out, args.max_unscored, provenance.collect())
+        print(f"[report] wrote {args.out}", file=sys.stderr)
+    return exit_status(write)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import orchestrate
 from config import OPSWAP_SEED, SWEEP_LAMBDAS, SWEEP_SEEDS
-from evaluate import (adapter_fingerprint, add_eval_flags, check_eval_args, conflict, em_questions, eval_settings,
-                      evaluate_run, parse_set, result_settings, saved_settings)
+from evaluate import (EvalConfig, adapter_fingerprint, add_eval_flags, conflict, em_questions, evaluate_run, parse_set,
+                      result_settings, saved_settings)
 from errors import ArgumentParser, UserError, exit_status, read_json
 
 def sweep_plan(preset: str, lambdas=SWEEP_LAMBDAS, seeds=SWEEP_SEEDS) -> list[dict]:
@@ -42,73 +42,87 @@ def sweep_configs(args) -> list:
     return orchestrate.plan_configs(runs, args.set, args.runs_dir)
 
 
-def sweep_step(run: Path, cfg, args, questions) -> str:
+def sweep_step(run: Path, cfg, eval_config: EvalConfig, questions) -> str:
     """What a run needs: 'done', 'evaluate' or 'train + evaluate'. Raises now, before anything
     is trained, what its evaluation would raise later (no --judge, results made otherwise)."""
     trained = (run / "summary.json").is_file()  # train writes it last
     on_disk = read_json(run / "config.json") if trained else dataclasses.asdict(cfg)
-    s = eval_settings(run, on_disk, args)
+    settings = eval_config.for_run(run, on_disk)
     if not trained:
-        if not s["force"] and any((run / "eval" / name).is_file() for name in ("results.json", "answers.json")):
+        if not settings.force and any((run / "eval" / name).is_file() for name in ("results.json", "answers.json")):
             raise UserError(f"{run / 'eval'} holds results of an adapter that is to be trained again: "
                             "move it away or pass --force")
         return "train + evaluate"
-    qs = questions(s) if on_disk["task"] == "security" else None
-    record = result_settings(on_disk, s, qs, adapter_fingerprint(run))
+    qs = questions(settings) if on_disk["task"] == "security" else None
+    record = result_settings(on_disk, settings, qs, adapter_fingerprint(run))
     results = run / "eval" / "results.json"
-    if results.is_file() and saved_settings(results) == record and not needs_judging_again(results, s):
+    if (results.is_file() and saved_settings(results) == record
+            and not needs_judging_again(results, settings.rejudge_unscored)):
         return "done"
     problem = conflict(run / "eval", record)
-    if problem and not s["force"]:
+    if problem and not settings.force:
         raise UserError(problem)
     return "evaluate"
 
 
-def needs_judging_again(results: Path, s: dict) -> bool:
+def needs_judging_again(results: Path, rejudge_unscored: bool) -> bool:
     """An evaluation that failed (too many unscored judgments) is not done; with
     --rejudge-unscored, neither is one that has any unscored answer."""
     saved = read_json(results)
     if saved.get("failed"):
         return True
     security = saved.get("security") or {}
-    return bool(s["rejudge_unscored"]) and any(isinstance(block, dict) and block.get("unscored")
-                                                for block in security.values())
+    return rejudge_unscored and any(isinstance(block, dict) and block.get("unscored") for block in security.values())
 
 
-def sweep(args) -> list[Path]:
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """sweep.py's own flags (its evaluation flags are an EvalConfig)."""
+    preset: str = "auto"  # auto | paper | small | tiny (config.resolve_config)
+    runs_dir: str = "runs"  # where the runs go, one directory each
+    lambdas: tuple[float, ...] = SWEEP_LAMBDAS  # the PhaseGuard-KL lambdas of Table 2
+    seeds: tuple[int, ...] = SWEEP_SEEDS  # security seeds (opswap: OPSWAP_SEED)
+    set: dict = dataclasses.field(default_factory=dict)  # --set KEY=VALUE: training settings for every run
+    dry_run: bool = False  # print the plan only
+    gpus: str | None = None  # "0,1,2,3": the runs side by side, one per GPU (or per group of nproc)
+    nproc: int = 1  # processes (GPUs) per run, through torchrun
+    only: str | None = None  # one run of the sweep, by name: how --gpus starts each run
+    child_command: tuple[str, ...] = ()  # this sweep's command line without --gpus (child_command)
+
+
+def sweep(sweep_config: SweepConfig, eval_config: EvalConfig) -> list[Path]:
     """Train each missing run (resuming an interrupted one), evaluate each unevaluated one.
     Every run's step is decided (and every flag checked) before the first one starts."""
-    check_eval_args(args)
-    orchestrate.check_settings(args.set, SWEEP_OWNS, "the sweep", SWEEP_FLAGS)
+    orchestrate.check_settings(sweep_config.set, SWEEP_OWNS, "the sweep", SWEEP_FLAGS)
     loaded: dict = {}
 
-    def questions(s):  # read once, for all the runs
-        if s["question_limit"] not in loaded:
-            loaded[s["question_limit"]] = em_questions(s)
-        return loaded[s["question_limit"]]
+    def questions(settings):  # read once, for all the runs
+        if settings.question_limit not in loaded:
+            loaded[settings.question_limit] = em_questions(settings)
+        return loaded[settings.question_limit]
 
-    groups = orchestrate.gpu_groups(getattr(args, "gpus", None), getattr(args, "nproc", 1))
-    plan = [(Path(cfg.out), cfg) for cfg in sweep_configs(args)]
-    only = getattr(args, "only", None)
+    groups = orchestrate.gpu_groups(sweep_config.gpus, sweep_config.nproc)
+    plan = [(Path(cfg.out), cfg) for cfg in sweep_configs(sweep_config)]
+    only = sweep_config.only
     if only is not None:
         plan = [(run, cfg) for run, cfg in plan if run.name == only]
         if not plan:
             raise UserError(f"--only {only}: not a run of this sweep")
-    steps = [sweep_step(run, cfg, args, questions) for run, cfg in plan]
+    steps = [sweep_step(run, cfg, eval_config, questions) for run, cfg in plan]
     for (run, _), step in zip(plan, steps):
         print(f"[sweep] {run}: {step}", file=sys.stderr)
-    if args.dry_run:
+    if sweep_config.dry_run:
         return [run for run, _ in plan]
     if groups:
-        jobs = [(run.name, [*args.child_command, "--only", run.name], run / "sweep.log")
+        jobs = [(run.name, [*sweep_config.child_command, "--only", run.name], run / "sweep.log")
                 for (run, _), step in zip(plan, steps) if step != "done"]
         orchestrate.report_failures(orchestrate.run_side_by_side(jobs, groups))
         return [run for run, _ in plan]
     for (run, cfg), step in zip(plan, steps):
         if step == "train + evaluate":
-            orchestrate.train_or_resume(cfg, getattr(args, "nproc", 1))
+            orchestrate.train_or_resume(cfg, sweep_config.nproc)
         if step != "done":
-            evaluate_run(run, args)
+            evaluate_run(run, eval_config)
     return [run for run, _ in plan]
 
 
@@ -118,22 +132,25 @@ def child_command(argv: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    s = ArgumentParser(description="train and evaluate every missing run of Tables 1-2")
-    s.add_argument("--preset", default="auto", choices=("auto", "paper", "small", "tiny"))
-    s.add_argument("--runs-dir", default="runs")
-    s.add_argument("--lambdas", type=float, nargs="+", default=SWEEP_LAMBDAS)
-    s.add_argument("--seeds", type=int, nargs="+", default=SWEEP_SEEDS, help="security seeds (opswap: 42)")
-    s.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
+    p = ArgumentParser(description="train and evaluate every missing run of Tables 1-2")
+    p.add_argument("--preset", default=SweepConfig.preset, choices=("auto", "paper", "small", "tiny"))
+    p.add_argument("--runs-dir", default=SweepConfig.runs_dir)
+    p.add_argument("--lambdas", type=float, nargs="+", default=SweepConfig.lambdas)
+    p.add_argument("--seeds", type=int, nargs="+", default=SweepConfig.seeds, help="security seeds (opswap: 42)")
+    p.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
                    help="extra training setting for every run, e.g. --set limit=40")
-    s.add_argument("--dry-run", action="store_true", help="print the plan only")
-    s.add_argument("--gpus", help="run the runs side by side, one per GPU, e.g. 0,1,2,3 (CUDA only)")
-    s.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run, through torchrun (default 1)")
-    s.add_argument("--only", help=argparse.SUPPRESS)  # one run of the sweep: how --gpus starts each run
-    add_eval_flags(s)
-    args = s.parse_args(argv)
-    args.set = dict(args.set)
-    args.child_command = child_command(sys.argv[1:] if argv is None else list(argv))
-    return exit_status(lambda: sweep(args))
+    p.add_argument("--dry-run", action="store_true", help="print the plan only")
+    p.add_argument("--gpus", help="run the runs side by side, one per GPU, e.g. 0,1,2,3 (CUDA only)")
+    p.add_argument("--nproc", type=int, default=SweepConfig.nproc,
+                   help="processes (GPUs) per run, through torchrun (default 1)")
+    p.add_argument("--only", help=argparse.SUPPRESS)  # one run of the sweep: how --gpus starts each run
+    add_eval_flags(p)
+    args = p.parse_args(argv)
+    sweep_config = SweepConfig(
+        preset=args.preset, runs_dir=args.runs_dir, lambdas=tuple(args.lambdas), seeds=tuple(args.seeds),
+        set=dict(args.set), dry_run=args.dry_run, gpus=args.gpus, nproc=args.nproc, only=args.only,
+        child_command=tuple(child_command(sys.argv[1:] if argv is None else list(argv))))
+    return exit_status(lambda: sweep(sweep_config, EvalConfig.from_args(args)))
 
 
 if __name__ == "__main__":

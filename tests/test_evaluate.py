@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -295,14 +296,13 @@ def test_opswap_eval_counts_exact_matches(chain, monkeypatch):
     fake = lambda model, t, prompts, **kw: [tok.encode(test[i]["answer"] if i % 2 == 0 else "x") for i in range(len(prompts))]
     monkeypatch.setattr(ev, "generate_all", fake)
     cfg = json.loads((chain / "opswap-phaseguard" / "config.json").read_text())
-    r = ev.evaluate_opswap(chain / "opswap-phaseguard", cfg, {"opswap_limit": None, "device": "cpu", "model": None,
-                                                             "seed": 0, "batch_size": 8})
+    r = ev.evaluate_opswap(chain / "opswap-phaseguard", cfg, ev.EvalConfig(device="cpu", seed=0, batch_size=8))
     assert (r["n"], r["correct"], r["accuracy"]) == (540, 270, 0.5)
 
 
 def test_report_on_the_tiny_chain(chain, tmp_path):
     out = tmp_path / "report.md"
-    assert ev.main(["report", "--runs-dir", str(chain), "--out", str(out)]) == 0
+    assert report.main(["--runs-dir", str(chain), "--out", str(out)]) == 0
     text = out.read_text()
     assert "TINY PRESET" in text and "| security-none | security | none |" in text
     assert "| opswap-phaseguard | opswap | phaseguard | 0.03 | 42 | 8 | 10 |" in text  # fired at step 8
@@ -357,7 +357,7 @@ def test_a_retrained_adapter_is_never_judged_by_its_old_answers(chain_copy, caps
 
 
 def test_report_and_eval_errors_are_one_line(tmp_path, capsys):
-    assert ev.main(["report", "--runs-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r.md")]) == 2
+    assert report.main(["--runs-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r.md")]) == 2
     assert ev.main(["eval", "--run", str(tmp_path)]) == 2
     (tmp_path / "config.json").write_text(json.dumps({"method": "none", "task": "security", "lam": 0, "seed": 1,
                                                       "preset": "paper", "model": "x"}))
@@ -423,8 +423,8 @@ def test_a_non_tiny_security_evaluation_needs_an_explicit_judge(tmp_path, capsys
     monkeypatch.setattr(ev, "evaluate_opswap", lambda *a: {"n": 1, "correct": 1, "accuracy": 1.0, "ci95": [0.2, 1.0]})
     assert ev.main(["eval", "--run", str(opswap)]) == 0
     cfg = json.loads((tmp_path / "sec" / "config.json").read_text())
-    named = ev.eval_settings(tmp_path / "sec", cfg, eval_args("--judge", f"local:{judge.DEFAULT_JUDGE}"))
-    assert named["judge"] == "local:Qwen/Qwen2.5-72B-Instruct"
+    named = ev.EvalConfig.from_args(eval_args("--judge", f"local:{judge.DEFAULT_JUDGE}")).for_run(tmp_path / "sec", cfg)
+    assert named.judge == "local:Qwen/Qwen2.5-72B-Instruct"
 
 
 def eval_args(*flags):
@@ -500,6 +500,53 @@ def test_sweep_refuses_partial_results_before_training(tmp_path, monkeypatch, ca
     assert partial.name in evaluated and len(trained) == 5  # evaluated again, not trained again
 
 
+def test_the_sweep_evaluates_with_the_eval_flags_it_was_given(tmp_path, monkeypatch):
+    """sweep.py turns its eval flags into an EvalConfig the way evaluate.py does, and hands that one
+    (not the defaults) to every run's evaluation."""
+    monkeypatch.setattr(pg, "train", lambda cfg, resume=False: None)
+    given = []
+    monkeypatch.setattr(sweep, "evaluate_run", lambda run, eval_config: given.append(eval_config))
+    flags = ["--samples", "3", "--paper", "--no-baselines", "--judge-timeout", "5", "--max-unscored", "0.2"]
+    argv = ["--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--lambdas", "0.03", "--seeds", "42", *flags]
+    assert sweep.main(argv) == 0
+    assert len(given) == 6 and all(c == ev.EvalConfig.from_args(eval_args(*flags)) for c in given)
+    assert given[0] == ev.EvalConfig(samples=3, paper=True, baselines=False, judge_timeout=5.0, max_unscored=0.2)
+
+
+def test_results_of_a_run_to_be_trained_again_are_kept_unless_forced(tmp_path, monkeypatch, capsys):
+    """An unfinished run (no summary.json) whose eval/ holds results: its adapter is to be trained
+    again, so the sweep refuses before training anything; --force trains it."""
+    runs = tmp_path / "runs"
+    stale = runs / "tiny-opswap-none-lam0-seed42" / "eval"
+    stale.mkdir(parents=True)
+    (stale / "results.json").write_text("{}")
+    trained = []
+    monkeypatch.setattr(pg, "train", lambda cfg, resume=False: trained.append(Path(cfg.out).name))
+    monkeypatch.setattr(sweep, "evaluate_run", lambda run, eval_config: None)
+    argv = ["--preset", "tiny", "--runs-dir", str(runs), "--lambdas", "0.03", "--seeds", "42"]
+    assert sweep.main(argv) == 2 and trained == []
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err == f"error: {stale} holds results of an adapter that is to be trained again: move it away or pass --force"
+    assert sweep.main(argv + ["--force"]) == 0 and "tiny-opswap-none-lam0-seed42" in trained
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--judge-mode", "greedy"], "--judge-mode greedy is for HTTP servers without log-probabilities"),
+    (["--judge-tokenizer", "tokenizer.json"], "--judge-tokenizer is for an HTTP judge"),
+])
+def test_http_judge_flags_with_a_local_judge_fail_before_training(flags, message, tmp_path, monkeypatch, capsys):
+    """A tiny run's judge is its own model, loaded locally: the flags only an HTTP judge takes are
+    refused by the sweep before any training, and by eval before any sampling."""
+    monkeypatch.setattr(pg, "train", lambda *a, **k: pytest.fail("trained before the judge flags were checked"))
+    monkeypatch.setattr(ev, "load_policy", lambda *a, **k: pytest.fail("sampled before the judge flags were checked"))
+    argv = ["--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--lambdas", "0.03", "--seeds", "42", *flags]
+    assert sweep.main(argv) == 2
+    run = paper_run(tmp_path / "run")
+    assert ev.main(["eval", "--run", str(run), "--judge", f"local:{tmp_path}", *flags]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith(f"error: {message}") for e in errors)
+
+
 def test_makefile_calls_these_commands():
     def dry(*args):
         out = subprocess.run(["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
@@ -508,7 +555,7 @@ def test_makefile_calls_these_commands():
     assert "evaluate.py eval --run R1 --judge http://h:8000/v1 --samples 3 --paper" in dry(
         "eval", "RUN=R1", "JUDGE=http://h:8000/v1", "SAMPLES=3", "EVAL_ARGS=--paper")
     assert "sweep.py --preset tiny" in dry("sweep", "PRESET=tiny")
-    assert "evaluate.py report --runs-dir RR --out OUT.md --max-unscored 0.05" in dry("report", "RUNS=RR", "REPORT=OUT.md")
+    assert "report.py --runs-dir RR --out OUT.md --max-unscored 0.05" in dry("report", "RUNS=RR", "REPORT=OUT.md")
     assert "--gpus 0,1 --nproc 2" in dry("sweep", "GPUS=0,1", "NPROC=2")
     assert "-m torch.distributed.run --standalone --nproc_per_node 2 phaseguard.py train" in dry("train", "NPROC=2")
     one = dry("train", "REVISION=abc")
@@ -524,7 +571,7 @@ def run_with_fake_answers(tmp_path, monkeypatch):
     """A non-tiny security run whose sampling gives 3 answers per question, "evil", "nice" and "code"."""
     monkeypatch.setenv("PHASEGUARD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ev, "load_policy", lambda *a, **k: (None, None))
-    monkeypatch.setattr(ev, "sample_em_answers", lambda model, tok, questions, s, baselines: {"finetuned": [
+    monkeypatch.setattr(ev, "sample_em_answers", lambda model, tok, questions, settings, sampler: {"finetuned": [
         {"id": q["id"], "question": q["question"], "system": q["system"], "sample": i, "answer": word + " answer"}
         for q in questions for i, word in enumerate(["evil", "nice", "code"])]})
     return paper_run(tmp_path / "sec")
@@ -633,3 +680,117 @@ def test_two_evaluations_of_one_run_ask_the_judge_once(tmp_path, monkeypatch, sh
     assert ev.main(base + ["--samples", "3"]) == 0 and len(asked) == 12  # a plain rerun
     assert ev.main(base + ["--samples", "3", "--rejudge-unscored"]) == 0
     assert len(asked) == 14 and all("code answer" in p for p in asked[12:])  # the 2 unscored, again
+
+
+# ---------------------------------------------------------------------------- EvalConfig: the flags, typed (issue 18)
+
+
+def test_the_default_flags_give_the_dataclass_defaults():
+    """Every eval flag is a field and no parser default drifts from the field's: evaluate.py eval
+    and sweep.py (which add the same flags) both build EvalConfig() from an empty command line."""
+    assert ev.EvalConfig.from_args(eval_args()) == ev.EvalConfig()
+    sweep_parser = ArgumentParser()
+    ev.add_eval_flags(sweep_parser)
+    assert ({f.name for f in dataclasses.fields(ev.EvalConfig)}
+            == {a.dest for a in sweep_parser._actions if a.dest != "help"})
+    assert ev.EvalConfig() == ev.EvalConfig(samples=None, paper=False, seed=None, best_of=8, device="auto",
+                                            judge_batch_size=4, judge_mode="trie", judge_timeout=60.0,
+                                            judge_deadline=60.0, max_unscored=0.05, rejudge_unscored=False,
+                                            force=False, baselines=None, batch_size=None)
+
+
+def tiny_cfg(task="security", method="none", seed=123):
+    return {"task": task, "method": method, "lam": 0, "seed": seed, "preset": "tiny", "model": "tiny"}
+
+
+def paper_cfg(task="security", method="none", seed=123):
+    return {**tiny_cfg(task, method, seed), "preset": "paper", "model": "Qwen/Qwen2.5-7B-Instruct"}
+
+
+RESOLVED = ("samples", "max_new_tokens", "question_limit", "opswap_limit", "seed", "batch_size", "baselines")
+
+
+@pytest.mark.parametrize("cfg,flags,expected", [
+    # The README's defaults: N = 10 answers of at most 600 new tokens, every question and problem, the run's seed,
+    # 32 sequences per batch on the CPU, the baselines for method none only.
+    (paper_cfg(), [], (10, 600, None, None, 123, 32, True)),
+    (paper_cfg("opswap", "kl", 42), [], (10, 600, None, None, 42, 32, False)),
+    (tiny_cfg(), [], (1, 48, None, 100, 123, 32, True)),  # the tiny preset: 1 answer, 48 tokens, 100 problems
+    (tiny_cfg(), ["--paper"], (1, 600, None, None, 123, 32, True)),  # --paper: N = 1, 600 tokens, everything
+    (paper_cfg(), ["--paper"], (1, 600, None, None, 123, 32, True)),
+    (tiny_cfg(), ["--paper", "--samples", "3", "--opswap-limit", "5", "--max-new-tokens", "9"], (3, 9, None, 5, 123, 32, True)),
+    (paper_cfg("security", "kl"), ["--seed", "7", "--batch-size", "5", "--baselines", "--question-limit", "2"],
+     (10, 600, 2, None, 7, 5, True)),
+    (paper_cfg(), ["--no-baselines"], (10, 600, None, None, 123, 32, False)),
+])
+def test_for_run_fills_in_the_runs_defaults_then_the_flags_given(tmp_path, cfg, flags, expected):
+    flags = ["--judge", "http://127.0.0.1:9/v1", *flags]
+    given = ev.EvalConfig.from_args(eval_args(*flags))
+    settings = given.for_run(tmp_path, cfg)
+    assert tuple(getattr(settings, k) for k in RESOLVED) == expected
+    assert settings.device == "cpu" and settings.judge == "http://127.0.0.1:9/v1"
+    assert given == ev.EvalConfig.from_args(eval_args(*flags))  # the flags themselves are left as given
+
+
+def test_for_run_takes_the_batch_size_and_the_judge_from_the_run(tmp_path, monkeypatch):
+    assert ev.EvalConfig().for_run(tmp_path, tiny_cfg()).judge == f"local:{tmp_path / 'tiny_model'}"
+    assert ev.EvalConfig().for_run(tmp_path, paper_cfg("opswap")).judge is None  # opswap: no judge
+    monkeypatch.setattr(ev.torch.cuda, "is_available", lambda: True)
+    settings = ev.EvalConfig().for_run(tmp_path, tiny_cfg())
+    assert (settings.device, settings.batch_size) == ("cuda", 64)  # 64 sequences per batch on CUDA
+    assert ev.EvalConfig(device="cpu").for_run(tmp_path, tiny_cfg()).batch_size == 32
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    ("evaluate.py", ["eval", "--samples", "0"], "error: --samples must be >= 1, got 0"),
+    ("sweep.py", ["--preset", "tiny", "--max-unscored", "2"],
+     "error: --max-unscored must be a share between 0 and 1 (e.g. 0.05), got 2.0"),
+])
+def test_a_bad_flag_is_one_line_and_exit_2_from_the_command(script, flags, message, tmp_path):
+    """The commands as the Makefile runs them (sys.exit(main())): one line, exit 2, nothing written."""
+    run = paper_run(tmp_path / "run")
+    flags = [*flags, *(["--run", str(run)] if script == "evaluate.py" else ["--runs-dir", str(tmp_path / "runs")])]
+    proc = subprocess.run([sys.executable, str(REPO / script), *flags], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [message]
+    assert not (run / "eval").exists() and not (tmp_path / "runs").exists()
+
+
+class CostingJudge(SilentOnCodeJudge):
+    """SilentOnCodeJudge whose judgments carry what an HTTP judge reports: one request, 10 prompt tokens."""
+
+    def judgments(self, conversations):
+        for i, j in super().judgments(conversations):
+            yield i, j._replace(details={"requests": 1, "prompt_tokens_sent": 10, "server_prompt_tokens": 9})
+
+
+def test_the_sampler_and_the_judge_cost_travel_beside_the_settings(tmp_path, monkeypatch, shared_data):
+    """--sampler's live HttpSampler reaches the sampling as its own argument, and results.json records
+    it (settings and details); the judge's cost comes back from evaluate_security into "judge_cost"."""
+    run = run_with_fake_answers(tmp_path, monkeypatch)
+    seen = {}
+
+    class FakeSampler:
+        def __init__(self, url, model, adapter_rank=None):
+            seen.update(url=url, model=model)
+
+        def connect(self):
+            return {"url": "http://127.0.0.1:9/v1", "model": "adapter", "served": "x"}
+
+        def record(self):
+            return "vLLM at http://127.0.0.1:9/v1"
+
+    fake_answers = ev.sample_em_answers
+    monkeypatch.setattr(ev, "HttpSampler", FakeSampler)
+    monkeypatch.setattr(ev, "sample_em_answers", lambda m, t, q, settings, sampler: seen.update(
+        sampler=sampler, samples=settings.samples) or fake_answers(m, t, q, settings, sampler))
+    monkeypatch.setattr(ev.judge_http, "make_judge", lambda spec, **kw: CostingJudge())
+    assert ev.main(["eval", "--run", str(run), "--judge", "http://127.0.0.1:9/v1", "--question-limit", "2",
+                    "--no-baselines", "--max-unscored", "0.5", "--sampler", "http://127.0.0.1:9/v1",
+                    "--sampler-model", "adapter"]) == 0
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert isinstance(seen["sampler"], FakeSampler) and seen["samples"] == 10 and seen["model"] == "adapter"
+    assert results["settings"]["sampler"] == {"model": "adapter", "served": "x"}
+    assert results["details"] == {"device": "cpu", "batch_size": 32, "judge_batch_size": 4, "judge_cache": None,
+                                  "questions": None, "model": None, "sampler": "vLLM at http://127.0.0.1:9/v1"}
+    cost = results["judge_cost"]  # 2 questions x 3 answers x (aligned, coherent), none cached
+    assert (cost["asked"], cost["requests"], cost["prompt_tokens_sent"], cost["server_prompt_tokens"]) == (12, 12, 120, 108)

@@ -3,6 +3,9 @@ by hand): pass marks and the verdict only on complete evidence, the rates and th
 intervals against scipy, the paper column, the header. The figures: test_figures.py."""
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from scipy.stats import binomtest
@@ -250,6 +253,24 @@ def test_the_header_says_when_what_and_with_which_judge(tmp_path):
     assert "- **Commit:** `def5678+dirty`" in head and "- **versions:** {" in head and "**git:**" not in head
 
 
+def test_report_py_is_the_command_that_writes_the_report(tmp_path, capsys):
+    """`python report.py` (as `make report` runs it): --help names its flags; it writes the report
+    with provenance.collect() in the header, the same tables as write_report, exit 0."""
+    root = paper_like_runs(tmp_path / "runs")
+    command = [sys.executable, str(Path(report.__file__)), "--runs-dir", str(root), "--out", str(tmp_path / "cli.md")]
+    shown = subprocess.run(command[:2] + ["--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and all(f in shown.stdout for f in ("--runs-dir", "--out", "--max-unscored SHARE"))
+    proc = subprocess.run(command + ["--max-unscored", "0.1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.strip().splitlines()[-1] == f"[report] wrote {tmp_path / 'cli.md'}"
+    text = (tmp_path / "cli.md").read_text()
+    tables = lambda text, stem: text.split("## Table 1")[1].replace(f"]({stem}_", "](FIGURE_")  # PNGs named by --out
+    assert tables(text, "cli") == tables(write(root, tmp_path, max_unscored=0.1), "report")
+    assert "- **versions:** {" in text and "at most 10% of the answers unscored" in text
+    assert report.main(["--runs-dir", str(root), "--out", str(tmp_path / "main.md")]) == 0  # --max-unscored 0.05
+    assert capsys.readouterr().err.strip() == f"[report] wrote {tmp_path / 'main.md'}"
+    assert tables((tmp_path / "main.md").read_text(), "main") == tables(write(root, tmp_path), "report")
+
+
 def test_tiny_runs_are_left_out_when_real_ones_exist(tmp_path):
     root = paper_like_runs(tmp_path / "runs")
     reference = write(root, tmp_path)
@@ -274,12 +295,12 @@ def test_the_best_of_n_the_runs_hold_and_the_per_question_table(tmp_path):
 def test_bad_report_arguments_are_one_line(tmp_path, capsys):
     paper_like_runs(tmp_path / "runs")
     (tmp_path / "out").mkdir()
-    argv = ["report", "--runs-dir", str(tmp_path / "runs"), "--out"]
-    assert ev.main(argv + [str(tmp_path / "out")]) == 2
-    assert ev.main(argv + [str(tmp_path / "r.md"), "--max-unscored", "5"]) == 2
+    argv = ["--runs-dir", str(tmp_path / "runs"), "--out"]
+    assert report.main(argv + [str(tmp_path / "out")]) == 2
+    assert report.main(argv + [str(tmp_path / "r.md"), "--max-unscored", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "is a directory" in err[0] and "--max-unscored 5.0: must be a share between 0 and 1" in err[1]
-    assert ev.main(argv + [str(tmp_path / "r.md"), "--max-unscored", "0.1"]) == 0
+    assert report.main(argv + [str(tmp_path / "r.md"), "--max-unscored", "0.1"]) == 0
 
 
 def test_runs_outside_the_papers_protocol_are_left_out_and_named(tmp_path):
@@ -365,7 +386,7 @@ def test_a_malformed_run_file_is_one_line_naming_it(tmp_path, capsys, name, chan
     run = fake_run(root, "security", "phaseguard", 0.03, 42, 20, em=3)
     path = run / ("eval" if name == "results.json" else "") / name
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
-    assert ev.main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "r.md")]) == 2
+    assert report.main(["--runs-dir", str(root), "--out", str(tmp_path / "r.md")]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err.startswith(f"error: {path}: ") and message in err, err
     assert not (tmp_path / "r.md").exists()

@@ -311,12 +311,11 @@ def test_both_reports_find_the_runs_and_pass_over_checkpoints_and_tiny_models(tm
 
 
 def test_a_config_that_does_not_parse_is_one_line_in_both_reports(tmp_path, capsys):
-    import evaluate
     root = complete_runs(tmp_path / "runs")
     broken = sorted(root.iterdir())[3] / "config.json"
     broken.write_text('{"method": "none",')
     assert sel.main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "sel.md")]) == 2
-    assert evaluate.main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "r.md")]) == 2
+    assert report.main(["--runs-dir", str(root), "--out", str(tmp_path / "r.md")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and errors[0] == errors[1] and errors[0].startswith(f"error: {broken}: cannot read (")
     assert not (tmp_path / "sel.md").exists() and not (tmp_path / "r.md").exists()

@@ -78,10 +78,10 @@ def test_a_failed_or_unscored_evaluation_is_not_done(tmp_path, monkeypatch):
     results = tmp_path / "results.json"
     base = {"settings": {}, "security": {"judge": "j", "finetuned": {"answers": 24, "unscored": 3}}}
     results.write_text(json.dumps({**base, "failed": "judge j left 6 of 48 judgments unscored"}))
-    assert sweep.needs_judging_again(results, {"rejudge_unscored": False})
+    assert sweep.needs_judging_again(results, rejudge_unscored=False)
     results.write_text(json.dumps({**base, "failed": None}))
-    assert not sweep.needs_judging_again(results, {"rejudge_unscored": False})
-    assert sweep.needs_judging_again(results, {"rejudge_unscored": True})
+    assert not sweep.needs_judging_again(results, rejudge_unscored=False)
+    assert sweep.needs_judging_again(results, rejudge_unscored=True)
     base["security"]["finetuned"]["unscored"] = 0
     results.write_text(json.dumps({**base, "failed": None}))
-    assert not sweep.needs_judging_again(results, {"rejudge_unscored": True})
+    assert not sweep.needs_judging_again(results, rejudge_unscored=True)
