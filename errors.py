@@ -92,7 +92,8 @@ def is_finite_number(value) -> bool:
 
 def read_json(path: Path):
     """A JSON file the project wrote (config.json, results.json, summary.json); unreadable: a UserError."""
+    text = read_text(path)  # unreadable, or not UTF-8: one line naming the file
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
         raise UserError(f"{path}: cannot read ({type(err).__name__}: {err})") from None

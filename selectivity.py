@@ -34,7 +34,7 @@ import orchestrate
 import rundir
 import selectivity_report
 from config import TrainConfig
-from errors import ArgumentParser, UserError, exit_status
+from errors import ArgumentParser, UserError, exit_status, read_json_object
 from selectivity_report import (CONTROLS, DATASETS, MIN_SEEDS, MODEL_FILE, MONITORS, POSITIVE, ROLE, SEEDS,
                                 read_identity)
 
@@ -85,12 +85,7 @@ def run_state(cfg, settings: dict | None = None, identity: dict | None = None) -
     run = Path(cfg.out)
     if not (run / "config.json").is_file():
         return "train"
-    try:
-        was = json.loads((run / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{run / 'config.json'}: not readable as the run's config ({err})") from None
-    if not isinstance(was, dict):
-        raise UserError(f"{run / 'config.json'}: not readable as the run's config (not an object)")
+    was = read_json_object(run / "config.json")
     done = (run / "summary.json").is_file()
     now = dataclasses.asdict(cfg)
     for key in sorted((set(OWNS) | set(IDENTITY) | set(settings or {})) - {"out"}):

@@ -14,7 +14,7 @@ import data
 import report
 from config import MONITOR_NAMES, TrainConfig
 from monitor import Trigger, update_trigger
-from errors import UserError, read_json
+from errors import UserError
 from stats import auroc, permutation_p, smallest_p
 
 # The study (selectivity.py runs it, this module reads it): METHOD=none on each dataset x seed.
@@ -74,7 +74,7 @@ def find_runs(runs_dir: Path) -> list[dict]:
     for run, cfg in report.find_run_dirs(runs_dir):
         if cfg["method"] != "none":
             continue
-        summary = read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
+        summary = report.checked_summary(run / "summary.json")  # {} while training runs
         runs.append({"dir": run, "dataset": dataset_of(cfg), "seed": cfg["seed"], "preset": cfg.get("preset"),
                      "model": model_label(cfg, read_identity(run)),
                      "finished": bool(summary), "steps": summary.get("steps"),

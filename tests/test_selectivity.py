@@ -321,6 +321,23 @@ def test_a_config_that_does_not_parse_is_one_line_in_both_reports(tmp_path, caps
     assert not (tmp_path / "sel.md").exists() and not (tmp_path / "r.md").exists()
 
 
+@pytest.mark.parametrize("name, content, expected", [
+    ("config.json", b'{"method": "none", "task": "\xff"}', "not valid UTF-8"),
+    ("summary.json", b"[1, 2]", "the file is [1, 2], expected an object"),
+])
+def test_a_run_file_of_the_wrong_kind_is_one_line_in_both_reports(tmp_path, capsys, name, content, expected):
+    """Bytes that are not UTF-8, or a summary that is not an object: one line naming the file, from
+    both reports, and no report written."""
+    root = complete_runs(tmp_path / "runs")
+    broken = sorted(root.iterdir())[3] / name
+    broken.write_bytes(content)
+    assert sel.main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "sel.md")]) == 2
+    assert report.main(["--runs-dir", str(root), "--out", str(tmp_path / "r.md")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith(f"error: {broken}") and expected in e for e in errors), errors
+    assert not (tmp_path / "sel.md").exists() and not (tmp_path / "r.md").exists()
+
+
 def test_the_selectivity_header_has_the_reports_provenance_lines(tmp_path):
     """The same Date, Commit (a dirty tree marked) and provenance lines as the results report."""
     provenance = {"time": "2026-12-02T20:00:00Z", "git": {"commit": "def5678", "dirty": True},
