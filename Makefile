@@ -44,7 +44,7 @@ GPUS   ?=
 MAX_UNSCORED ?= 0.05
 # make selectivity: METHOD=none on DATASETS x SEEDS for at most STEPS optimizer steps (empty: the whole
 # epoch), then SELECTIVITY_REPORT (+ PNGs beside it). Its runs go under RUNS when RUNS is given, else
-# under selectivity-runs; SELECTIVITY_ARGS: more `selectivity.py run` flags, e.g. --set limit=40.
+# under selectivity-runs; SELECTIVITY_ARGS: more `selectivity.py` flags, e.g. --set limit=40.
 # MODEL: every run's model (a run of another model in RUNS is refused); JOBS: runs side by side on
 # the CPU, each with (cores / JOBS) torch threads.
 JOBS     ?= 1
@@ -115,10 +115,10 @@ report: install
 	@$(PY) report.py --runs-dir $(RUNS) --out $(REPORT) --max-unscored $(MAX_UNSCORED)
 
 selectivity: install
-	@$(PY) selectivity.py run --preset $(PRESET) --runs-dir $(SELECTIVITY_RUNS) --datasets $(DATASETS) --seeds $(SEEDS) \
+	@$(PY) selectivity.py --preset $(PRESET) --runs-dir $(SELECTIVITY_RUNS) --datasets $(DATASETS) --seeds $(SEEDS) \
 	  $(if $(STEPS),--max-steps $(STEPS)) $(if $(GPUS),--gpus $(GPUS)) --nproc $(NPROC) --jobs $(JOBS) \
 	  $(if $(MODEL),--model $(MODEL)) $(SELECTIVITY_ARGS)
-	@$(PY) selectivity.py report --runs-dir $(SELECTIVITY_RUNS) --out $(SELECTIVITY_REPORT)
+	@$(PY) selectivity_report.py --runs-dir $(SELECTIVITY_RUNS) --out $(SELECTIVITY_REPORT)
 
 bench: install
 	@$(PY) bench.py $(BENCH_ARGS)

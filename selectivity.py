@@ -3,7 +3,7 @@ produces emergent misalignment (Betley et al.'s insecure code) from fine-tunes t
 controls `secure` and `educational`, and the benign OpSwap)? The paper's trigger fires at step 20 on
 both of its tasks (Sec. 4.4); this measures, for every monitor, how far apart the curves are.
 
-`python selectivity.py run` trains METHOD=none (no KL: the plain fine-tune, which every monitor only
+`python selectivity.py` trains METHOD=none (no KL: the plain fine-tune, which every monitor only
 watches) on each dataset x seed, for at most --max-steps optimizer steps (default: the whole epoch).
 A run is finished when its summary.json exists and is skipped; an interrupted one is resumed; one made
 with another model or other monitor settings is refused (IDENTITY, MODEL_FILE). With --gpus the runs go
@@ -11,7 +11,7 @@ side by side as in the sweep (orchestrate.gpu_groups, orchestrate.run_side_by_si
 run, this command with --only NAME, logged into the run directory); with --jobs N, N at a time on the CPU,
 each with cores / N torch threads.
 
-`python selectivity.py report` writes the markdown report and its PNGs beside it:
+`python selectivity_report.py` writes the markdown report and its PNGs beside it:
 - per monitor, every dataset's curve (mean over seeds, min-max band over seeds);
 - per monitor and tau on a grid (TAU_GRIDS), the step at which each run would have fired the trigger
   (monitor.update_trigger, the paper's warm-up of 3 measurements and 2 consecutive points);
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import orchestrate
 import rundir
-import selectivity_report
 from config import TrainConfig
 from errors import ArgumentParser, UserError, exit_status, read_json_object
 from selectivity_report import (CONTROLS, DATASETS, MIN_SEEDS, MODEL_FILE, MONITORS, POSITIVE, ROLE, SEEDS,
@@ -140,10 +139,10 @@ def run_all(args) -> list[Path]:
     states = [run_state(cfg, args.set, identity) for _, cfg in runs]
     for (dataset, cfg), state in zip(runs, states):
         print(f"[selectivity] {cfg.out} ({dataset}, seed {cfg.seed}): {state}", file=sys.stderr)
-    todo = [cfg for (_, cfg), state in zip(runs, states) if state != "done"]
-    if args.dry_run or not todo:
+    unfinished = [cfg for (_, cfg), state in zip(runs, states) if state != "done"]
+    if args.dry_run or not unfinished:
         return [Path(cfg.out) for _, cfg in runs]
-    for cfg in todo:
+    for cfg in unfinished:
         if identity is not None:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             rundir.write_atomic(Path(cfg.out) / MODEL_FILE, json.dumps(identity, indent=2))
@@ -152,12 +151,12 @@ def run_all(args) -> list[Path]:
         if not groups:  # on the CPU: no GPU for the children, and each one's thread count
             groups, os.environ["OMP_NUM_THREADS"] = [""] * args.jobs, str(threads)
         jobs = [(Path(cfg.out).name, [*args.child_command, "--only", Path(cfg.out).name]
-                 + ([] if args.gpus else ["--threads", str(threads)]), Path(cfg.out) / "selectivity.log") for cfg in todo]
+                 + ([] if args.gpus else ["--threads", str(threads)]), Path(cfg.out) / "selectivity.log") for cfg in unfinished]
         orchestrate.report_failures(orchestrate.run_side_by_side(jobs, groups))
     else:
         if args.threads:
             torch_threads(args.threads)
-        for cfg in todo:
+        for cfg in unfinished:
             orchestrate.train_or_resume(cfg, args.nproc)
     return [Path(cfg.out) for _, cfg in runs]
 
@@ -178,10 +177,8 @@ def child_command(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     import evaluate
-    parser = ArgumentParser(description="Monitor selectivity: METHOD=none runs on insecure and its controls, "
-                                        "then curves, trigger steps and AUROC")
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train every unfinished METHOD=none run of datasets x seeds")
+    r = ArgumentParser(description="Monitor selectivity: train every unfinished METHOD=none run of datasets x "
+                                   "seeds on insecure and its controls (the report: selectivity_report.py)")
     r.add_argument("--preset", default="auto", help="auto, paper, tiny (or any preset phaseguard.py knows)")
     r.add_argument("--runs-dir", default="selectivity-runs")
     r.add_argument("--datasets", nargs="+", default=list(DATASETS), help=f"some of {', '.join(DATASETS)}")
@@ -196,22 +193,12 @@ def main(argv=None) -> int:
     r.add_argument("--threads", type=int, help=argparse.SUPPRESS)  # a --jobs child's torch thread count
     r.add_argument("--dry-run", action="store_true", help="print the plan only")
     r.add_argument("--only", help=argparse.SUPPRESS)  # one run of the plan: how --gpus starts each run
-    p = sub.add_parser("report", help="curves, trigger steps by tau, AUROC -> markdown + PNG")
-    p.add_argument("--runs-dir", default="selectivity-runs")
-    p.add_argument("--out", default="selectivity.md")
-    args = parser.parse_args(argv)
-    if args.command == "report":
-        return exit_status(lambda: write_report(args.runs_dir, args.out, evaluate.provenance_record()))
+    args = r.parse_args(argv)
     args.set = dict(args.set)
     if args.model:
         args.set["model"] = args.model
     args.child_command = child_command(sys.argv[1:] if argv is None else list(argv))
     return exit_status(lambda: run_all(args))
-
-
-def write_report(runs_dir, out, provenance: dict):
-    selectivity_report.write_report(runs_dir, out, provenance)
-    print(f"[selectivity] wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

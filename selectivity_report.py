@@ -1,20 +1,21 @@
-"""The report of `make selectivity` (selectivity.py runs the runs): read the METHOD=none runs
-back (one model per report: runs of two models are refused), then per monitor the curves of every
-dataset, the trigger step for tau on a grid (monitor.update_trigger; censored by the run length
-where it did not fire), the AUROC of insecure against each control and against the pooled controls
+"""The report of `make selectivity` (`python selectivity_report.py`; selectivity.py runs the runs):
+read the METHOD=none runs back (one model per report: runs of two models are refused), then per
+monitor the curves of every dataset, the trigger step for tau on a grid (monitor.update_trigger;
+censored by the run length where it did not fire), the AUROC of insecure against each control and against the pooled controls
 with its N and a one-sided permutation p, and whether any monitor separates: only when every dataset
 has MIN_SEEDS finished seeds, and only a monitor whose p passes a Bonferroni threshold."""
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import data
 import report
 from config import MONITOR_NAMES, TrainConfig
 from monitor import Trigger, update_trigger
-from errors import UserError
+from errors import ArgumentParser, UserError, exit_status
 from stats import auroc, permutation_p, smallest_p
 
 # The study (selectivity.py runs it, this module reads it): METHOD=none on each dataset x seed.
@@ -516,3 +517,20 @@ def write_report(runs_dir, out, provenance: dict | None = None, min_seeds: int =
               "there. Mean after the warm-up: over the steps every run measured, less the first 3. The last step of "
               "a run is read after its last update."]
     return report.write_markdown(out, lines)
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(description="the selectivity report: curves, trigger steps by tau, AUROC -> markdown + PNG")
+    parser.add_argument("--runs-dir", default="selectivity-runs")
+    parser.add_argument("--out", default="selectivity.md")
+    args = parser.parse_args(argv)
+
+    def write():
+        import provenance
+        write_report(args.runs_dir, args.out, provenance.collect())
+        print(f"[selectivity] wrote {args.out}", file=sys.stderr)
+    return exit_status(write)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -314,7 +314,7 @@ def test_a_config_that_does_not_parse_is_one_line_in_both_reports(tmp_path, caps
     root = complete_runs(tmp_path / "runs")
     broken = sorted(root.iterdir())[3] / "config.json"
     broken.write_text('{"method": "none",')
-    assert sel.main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "sel.md")]) == 2
+    assert selr.main(["--runs-dir", str(root), "--out", str(tmp_path / "sel.md")]) == 2
     assert report.main(["--runs-dir", str(root), "--out", str(tmp_path / "r.md")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and errors[0] == errors[1] and errors[0].startswith(f"error: {broken}: cannot read (")
@@ -331,11 +331,20 @@ def test_a_run_file_of_the_wrong_kind_is_one_line_in_both_reports(tmp_path, caps
     root = complete_runs(tmp_path / "runs")
     broken = sorted(root.iterdir())[3] / name
     broken.write_bytes(content)
-    assert sel.main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "sel.md")]) == 2
+    assert selr.main(["--runs-dir", str(root), "--out", str(tmp_path / "sel.md")]) == 2
     assert report.main(["--runs-dir", str(root), "--out", str(tmp_path / "r.md")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(e.startswith(f"error: {broken}") and expected in e for e in errors), errors
     assert not (tmp_path / "sel.md").exists() and not (tmp_path / "r.md").exists()
+
+
+def test_selectivity_report_py_is_the_command_that_writes_the_report(tmp_path, capsys):
+    """`python selectivity_report.py` (selr.main): the report and its provenance header, exit 0."""
+    out = tmp_path / "sel.md"
+    assert selr.main(["--runs-dir", str(complete_runs(tmp_path / "runs")), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# PhaseGuard-KL: monitor selectivity") and "- **Commit:**" in text and "## AUROC" in text
+    assert capsys.readouterr().err.strip() == f"[selectivity] wrote {out}"
 
 
 def test_the_selectivity_header_has_the_reports_provenance_lines(tmp_path):
@@ -360,7 +369,7 @@ def test_the_selectivity_header_has_the_reports_provenance_lines(tmp_path):
 
 
 def plan_args(tmp_path, *extra):
-    return ["run", "--preset", "tiny", "--runs-dir", str(tmp_path), "--datasets", "insecure", "opswap",
+    return ["--preset", "tiny", "--runs-dir", str(tmp_path), "--datasets", "insecure", "opswap",
             "--seeds", "42", "123", *extra]
 
 
@@ -395,7 +404,7 @@ def test_a_finished_run_of_other_settings_is_refused(tmp_path, monkeypatch, caps
     monkeypatch.setattr(phaseguard, "train", lambda cfg, resume=False: pytest.fail("trained"))
     plan = sel.plan("tiny", tmp_path, ("insecure",), (42,), max_steps=4)
     finish(plan[0][1], max_steps=8)
-    assert sel.main(["run", "--preset", "tiny", "--runs-dir", str(tmp_path), "--datasets", "insecure",
+    assert sel.main(["--preset", "tiny", "--runs-dir", str(tmp_path), "--datasets", "insecure",
                      "--seeds", "42", "--max-steps", "4"]) == 2
     assert capsys.readouterr().err.strip() .endswith(
         "finished with max_steps=8, this plan asks for 4: move the run away or choose another RUNS")
@@ -419,11 +428,11 @@ def test_two_runs_with_one_name_are_refused(tmp_path, monkeypatch):
 def test_bad_flags_are_one_line(tmp_path, capsys):
     for extra, message in (([], "unknown dataset 'nope'"), (["--set", "seed=1"], "--set seed: selectivity sets seed"),
                            (["--set", "nope=1"], "--set nope: not a training setting")):
-        argv = ["run", "--preset", "tiny", "--runs-dir", str(tmp_path), "--datasets",
+        argv = ["--preset", "tiny", "--runs-dir", str(tmp_path), "--datasets",
                 "nope" if not extra else "opswap", *extra]
         assert sel.main(argv) == 2
         assert capsys.readouterr().err.strip().startswith(f"error: {message}")
-    assert sel.main(["report", "--runs-dir", str(tmp_path / "none")]) == 2
+    assert selr.main(["--runs-dir", str(tmp_path / "none")]) == 2
     assert "no such directory" in capsys.readouterr().err
 
 

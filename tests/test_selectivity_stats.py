@@ -1,7 +1,7 @@
 """The selectivity report never overstates (issue 19): the permutation p against scipy, the "no monitor
 separates" sentence when every AUROC is below 0.5, the design limit of few runs, one model per
 report, the figures' content (per-panel scale, tau only in range, insecure on top, distinguishable
-lines), and `selectivity.py run --jobs N` on the CPU without oversubscribing cores."""
+lines), and `selectivity.py --jobs N` on the CPU without oversubscribing cores."""
 import json
 import random
 import sys
