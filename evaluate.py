@@ -518,12 +518,10 @@ def percent(value: float | None, interval) -> str:
     return f"{100 * value:.2f}% (95% CI {100 * interval[0]:.1f}-{100 * interval[1]:.1f}%)"
 
 
-def provenance_record(cfg: dict | None = None, questions: str | None = None) -> dict:
-    """What produced an evaluation (results.json "provenance"; without cfg, provenance.collect()
-    alone): the git commit, the versions, the base model training recorded, and for a security
-    run the sha256 of the EM questions (`questions`: --questions, None: the default file)."""
-    if cfg is None:
-        return provenance.collect()
+def provenance_record(cfg: dict, questions: str | None = None) -> dict:
+    """What produced an evaluation (results.json "provenance"): the git commit, the versions, the
+    base model training recorded, and for a security run the sha256 of the EM questions
+    (`questions`: --questions, None: the default file)."""
     trained = cfg.get("provenance") or {}
     extra = {}
     if cfg["task"] == "security":
@@ -575,8 +573,7 @@ def add_eval_flags(p):
                    help=f"per judge request (default {EvalConfig.judge_timeout:g})")
     p.add_argument("--judge-deadline", type=float, default=EvalConfig.judge_deadline, metavar="SECONDS",
                    help=f"for all tries of one judge request, retries included (default {EvalConfig.judge_deadline:g}): "
-                        "a silent server fails "
-                        "within about a minute")
+                        "a silent server fails within about a minute")
     p.add_argument("--rejudge-unscored", action="store_true", help="ask the judge again for cached unscored judgments")
     p.add_argument("--max-unscored", type=float, default=EvalConfig.max_unscored, metavar="SHARE",
                    help="eval fails (after writing results.json) when the judge leaves more than this share of its "
@@ -584,16 +581,6 @@ def add_eval_flags(p):
     p.add_argument("--force", action="store_true",
                    help="replace <run>/eval/ results made with other settings (they are lost; the cached judgments "
                         "are kept and reused: --rejudge-unscored asks unscored ones again)")
-
-
-def parse_set(item: str) -> tuple[str, object]:
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {item!r}")
-    try:
-        return key.replace("-", "_"), json.loads(value)
-    except json.JSONDecodeError:
-        return key.replace("-", "_"), value
 
 
 def main(argv=None) -> int:

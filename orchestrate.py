@@ -7,7 +7,9 @@ child process that sees only its GPUs (CUDA_VISIBLE_DEVICES) and writes its log 
 directory; a failed run is reported at the end without stopping the others."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +22,23 @@ from errors import UserError
 
 # ----------------------------------------------------------------------------
 # Planning: the study's flag sets and the user's --set settings -> TrainConfigs under runs_dir
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """One --set KEY=VALUE: the value read as JSON (numbers, true, null), else kept as text."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
+def add_set_flag(parser):
+    """The studies' --set flag: (key, value) pairs, dict() them after parsing."""
+    parser.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
+                        help="extra training setting for every run, e.g. --set limit=40")
 
 
 def check_settings(settings: dict, owned, study: str, study_flags: str):

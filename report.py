@@ -255,7 +255,7 @@ def judge_mode(judge_id: str, mode: str | None = None) -> str:
 
 
 def run_judge_mode(run: dict) -> str:
-    """results.json's judge_mode (evaluate.judge_mode: the recorded one wins)."""
+    """results.json's judge_mode (judge_mode: the recorded one wins)."""
     return judge_mode(run["security"]["judge"], run["judge_mode"])
 
 

@@ -176,7 +176,6 @@ def child_command(argv: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    import evaluate
     r = ArgumentParser(description="Monitor selectivity: train every unfinished METHOD=none run of datasets x "
                                    "seeds on insecure and its controls (the report: selectivity_report.py)")
     r.add_argument("--preset", default="auto", help="auto, paper, tiny (or any preset phaseguard.py knows)")
@@ -184,8 +183,7 @@ def main(argv=None) -> int:
     r.add_argument("--datasets", nargs="+", default=list(DATASETS), help=f"some of {', '.join(DATASETS)}")
     r.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     r.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (default: the whole epoch)")
-    r.add_argument("--set", type=evaluate.parse_set, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra training setting for every run, e.g. --set limit=40")
+    orchestrate.add_set_flag(r)
     r.add_argument("--gpus", help="runs side by side, one per GPU (group of --nproc GPUs), e.g. 0,1,2,3")
     r.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run, through torchrun (default 1)")
     r.add_argument("--jobs", type=int, default=1, help="runs side by side on the CPU, each with cores / JOBS threads")

@@ -1,9 +1,10 @@
 """The report of `make selectivity` (`python selectivity_report.py`; selectivity.py runs the runs):
 read the METHOD=none runs back (one model per report: runs of two models are refused), then per
 monitor the curves of every dataset, the trigger step for tau on a grid (monitor.update_trigger;
-censored by the run length where it did not fire), the AUROC of insecure against each control and against the pooled controls
-with its N and a one-sided permutation p, and whether any monitor separates: only when every dataset
-has MIN_SEEDS finished seeds, and only a monitor whose p passes a Bonferroni threshold."""
+censored by the run length where it did not fire), the AUROC of insecure against each control and
+against the pooled controls with its N and a one-sided permutation p, and whether any monitor
+separates: only when every dataset has MIN_SEEDS finished seeds, and only a monitor whose p passes
+a Bonferroni threshold."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import data
+import provenance
 import report
 from config import MONITOR_NAMES, TrainConfig
 from monitor import Trigger, update_trigger
@@ -526,7 +528,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def write():
-        import provenance
         write_report(args.runs_dir, args.out, provenance.collect())
         print(f"[selectivity] wrote {args.out}", file=sys.stderr)
     return exit_status(write)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import orchestrate
 from config import OPSWAP_SEED, SWEEP_LAMBDAS, SWEEP_SEEDS
-from evaluate import (EvalConfig, adapter_fingerprint, add_eval_flags, conflict, em_questions, evaluate_run, parse_set,
+from evaluate import (EvalConfig, adapter_fingerprint, add_eval_flags, conflict, em_questions, evaluate_run,
                       result_settings, saved_settings)
 from errors import ArgumentParser, UserError, exit_status, read_json
+
 
 def sweep_plan(preset: str, lambdas=SWEEP_LAMBDAS, seeds=SWEEP_SEEDS) -> list[dict]:
     plan = []
@@ -137,8 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs-dir", default=SweepConfig.runs_dir)
     p.add_argument("--lambdas", type=float, nargs="+", default=SweepConfig.lambdas)
     p.add_argument("--seeds", type=int, nargs="+", default=SweepConfig.seeds, help="security seeds (opswap: 42)")
-    p.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra training setting for every run, e.g. --set limit=40")
+    orchestrate.add_set_flag(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     p.add_argument("--gpus", help="run the runs side by side, one per GPU, e.g. 0,1,2,3 (CUDA only)")
     p.add_argument("--nproc", type=int, default=SweepConfig.nproc,

@@ -188,3 +188,23 @@ def test_gpu_groups(monkeypatch, gpus, nproc, expected):
             orchestrate.gpu_groups(gpus, nproc)
 
 
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("limit=40", ("limit", 40)), ("lora-r=8", ("lora_r", 8)), ("lr=1e-4", ("lr", 1e-4)),
+    ("model=some/dir", ("model", "some/dir")), ("persona_layer=null", ("persona_layer", None)),
+    ("tokenizer==x", ("tokenizer", "=x")),
+])
+def test_a_set_value_is_read_as_json_else_kept_as_text(item, expected):
+    assert orchestrate.parse_set(item) == expected
+
+
+@pytest.mark.parametrize("main", ["sweep", "selectivity"])
+def test_a_set_without_a_value_is_one_line_from_both_studies(main, capsys):
+    import selectivity
+    import sweep
+    with pytest.raises(SystemExit) as info:
+        {"sweep": sweep, "selectivity": selectivity}[main].main(["--set", "limit", "--dry-run"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--set expects KEY=VALUE, got 'limit'" in err[0]
